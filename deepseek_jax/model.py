@@ -1,0 +1,124 @@
+"""The DeepSeek-V3 model: embedding, decoder blocks (dense first, then MoE), final norm,
+output head, and the MTP modules that share the embedding and the head.
+
+Balancing state lives in its own variable collection, "balance": one float32 array
+`expert_bias` [L, E] with a row per routed layer (main MoE layers in order, then the MTP
+blocks). It is read, never written, by the model: the train step updates it from the
+MoEStats the model returns (stacked the same way, leading dim L).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from deepseek_jax.block import Block
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import RMSNorm, param
+from deepseek_jax.moe import MoEStats
+from deepseek_jax.mtp import MTPModule, shift_left
+
+BALANCE = "balance"
+
+
+@struct.dataclass
+class ModelOutput:
+  logits: jax.Array                  # [B, T, V] float32: predicts token i+1 at position i
+  mtp_logits: jax.Array | None       # [D_mtp, B, T, V]: depth k predicts token i+k+1
+  moe: MoEStats | None               # stacked over routed layers, leading dim L
+  hidden: jax.Array                  # [B, T, D] last hidden state before the final norm
+
+
+def _stack(stats):
+  stats = [s for s in stats if s is not None]
+  if not stats:
+    return None
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    self.blocks = [block_cls(cfg, moe=cfg.is_moe_layer(i), name=f"layer_{i}")
+                   for i in range(cfg.n_layers)]
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.head = param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+    self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.mtp_depth)]
+    if cfg.n_routed_layers:
+      self.expert_bias = self.variable(
+          BALANCE, "expert_bias", jnp.zeros, (cfg.n_routed_layers, cfg.n_routed_experts),
+          jnp.float32)
+
+  def embed_tokens(self, tokens_BT):
+    return jnp.take(self.embed, tokens_BT, axis=0).astype(self.cfg.jnp_dtype)
+
+  def logits(self, normed_BTD):
+    w_DV = self.embed.T if self.cfg.tie_embeddings else self.head
+    return jnp.einsum("BTD,DV->BTV", normed_BTD, w_DV.astype(self.cfg.jnp_dtype),
+                      preferred_element_type=jnp.float32)
+
+  def _bias(self, row):
+    if not self.cfg.n_routed_layers:
+      return None
+    return self.expert_bias.value[row]
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, mtp=True):
+    """tokens [B, T] int; positions default to 0..T-1; segment_ids (packed documents,
+    0 = padding) restrict attention to the same document when given."""
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid_BT = (jnp.ones((B, T), bool) if segment_ids_BT is None else segment_ids_BT != 0)
+
+    x_BTD = self.embed_tokens(tokens_BT)
+    stats, row = [], 0
+    for i, block in enumerate(self.blocks):
+      x_BTD, s = block(x_BTD, positions_BT, segment_ids_BT, valid_BT,
+                       self._bias(row) if cfg.is_moe_layer(i) else None)
+      if s is not None:
+        stats.append(s)
+        row += 1
+    logits_BTV = self.logits(self.final_norm(x_BTD))
+
+    mtp_logits = None
+    if mtp and cfg.mtp_depth:
+      h_BTD, depth_logits = x_BTD, []
+      for k, module in enumerate(self.mtp, start=1):
+        # Position i reads token i+k: valid only if it exists in the same document.
+        valid_k = shift_left(valid_BT, k, False) & valid_BT
+        if segment_ids_BT is not None:
+          valid_k &= shift_left(segment_ids_BT, k) == segment_ids_BT
+        h_BTD, normed_BTD, s = module(
+            h_BTD, self.embed_tokens(shift_left(tokens_BT, k)), positions_BT,
+            segment_ids_BT, valid_k, self._bias(row) if cfg.mtp_is_moe else None)
+        if s is not None:
+          stats.append(s)
+          row += 1
+        depth_logits.append(self.logits(normed_BTD))
+      mtp_logits = jnp.stack(depth_logits)
+    elif cfg.mtp_is_moe and cfg.mtp_depth and stats:
+      # Keep the stats' L dim equal to the bias rows; skipped MTP layers route nothing.
+      zero = jax.tree.map(jnp.zeros_like, stats[-1])
+      stats.extend([zero] * cfg.mtp_depth)
+    return ModelOutput(logits=logits_BTV, mtp_logits=mtp_logits, moe=_stack(stats),
+                       hidden=x_BTD)
+
+
+def init_variables(model: Transformer, rng, batch=1, seq=8):
+  """Unboxed variables {"params": ..., "balance": ...} (balance absent with no MoE)."""
+  tokens = jnp.zeros((batch, seq), jnp.int32)
+  return nn.unbox(model.init(rng, tokens))
+
+
+def abstract_variables(model: Transformer, batch=1, seq=8):
+  """Boxed ShapeDtypeStructs with logical axis metadata, allocating nothing."""
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)

@@ -1,0 +1,246 @@
+"""DeepSeekMoE (V3 eqs 12-16): shared experts + fine-grained routed experts.
+
+  h' = u + sum_shared FFN_s(u) + sum_routed g_i FFN_i(u)
+
+Routing: affinities s = sigmoid(u . e_i) (or softmax); the balancing bias b only changes
+WHICH experts are picked (top-K of s + b inside the topk_group best groups); the gates use
+the unbiased s, normalised over the picked experts, times routed_scaling_factor.
+
+The layer returns (output, MoEStats): the balancing code never reaches into the module.
+
+Dispatch paths for the routed experts (cfg.moe_dispatch), all equal up to float error
+when nothing is dropped:
+  reference  every expert on every token, weighted by its gate (0 if not picked).
+  capacity   assignments sorted by expert into a [E, C, D] buffer; one batched einsum;
+             assignments past an expert's C slots are dropped and counted.
+  dropless   assignments sorted by expert into blocks of `b` rows, each block padded
+             within its expert; one gathered weight per block. Never drops; at most
+             (A/b + E) blocks of work for A = tokens*K assignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import SwiGLU, param
+
+
+@struct.dataclass
+class MoEStats:
+  """Routing statistics of one MoE layer (stacked over layers by the model: leading L).
+
+  load_E        tokens sent to each expert by the real (biased) routing; valid tokens only.
+  aux_count_BE  per sequence, tokens sent to each expert by PLAIN top-k of the unbiased
+                scores (no bias): the routing map f_i of the balance losses.
+  aux_prob_BE   per sequence, sum over tokens of the normalised unbiased scores
+                s_i / sum_j s_j: the P_i of the balance losses (carries gradient).
+  n_tokens_B    valid tokens per sequence.
+  dropped       routed assignments dropped for lack of capacity (0 unless "capacity").
+  """
+  load_E: jax.Array
+  aux_count_BE: jax.Array
+  aux_prob_BE: jax.Array
+  n_tokens_B: jax.Array
+  dropped: jax.Array
+
+
+# Routing ---------------------------------------------------------------------
+
+def affinities(logits_XE, cfg: ModelConfig):
+  logits_XE = logits_XE.astype(jnp.float32)
+  if cfg.score_func == "sigmoid":
+    return jax.nn.sigmoid(logits_XE)
+  return jax.nn.softmax(logits_XE, axis=-1)
+
+
+def select_experts(scores_XE, bias_E, cfg: ModelConfig):
+  """Indices [X, K] of the top-K experts of scores + bias, within the topk_group groups
+  whose top-2 sums of (scores + bias) are highest; dropped groups are masked with -inf."""
+  choice_XE = scores_XE + bias_E.astype(jnp.float32)
+  X, E = choice_XE.shape
+  if cfg.n_group > 1:
+    grouped_XGe = choice_XE.reshape(X, cfg.n_group, E // cfg.n_group)
+    group_score_XG = jax.lax.top_k(grouped_XGe, 2)[0].sum(-1)
+    _, keep_XG = jax.lax.top_k(group_score_XG, cfg.topk_group)
+    keep_mask_XG = jnp.zeros((X, cfg.n_group), bool).at[
+        jnp.arange(X)[:, None], keep_XG].set(True)
+    keep_mask_XE = jnp.repeat(keep_mask_XG, E // cfg.n_group, axis=1)
+    choice_XE = jnp.where(keep_mask_XE, choice_XE, -jnp.inf)
+  _, idx_XK = jax.lax.top_k(choice_XE, cfg.top_k)
+  return idx_XK
+
+
+def gate_values(scores_XE, idx_XK, cfg: ModelConfig):
+  """Gates from the UNBIASED scores of the picked experts (eq. 13 and V3's normalisation)."""
+  gates_XK = jnp.take_along_axis(scores_XE, idx_XK, axis=-1)
+  if cfg.norm_topk_prob:
+    gates_XK = gates_XK / (gates_XK.sum(-1, keepdims=True) + 1e-20)
+  return gates_XK * cfg.routed_scaling_factor
+
+
+def route(scores_XE, bias_E, cfg: ModelConfig):
+  idx_XK = select_experts(scores_XE, bias_E, cfg)
+  return idx_XK, gate_values(scores_XE, idx_XK, cfg)
+
+
+# Routed-expert computation ------------------------------------------------------
+
+def _swiglu_experts(x, w_gate, w_up, w_down, spec):
+  """Batched SwiGLU: `spec` is the einsum prefix of the expert-batched dims ('E' or 'n')."""
+  a = spec
+  h = nn.silu(jnp.einsum(f"{a}cD,{a}DF->{a}cF", x, w_gate))
+  h = h * jnp.einsum(f"{a}cD,{a}DF->{a}cF", x, w_up)
+  return jnp.einsum(f"{a}cF,{a}FD->{a}cD", h, w_down)
+
+
+def experts_reference(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Slow and obviously correct: run every expert on every token, weight by its gate."""
+  y_XD = jnp.zeros_like(x_XD)
+  for e in range(w_gate_EDF.shape[0]):
+    h_XD = (nn.silu(x_XD @ w_gate_EDF[e]) * (x_XD @ w_up_EDF[e])) @ w_down_EFD[e]
+    weight_X = jnp.sum(jnp.where(idx_XK == e, gates_XK, 0.0), axis=-1)
+    y_XD = y_XD + weight_X[:, None].astype(x_XD.dtype) * h_XD
+  return y_XD, jnp.zeros((), jnp.float32)
+
+
+def _rank_in_expert(e_A, n_experts):
+  """For each assignment, how many earlier assignments (in token order) chose its expert;
+  and the per-expert counts. Sort-based: O(A log A), independent of the expert count."""
+  A = e_A.shape[0]
+  order_A = jnp.argsort(e_A, stable=True)
+  counts_E = jnp.zeros((n_experts + 1,), jnp.int32).at[e_A].add(1)
+  group_start = jnp.cumsum(counts_E) - counts_E
+  rank_sorted = jnp.arange(A) - group_start[e_A[order_A]]
+  rank_A = jnp.zeros((A,), jnp.int32).at[order_A].set(rank_sorted)
+  return rank_A, counts_E[:n_experts]
+
+
+def _gather_rows(x_XD, row_A, n_rows, K):
+  """Buffer of n_rows rows; row r holds the token of the assignment placed at r (or 0).
+
+  Gathers (whose gradient is a scatter-add) rather than scattering activations."""
+  A = row_A.shape[0]
+  src = jnp.full((n_rows,), A, jnp.int32).at[row_A].set(jnp.arange(A, dtype=jnp.int32),
+                                                        mode="drop")
+  token = jnp.where(src < A, src // K, x_XD.shape[0])
+  x_pad = jnp.concatenate([x_XD, jnp.zeros((1, x_XD.shape[1]), x_XD.dtype)])
+  return x_pad[token]
+
+
+def _combine(out_RD, row_A, gates_XK):
+  """y_X = sum_k gate_k * out[row of assignment (x, k)]; rows out of range give 0."""
+  X, K = gates_XK.shape
+  out_pad = jnp.concatenate([out_RD, jnp.zeros((1, out_RD.shape[1]), out_RD.dtype)])
+  y_XKD = out_pad[jnp.minimum(row_A, out_RD.shape[0])].reshape(X, K, -1)
+  return jnp.einsum("XKD,XK->XD", y_XKD, gates_XK.astype(y_XKD.dtype))
+
+
+def capacity(n_tokens: int, cfg: ModelConfig) -> int:
+  c = math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_routed_experts)
+  return max(1, min(c, n_tokens))
+
+
+def experts_capacity(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, C):
+  """Capacity-padded dispatch: earlier tokens win a full expert's slots; returns drops."""
+  X, K = idx_XK.shape
+  E = w_gate_EDF.shape[0]
+  e_A = idx_XK.reshape(-1)
+  rank_A, _ = _rank_in_expert(e_A, E)
+  kept_A = (e_A < E) & (rank_A < C)
+  row_A = jnp.where(kept_A, e_A * C + rank_A, E * C)
+  buf_ECD = _gather_rows(x_XD, row_A, E * C, K).reshape(E, C, -1)
+  out_ECD = _swiglu_experts(buf_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, "E")
+  dropped = jnp.sum((e_A < E) & ~kept_A).astype(jnp.float32)
+  return _combine(out_ECD.reshape(E * C, -1), row_A, gates_XK), dropped
+
+
+def dropless_block_size(n_assignments: int, n_experts: int) -> int:
+  # About 4 blocks per expert on average: the static (A/b + E) block bound then wastes at
+  # most ~25% of the expert compute, and per-block weight gathers stay a small fraction.
+  b = max(1, n_assignments // (4 * n_experts))
+  return int(min(256, max(8, 2 ** round(math.log2(b)))))
+
+
+def experts_dropless(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, block):
+  """Block-grouped dispatch: each expert's assignments fill whole blocks of `block` rows."""
+  X, K = idx_XK.shape
+  E = w_gate_EDF.shape[0]
+  A = X * K
+  n_blocks = -(-A // block) + E  # sum_e ceil(n_e / b) <= A / b + E
+  e_A = idx_XK.reshape(-1)
+  rank_A, counts_E = _rank_in_expert(e_A, E)
+  blocks_E = -(-counts_E // block)
+  block_end_E = jnp.cumsum(blocks_E)
+  first_row_E = (block_end_E - blocks_E) * block
+  row_A = jnp.where(e_A < E, first_row_E[jnp.minimum(e_A, E - 1)] + rank_A, n_blocks * block)
+  block_expert_n = jnp.minimum(
+      jnp.searchsorted(block_end_E, jnp.arange(n_blocks), side="right"), E - 1)
+  buf_nbD = _gather_rows(x_XD, row_A, n_blocks * block, K).reshape(n_blocks, block, -1)
+  out_nbD = _swiglu_experts(buf_nbD, w_gate_EDF[block_expert_n], w_up_EDF[block_expert_n],
+                            w_down_EFD[block_expert_n], "n")
+  return (_combine(out_nbD.reshape(n_blocks * block, -1), row_A, gates_XK),
+          jnp.zeros((), jnp.float32))
+
+
+# The layer --------------------------------------------------------------------
+
+class MoE(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, bias_E, valid_BT=None):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    B, T, D = x_BTD.shape
+    E, F = cfg.n_routed_experts, cfg.moe_ffn_dim
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), bool)
+    # The router stays float32 whatever the compute dtype (as HF and MaxText).
+    w_router = self.param("w_router", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.init_std), ("embed", "expert")), (D, E), jnp.float32)
+    w_gate = param(self, "w_gate", (E, D, F), ("expert", "embed", "mlp"), cfg)
+    w_up = param(self, "w_up", (E, D, F), ("expert", "embed", "mlp"), cfg)
+    w_down = param(self, "w_down", (E, F, D), ("expert", "mlp", "embed"), cfg)
+
+    x_XD = x_BTD.reshape(B * T, D).astype(dt)
+    valid_X = valid_BT.reshape(B * T)
+    scores_XE = affinities(x_XD.astype(jnp.float32) @ w_router, cfg)
+    # The bias is balancing state, not a parameter: no gradient flows into it.
+    idx_XK, gates_XK = route(scores_XE, jax.lax.stop_gradient(bias_E), cfg)
+    gates_XK = jnp.where(valid_X[:, None], gates_XK, 0.0)
+    idx_XK = jnp.where(valid_X[:, None], idx_XK, E)  # sentinel: padding goes nowhere
+
+    ws = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+    if cfg.moe_dispatch == "reference":
+      y_XD, dropped = experts_reference(x_XD, idx_XK, gates_XK, *ws)
+    elif cfg.moe_dispatch == "capacity":
+      y_XD, dropped = experts_capacity(x_XD, idx_XK, gates_XK, *ws, capacity(B * T, cfg))
+    else:
+      block = cfg.moe_block_size or dropless_block_size(B * T * cfg.top_k, E)
+      y_XD, dropped = experts_dropless(x_XD, idx_XK, gates_XK, *ws, block)
+    y_BTD = y_XD.reshape(B, T, D)
+    if cfg.n_shared_experts:
+      # n_s shared experts of width F are one SwiGLU of width n_s * F (HF stores them so).
+      y_BTD = y_BTD + SwiGLU(cfg, cfg.n_shared_experts * F, name="shared")(x_BTD)
+    return y_BTD, routing_stats(scores_XE, idx_XK, valid_X, (B, T), cfg, dropped)
+
+
+def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, dropped):
+  B, T = shape_BT
+  E = cfg.n_routed_experts
+  valid = valid_X.astype(jnp.float32)
+  load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
+  plain_XK = select_experts(scores_XE, jnp.zeros((E,), jnp.float32), cfg)
+  plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
+  prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]
+  return MoEStats(
+      load_E=load_E,
+      aux_count_BE=plain_XE.reshape(B, T, E).sum(1),
+      aux_prob_BE=prob_XE.reshape(B, T, E).sum(1),
+      n_tokens_B=valid.reshape(B, T).sum(1),
+      dropped=dropped)

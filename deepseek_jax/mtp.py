@@ -1,0 +1,44 @@
+"""Multi-Token Prediction modules (V3 eqs 21-25).
+
+Module k (1..D) predicts token i+k+1 at position i from
+  h'_k[i] = W_k [RMSNorm(Emb(t[i+k])) ; RMSNorm(h_{k-1}[i])]     (embedding FIRST, as the
+  h_k     = TRM_k(h'_k)                                          released checkpoints)
+  logits  = Head(RMSNorm_k(h_k))
+with h_0 the main model's last hidden state BEFORE its final norm. Emb and Head are the
+main model's arrays, passed in by the caller, never copied.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from deepseek_jax.block import Block
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import RMSNorm, param
+
+
+def shift_left(x_BT, k, fill=0):
+  """x[:, i+k] at position i; the last k positions get `fill`."""
+  if k == 0:
+    return x_BT
+  pad = jnp.full((x_BT.shape[0], k) + x_BT.shape[2:], fill, x_BT.dtype)
+  return jnp.concatenate([x_BT[:, k:], pad], axis=1)
+
+
+class MTPModule(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_prev_BTD, emb_next_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E):
+    """Returns (h_k [B,T,D] before the final norm, normed h_k for the head, MoEStats|None)."""
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    D = cfg.d_model
+    e_BTD = RMSNorm(cfg, name="enorm")(emb_next_BTD)
+    h_BTD = RMSNorm(cfg, name="hnorm")(h_prev_BTD)
+    w_proj = param(self, "w_proj", (2 * D, D), ("mtp_concat", "embed"), cfg)
+    x_BTD = jnp.einsum("BTC,CD->BTD", jnp.concatenate([e_BTD, h_BTD], -1).astype(dt),
+                       w_proj.astype(dt))
+    block = (nn.remat(Block) if cfg.remat else Block)(cfg, moe=cfg.mtp_is_moe, name="block")
+    x_BTD, stats = block(x_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E)
+    return x_BTD, RMSNorm(cfg, name="final_norm")(x_BTD), stats
