@@ -240,3 +240,9 @@ def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name]().replace(**overrides)
+
+
+def model_config_from(cd) -> ModelConfig:
+  """A ModelConfig from a ConfigDict / mapping (e.g. `config.model` of a configs/ file)."""
+  d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+  return ModelConfig.from_dict(d)

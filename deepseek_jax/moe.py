@@ -40,12 +40,15 @@ class MoEStats:
                 scores (no bias): the routing map f_i of the balance losses.
   aux_prob_BE   per sequence, sum over tokens of the normalised unbiased scores
                 s_i / sum_j s_j: the P_i of the balance losses (carries gradient).
+  aux_score_BE  per sequence, sum over tokens of the raw affinities s_i (the classic
+                auxiliary loss's P_i; carries gradient).
   n_tokens_B    valid tokens per sequence.
   dropped       routed assignments dropped for lack of capacity (0 unless "capacity").
   """
   load_E: jax.Array
   aux_count_BE: jax.Array
   aux_prob_BE: jax.Array
+  aux_score_BE: jax.Array
   n_tokens_B: jax.Array
   dropped: jax.Array
 
@@ -242,5 +245,6 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
       load_E=load_E,
       aux_count_BE=plain_XE.reshape(B, T, E).sum(1),
       aux_prob_BE=prob_XE.reshape(B, T, E).sum(1),
+      aux_score_BE=(scores_XE * valid[:, None]).reshape(B, T, E).sum(1),
       n_tokens_B=valid.reshape(B, T).sum(1),
       dropped=dropped)

@@ -1,0 +1,64 @@
+"""Pieces every experiment config shares: the model section and the training defaults.
+
+Every field a config has is overridable from the command line (`--config.a.b=v`); a
+field that may be None is a typed placeholder so an override still type-checks.
+"""
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from deepseek_jax.config import ModelConfig
+
+_OPTIONAL_INT = ("q_lora_rank", "moe_block_size")
+
+
+def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
+  d = dataclasses.asdict(cfg)
+  for k in _OPTIONAL_INT:
+    if d[k] is None:
+      d[k] = config_dict.placeholder(int)
+  return ml_collections.ConfigDict(d)
+
+
+def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_section(model)
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 10
+  c.eval_every = 200
+  c.eval_batches = 8
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.batch_size = 16            # global sequences per step
+  c.seq_len = 256
+  c.microbatches = 1           # gradient accumulation
+  c.mtp_lambda = 0.3
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+
+  # V3 4.2: AdamW(0.9, 0.95, wd 0.1), clip 1.0, linear warmup, constant, cosine decay.
+  c.optimizer = ml_collections.ConfigDict(dict(
+      peak_lr=2.2e-4, min_lr_ratio=0.1, warmup_steps=100, decay_start_frac=0.8,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+
+  # Load balancing (balancing.py). Rates/alphas of 0 switch a mechanism off.
+  c.balance = ml_collections.ConfigDict(dict(
+      bias_rate=0.0,            # u of b_i += u * sign(mean_load - load_i)
+      bias_rule="sign",         # sign | magnitude | multiplicative (LFB variants)
+      bias_freeze_frac=1.0,     # u is set to 0 after this fraction of total_steps
+      aux_alpha=0.0,            # classic Switch/GShard auxiliary loss
+      seq_aux_alpha=0.0,        # V3 sequence-wise balance loss (eqs 17-20)
+      batch_aux_alpha=0.0))     # batch-wise balance loss (V3 4.5.3)
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="stdlib",          # stdlib (embedded default) | files | hf_local
+      paths=config_dict.placeholder(str),   # files / hf_local: comma-separated globs
+      tokenizer="bpe",          # bpe (trained on the corpus, cached) | bytes
+      val_fraction=0.02,
+      cache_dir=config_dict.placeholder(str),
+      doc_attention_mask=True,  # attention (and MTP targets) stay inside a document
+  ))
+  return c

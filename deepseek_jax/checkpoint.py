@@ -1,0 +1,100 @@
+"""Checkpoints: orbax CheckpointManager holding the train state (params, optimizer, the
+balancing bias, the step) and a JSON record (the config and the data position).
+
+The data position is the step itself (data.BatchSchedule is a pure function of the step),
+so restoring the state restores the iterator exactly. Saves are asynchronous; orbax
+writes each step to a temporary directory and renames it when complete, so a killed save
+leaves no half-written "latest". A latest step that fails to restore anyway (a corrupt
+file) is skipped with a warning in favour of the one before; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+CONFIG_FILE = "config.json"
+# Fields that may change between runs in one workdir: they do not change the math.
+RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
+                     "keep_checkpoints", "total_steps")
+
+
+class WorkdirConflict(ValueError):
+  pass
+
+
+def check_workdir_config(workdir: str, cfg_dict: dict) -> bool:
+  """Records the config on first use; on reuse, refuses a different one (True: resuming)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  os.makedirs(workdir, exist_ok=True)
+  if not os.path.exists(path):
+    if jax.process_index() == 0:
+      tmp = f"{path}.tmp"
+      with open(tmp, "w") as fh:
+        json.dump(cfg_dict, fh, indent=1, sort_keys=True)
+      os.replace(tmp, path)
+    return False
+  with open(path) as fh:
+    old = json.load(fh)
+  diffs = sorted(_diff(old, json.loads(json.dumps(cfg_dict))))
+  hard = [d for d in diffs if d.split(".")[0] not in RESUMABLE_CHANGES]
+  if hard:
+    raise WorkdirConflict(
+        f"workdir {workdir} holds a run of a different config (differs in: "
+        f"{', '.join(hard[:10])}). Use a new --workdir, or the same config to resume; "
+        "the saved run is left untouched.")
+  if diffs:
+    logging.warning("resuming %s with changed %s", workdir, ", ".join(diffs))
+  return True
+
+
+def _diff(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in set(a) | set(b):
+      yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield prefix.rstrip(".")
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save))
+
+  def save(self, step: int, state, meta: dict, force: bool = False):
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def steps(self):
+    return sorted(self.manager.all_steps())
+
+  def restore_latest(self, abstract_state):
+    """(state, meta, step) of the newest checkpoint that restores, or None if none."""
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out.state, out.meta, step
+      except Exception as e:  # a corrupt step: fall back, keep the files for inspection
+        logging.warning("checkpoint step %d in %s does not restore (%s: %s); "
+                        "falling back to the previous one", step, self.directory,
+                        type(e).__name__, str(e)[:300])
+    if steps:
+      raise RuntimeError(f"no checkpoint in {self.directory} restores (steps {steps}); "
+                         "refusing to start over a saved run")
+    return None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

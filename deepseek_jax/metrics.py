@@ -1,0 +1,116 @@
+"""Metric plumbing: the analytic FLOP count behind MFU, a measured matmul peak, and the
+writers (console line with a progress bar, DIR/metrics.jsonl, TensorBoard events).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.param_count import count_params
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Analytic training FLOPs per token: 3 x forward (backward = 2 x forward), where
+
+    forward = 2 * (activated matmul weights: every weight a token multiplies, i.e. all
+               but the embedding lookup and norms, routed experts counted K/E, router
+               and output head included; MTP modules included when present)
+            + 2 * N * (H + P + O) * T/2 per attention layer (QK^T and PV over on
+               average T/2 causal keys).
+  """
+  c = count_params(cfg)
+  matmul = c["activated"] - c["embedding"] - c["norms"]
+  attn_layers = cfg.n_layers
+  if cfg.mtp_depth:
+    matmul += c["mtp_activated"] + cfg.mtp_depth * cfg.d_model * cfg.vocab_size
+    attn_layers += cfg.mtp_depth
+  attn = 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+  return 3.0 * (2.0 * matmul + attn_layers * attn)
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large float32 matmul on the default device (the MFU denominator)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2.0 * n ** 3 / float(np.median(times)) * jax.local_device_count()
+
+
+def _scalar(v):
+  v = np.asarray(v)
+  return float(v) if v.ndim == 0 else v.tolist()
+
+
+class MetricWriter:
+  """Writes on process 0 only: metrics.jsonl (one object per logged step) and TB events."""
+
+  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    self.enabled = enabled
+    self.total_steps = total_steps
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:  # TensorBoard files are optional; jsonl always exists
+        self.tb = None
+
+  def truncate_after(self, step: int):
+    """On resume: drop records of steps after the restored checkpoint (they will rerun)."""
+    if not (self.enabled and os.path.exists(self.path)):
+      return
+    with open(self.path) as fh:
+      keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path + ".tmp", "w") as fh:
+      fh.writelines(keep)
+    os.replace(self.path + ".tmp", self.path)
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as fh:
+      fh.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in record.items():
+        if k == "step":
+          continue
+        if isinstance(v, float) and math.isfinite(v):
+          self.tb.add_scalar(k, v, step)
+        elif isinstance(v, list) and v and not isinstance(v[0], list):
+          for i, x in enumerate(v):
+            self.tb.add_scalar(f"{k}/{i}", x, step)
+      self.tb.flush()
+
+  def console(self, step: int, metrics: dict, eta_s: float | None):
+    if not self.enabled:
+      return
+    frac = step / max(self.total_steps, 1)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    parts = [f"[{bar}] step {step}/{self.total_steps}"]
+    for k in ("loss", "ce", "val_loss", "maxvio_mean", "tokens_per_s", "mfu"):
+      if k in metrics:
+        v = float(metrics[k])
+        parts.append(f"{k} {v:.4g}" if k not in ("tokens_per_s",) else f"{k} {v:,.0f}")
+    if eta_s is not None:
+      parts.append(f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s")
+    print("  ".join(parts), flush=True, file=sys.stdout)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()

@@ -1,0 +1,115 @@
+"""Every sharding decision in one place: the mesh, and the table mapping logical axis
+names (given to each weight in layers.py / attention.py / moe.py) to mesh axes.
+
+Mesh axes:
+  data    pure data parallelism (params replicated)
+  fsdp    data parallelism with params sharded along "embed" (ZeRO-3 style)
+  expert  routed experts sharded; the batch is split along it too, so non-expert
+          compute stays data-parallel on those devices (as in DeepSpeed-MoE and MaxText)
+  tensor  heads / FFN width / vocab sharded (Megatron style)
+
+Axis types are Auto (GSPMD propagation), chosen deliberately over jax.make_mesh's new
+Explicit default: linen modules, optax and orbax restore all work on plain jnp code
+under Auto with shardings only at the jit boundary, while Explicit would make every
+einsum with an ambiguous output sharding an error. See BUILD_NOTES.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as PS
+import flax.linen as nn
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH = ("data", "fsdp", "expert")
+
+# logical axis -> mesh axis (or None: replicated). The only sharding table.
+RULES = (
+    ("batch", BATCH),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("mtp_concat", None),
+)
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
+  """Sizes of the four axes from config; one axis may be -1 (takes what is left)."""
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad or len(free) > 1:
+    raise ValueError(f"mesh: sizes must be positive, with at most one -1; got {sizes}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if n_devices % fixed:
+      raise ValueError(f"mesh: {sizes} cannot fill {n_devices} devices "
+                       f"({n_devices} is not a multiple of {fixed})")
+    sizes[free[0]] = n_devices // fixed
+  if math.prod(sizes.values()) != n_devices:
+    raise ValueError(
+        f"mesh: data*fsdp*expert*tensor = {'*'.join(str(sizes[a]) for a in MESH_AXES)} = "
+        f"{math.prod(sizes.values())}, but there are {n_devices} devices "
+        f"({jax.process_count()} process(es)); set --config.mesh.* so the product matches")
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh) -> PS:
+  """PartitionSpec of one array; a dim the mesh axis does not divide is replicated."""
+  rules = dict(RULES)
+  spec = []
+  for name, dim in zip(axes, shape):
+    mesh_axes = rules.get(name) if name is not None else None
+    if mesh_axes is None:
+      spec.append(None)
+      continue
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    size = math.prod(mesh.shape[a] for a in mesh_axes)
+    if dim % size:
+      logging.log_first_n(logging.WARNING, "replicating dim %d of logical axis %r: "
+                          "not divisible by mesh axes %s (%d)", 20, dim, name, mesh_axes, size)
+      spec.append(None)
+    else:
+      spec.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
+  return PS(*spec)
+
+
+def param_shardings(boxed_abstract, mesh: Mesh):
+  """NamedShardings for a tree of boxed (nn.LogicallyPartitioned) abstract values."""
+  def one(x):
+    if isinstance(x, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, mesh))
+    return NamedSharding(mesh, PS())
+  return jax.tree.map(one, boxed_abstract,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, PS(BATCH, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PS())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """The global batch must be a multiple of this (the devices it is split over)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH]))

@@ -1,0 +1,219 @@
+"""The training loop: mesh / input / model / shard / step / loop, one flat function.
+
+`train(cfg, workdir)` trains any config from a laptop CPU to a multi-host pod and
+resumes exactly from the newest checkpoint in `workdir`. Metrics of step s are pulled
+to the host after step s+1 is dispatched, so the device never waits for the host.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import jax
+import numpy as np
+import optax
+import flax.linen as nn
+from absl import logging
+
+from deepseek_jax import balancing, data, sharding
+from deepseek_jax.checkpoint import Checkpointer, check_workdir_config
+from deepseek_jax.config import model_config_from
+from deepseek_jax.metrics import MetricWriter, measure_matmul_peak, train_flops_per_token
+from deepseek_jax.model import Transformer, abstract_variables
+from deepseek_jax.train_step import TrainState, init_state, jit_steps, make_optimizer
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def validate_run_config(cfg, mesh):
+  div = sharding.batch_divisor(mesh) * cfg.microbatches
+  if cfg.batch_size % div:
+    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of microbatches x "
+                     f"batch devices = {cfg.microbatches} x {sharding.batch_divisor(mesh)}")
+  if cfg.batch_size % jax.process_count():
+    raise ValueError(f"batch_size={cfg.batch_size} must split over {jax.process_count()} "
+                     "processes")
+  for f in ("total_steps", "checkpoint_every", "eval_every", "log_every", "seq_len",
+            "microbatches", "keep_checkpoints"):
+    if int(cfg[f]) <= 0:
+      raise ValueError(f"config.{f} must be positive (got {cfg[f]})")
+  if cfg.balance.bias_rule not in balancing.BIAS_RULES:
+    raise ValueError(f"config.balance.bias_rule must be one of {balancing.BIAS_RULES}")
+
+
+def state_shardings(model, tx, mesh):
+  """Shardings of the whole TrainState from the params' logical axes."""
+  boxed = abstract_variables(model)
+  param_sh = sharding.param_shardings(boxed["params"], mesh)
+  rep = sharding.replicated(mesh)
+  abstract_params = nn.unbox(boxed["params"])
+  opt_abstract = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
+                                 transform_non_params=lambda _: rep)
+  has_bias = "balance" in boxed
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+                    expert_bias=rep if has_bias else None)
+
+
+class _Preemption:
+  """SIGTERM (preemption) asks the loop to save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      pass
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and exiting")
+    self.requested = True
+
+
+def _global_batch(local, batch_sh):
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+
+def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches):
+  """Validation over fixed batches: loss, perplexity, MTP loss per depth, MaxVio_global."""
+  sums = None
+  for local in data.validation_batches(rows, cfg.batch_size, n_batches, jax.process_index(),
+                                       jax.process_count()):
+    out = jax.device_get(eval_fn(state, _global_batch(local, batch_sh)))
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  n = max(float(sums["n_tokens"]), 1.0)
+  result = {"val_loss": float(sums["ce_sum"]) / n}
+  result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+  if "mtp_sum" in sums:
+    result["val_mtp"] = (np.asarray(sums["mtp_sum"]) / n).tolist()
+  if "load" in sums:
+    mv = np.asarray(jax.device_get(balancing.max_violation(sums["load"])))
+    result["val_load"] = np.asarray(sums["load"]).tolist()
+    result["maxvio_global"] = mv.tolist()
+    result["maxvio_global_mean"] = float(mv.mean())
+  return result
+
+
+def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = False):
+  """Trains cfg in workdir (resuming if it holds a checkpoint); returns the last metrics."""
+  # Mesh ---------------------------------------------------------------------------
+  mesh = sharding.make_mesh(cfg.mesh)
+  validate_run_config(cfg, mesh)
+  model_cfg = model_config_from(cfg.model)
+  resuming = check_workdir_config(workdir, cfg.to_dict())
+  is_main = jax.process_index() == 0
+
+  # Input ----------------------------------------------------------------------------
+  corpus = data.load_corpus(cfg.data, model_cfg.vocab_size)
+  train_rows = data.PackedRows(corpus.train_tokens, corpus.train_starts, cfg.seq_len)
+  val_rows = data.PackedRows(corpus.val_tokens, corpus.val_starts, cfg.seq_len)
+  schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed)
+  logging.info("data: %s", data.describe(corpus))
+
+  # Model and shardings ------------------------------------------------------------------
+  model = Transformer(model_cfg)
+  tx = make_optimizer(cfg.optimizer, cfg.total_steps)
+  state_sh = state_shardings(model, tx, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  train_fn, eval_fn = jit_steps(model, tx, cfg, state_sh, batch_sh)
+  init_fn = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=state_sh)
+
+  ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
+  writer = MetricWriter(workdir, cfg.total_steps, enabled=is_main and not quiet)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed)), state_sh)
+  restored = ckpt.restore_latest(abstract) if resuming else None
+  if restored is None and ckpt.steps():
+    raise RuntimeError(f"{workdir} has checkpoints but no config.json; refusing to start over")
+  if restored is not None:
+    state, meta, step = restored
+    logging.info("resumed from step %d (%s)", step, ckpt.directory)
+    if is_main:
+      writer.truncate_after(step)
+  else:
+    state = init_fn(jax.random.PRNGKey(cfg.seed))
+    step = 0
+
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  flops_per_step = train_flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+  if peak_flops is None:
+    peak_flops = measure_matmul_peak() * jax.process_count()
+  preempt = _Preemption()
+  n_eval = None if cfg.eval_batches < 0 else cfg.eval_batches
+
+  # Loop ---------------------------------------------------------------------------
+  pending = None          # (step, device metrics) of the last dispatched step
+  last = {}
+  window = {"t": time.perf_counter(), "step": step}
+  t_start = time.perf_counter()
+  start_step = step
+
+  def pull(p):
+    nonlocal last
+    s, dev_metrics = p
+    m = jax.device_get(dev_metrics)
+    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      ckpt.wait()
+      saved = ckpt.steps()
+      raise NonFiniteLoss(
+          f"non-finite loss {loss} (grad norm {gnorm}) at step {s}; training stopped. "
+          f"Last good checkpoint: step {saved[-1] if saved else None} in {ckpt.directory}")
+    if "maxvio" in m:
+      m["maxvio_mean"] = float(np.mean(m["maxvio"]))
+    last = m
+    return m
+
+  def log(s, m, extra=None):
+    now = time.perf_counter()
+    dt = now - window["t"]
+    steps = s + 1 - window["step"]
+    if steps > 0 and dt > 0:
+      m["tokens_per_s"] = steps * tokens_per_step / dt
+      m["mfu"] = steps * flops_per_step / dt / peak_flops
+    window.update(t=now, step=s + 1)
+    m.update(extra or {})
+    writer.write(s, m)
+    done = s + 1 - start_step
+    eta = (now - t_start) / done * (cfg.total_steps - s - 1) if done else None
+    writer.console(s + 1, m, eta)
+
+  while step < cfg.total_steps:
+    batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
+                          batch_sh)
+    state, metrics = train_fn(state, batch)
+    if pending is not None:
+      m = pull(pending)
+      if (pending[0] + 1) % cfg.log_every == 0:
+        log(pending[0], m)
+    pending = (step, metrics)
+    step += 1
+    eval_due = step % cfg.eval_every == 0 or step == cfg.total_steps
+    save_due = (step % cfg.checkpoint_every == 0 or step == cfg.total_steps
+                or preempt.requested)
+    if eval_due or save_due:
+      m = pull(pending)   # verified finite before anything is saved
+      extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n_eval) if eval_due else {}
+      if eval_due or (pending[0] + 1) % cfg.log_every == 0:
+        log(pending[0], m, extra)
+      last.update(extra)
+      pending = None
+      window["t"] = time.perf_counter()  # evaluation and saving are not training time
+      if save_due:
+        ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict()},
+                  force=preempt.requested)
+      if preempt.requested:
+        break
+  if pending is not None:
+    m = pull(pending)
+    log(pending[0], m)
+  ckpt.close()
+  writer.close()
+  last["step"] = step
+  last["preempted"] = preempt.requested
+  return last
