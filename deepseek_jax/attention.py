@@ -15,6 +15,8 @@ import flax.linen as nn
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import RMSNorm, apply_rope, param, softmax_scale
 
+# The latent norms use a fixed 1e-6 in DeepSeek's code and in HF, whatever rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax, not NaN
 
 
@@ -43,11 +45,11 @@ class MLA(nn.Module):
     else:
       Q = cfg.q_lora_rank
       self.w_dq = param(self, "w_dq", (D, Q), ("embed", "q_lora"), cfg)
-      self.q_norm = RMSNorm(cfg, axis_name="q_lora")
+      self.q_norm = RMSNorm(cfg, axis_name="q_lora", eps=LATENT_NORM_EPS)
       self.w_uq = param(self, "w_uq", (Q, N, H), ("q_lora", "heads", "head_dim"), cfg)
       self.w_qr = param(self, "w_qr", (Q, N, P), ("q_lora", "heads", "head_dim"), cfg)
     self.w_dkv = param(self, "w_dkv", (D, R), ("embed", "kv_lora"), cfg)
-    self.kv_norm = RMSNorm(cfg, axis_name="kv_lora")
+    self.kv_norm = RMSNorm(cfg, axis_name="kv_lora", eps=LATENT_NORM_EPS)
     self.w_kr = param(self, "w_kr", (D, P), ("embed", "head_dim"), cfg)
     self.w_uk = param(self, "w_uk", (R, N, H), ("kv_lora", "heads", "head_dim"), cfg)
     self.w_uv = param(self, "w_uv", (R, N, O), ("kv_lora", "heads", "head_dim"), cfg)

@@ -60,6 +60,11 @@ class ModelConfig:
   mscale_all_dim: float = 1.0
   rms_eps: float = 1e-6
   mtp_depth: int = 0                    # D of the MTP section (number of modules)
+  # What MTP module 1 reads as h_0: the main model's last hidden state before its final
+  # norm (False; the V3 report's eq. 21 reading) or after it (True: what HF transformers
+  # and vLLM feed the released MTP weights, each module then passing on its normed
+  # output). Checkpoint import sets True. See BUILD_NOTES.md.
+  mtp_feed_normed: bool = False
   init_std: float = 0.006
   tie_embeddings: bool = False
   dtype: str = "float32"                # compute dtype

@@ -76,8 +76,19 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
               mscale=mscale, mscale_all_dim=mscale_all)
 
 
+# HF's class defaults for these are V3's sizes: better a clear error than a silent 2.5.
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+             "num_hidden_layers", "num_attention_heads", "n_shared_experts",
+             "n_routed_experts", "routed_scaling_factor", "n_group", "topk_group",
+             "num_experts_per_tok", "first_k_dense_replace", "kv_lora_rank", "q_lora_rank",
+             "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
   """A HF config.json dict -> ModelConfig; what the model cannot do raises ValueError."""
+  absent = [k for k in _REQUIRED if k not in hf]
+  if absent:
+    raise ValueError(f"Hugging Face config lacks {absent}")
   _need(not hf.get("attention_bias", False), "attention_bias=True")
   _need(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r}")
   _need("quantization_config" not in hf,
@@ -85,15 +96,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
   _need(hf.get("moe_layer_freq", 1) == 1, "moe_layer_freq != 1")
   _need(hf.get("topk_method", "noaux_tc") == "noaux_tc",
         f"topk_method={hf.get('topk_method')!r} (only noaux_tc)")
-  if hf.get("rms_norm_eps", 1e-6) != 1e-6:
-    # HF and DeepSeek's code hard-code 1e-6 in q_a/kv_a_layernorm; ours use rms_eps.
-    logging.warning("rms_norm_eps=%s: the latent norms will use it too (HF uses 1e-6)",
-                    hf["rms_norm_eps"])
   n_layers = hf["num_hidden_layers"]
   mtp = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers"))
   return ModelConfig(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n_layers,
-      n_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank"),
+      n_heads=hf["num_attention_heads"], q_lora_rank=hf["q_lora_rank"],
       kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
       qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
       ffn_dim=hf["intermediate_size"], moe_ffn_dim=hf["moe_intermediate_size"],
@@ -101,16 +108,21 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
       n_shared_experts=hf.get("n_shared_experts") or 0,
       n_routed_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
       n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
-      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+      routed_scaling_factor=float(hf["routed_scaling_factor"]),
       score_func=hf.get("scoring_func", "sigmoid"),
       norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
       rms_eps=float(hf.get("rms_norm_eps", 1e-6)), mtp_depth=mtp or 0,
+      # Released MTP weights are driven by the normed hidden state (HF, vLLM).
+      mtp_feed_normed=True,
       init_std=float(hf.get("initializer_range", 0.006)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope_from_hf(hf))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """The inverse of config_from_hf (runtime fields such as moe_dispatch are not saved)."""
+  if cfg.mtp_depth and not cfg.mtp_feed_normed:
+    logging.warning("exporting MTP weights trained on the pre-norm hidden state "
+                    "(mtp_feed_normed=False); HF and vLLM feed MTP the normed one")
   if cfg.yarn:
     rope = dict(rope_type="yarn", rope_theta=cfg.rope_theta, factor=cfg.rope_factor,
                 original_max_position_embeddings=cfg.rope_original_max_len,
@@ -160,7 +172,8 @@ class _Rule:
 
 
 def _rule(hf, ours, tf, **kw) -> _Rule:
-  as_tuple = lambda x: (x,) if isinstance(x, str) else tuple(x)
+  def as_tuple(x):
+    return (x,) if isinstance(x, str) else tuple(x)
   return _Rule(as_tuple(hf), as_tuple(ours), tf, **kw)
 
 
@@ -392,14 +405,17 @@ def load_checkpoint(path, dtype: str = "float32", *, mtp: bool | None = None, **
     for r in sorted(rules, key=lambda r: r.copy):
       if r.copy and not all(n in where for n in r.hf):
         continue
-      xs = [read(n) for n in r.hf]
+      dt = expected[r.ours[0]].dtype  # one dtype per rule (the router is a rule of its own)
+      xs = [read(n).astype(dt, copy=False) for n in r.hf]
       want = jax.eval_shape(r.tf.save, [expected[o] for o in r.ours])
       bad = [f"{n} {x.shape} (want {w.shape})" for n, x, w in zip(r.hf, xs, want)
              if tuple(x.shape) != tuple(w.shape)]
       if bad:
         raise ValueError(f"{path}: wrong shape: {_names(bad, 4)}")
-      ys = [np.ascontiguousarray(y, dtype=expected[o].dtype)
-            for o, y in zip(r.ours, r.tf.load(xs))]
+      ys = [np.ascontiguousarray(y) for y in r.tf.load(xs)]
+      if any(y.shape != expected[o].shape for o, y in zip(r.ours, ys)):  # a table bug
+        raise ValueError(f"mapping table mismatch: {r.hf} -> {[y.shape for y in ys]}, want "
+                         f"{[expected[o].shape for o in r.ours]}")
       if r.copy:
         if not all(np.array_equal(y, flat[o]) for o, y in zip(r.ours, ys)):
           raise ValueError(f"{path}: {_names(r.hf)} should be a copy of the main model's "
@@ -419,6 +435,9 @@ def load_checkpoint(path, dtype: str = "float32", *, mtp: bool | None = None, **
 def save_checkpoint(path, cfg: ModelConfig, variables, fused_experts: bool = True) -> None:
   """Our variables -> a HF folder (config.json + model.safetensors), rope interleaved,
   MTP modules in the released layout (with their embedding and head copies)."""
+  if cfg.score_func != "sigmoid":
+    logging.warning("scoring_func=%r: HF's DeepseekV3 ignores it (always sigmoid); "
+                    "DeepSeek's own code reads it", cfg.score_func)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   flat = _flatten(jax.tree.map(np.asarray, nn.unbox(variables)))

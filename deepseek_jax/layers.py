@@ -32,13 +32,14 @@ class RMSNorm(nn.Module):
   """x / rms(x) * scale, computed in float32 and cast back (as HF and the official code)."""
   cfg: ModelConfig
   axis_name: str = "norm"
+  eps: float | None = None   # None: cfg.rms_eps
 
   @nn.compact
   def __call__(self, x):
     scale = param(self, "scale", (x.shape[-1],), (self.axis_name,), self.cfg,
                   init=nn.initializers.ones)
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_eps)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + (self.eps or self.cfg.rms_eps))
     return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 

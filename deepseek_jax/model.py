@@ -90,7 +90,8 @@ class Transformer(nn.Module):
 
     mtp_logits = None
     if mtp and cfg.mtp_depth:
-      h_BTD, depth_logits = x_BTD, []
+      h_BTD = self.final_norm(x_BTD) if cfg.mtp_feed_normed else x_BTD
+      depth_logits = []
       for k, module in enumerate(self.mtp, start=1):
         # Position i reads token i+k: valid only if it exists in the same document.
         valid_k = shift_left(valid_BT, k, False) & valid_BT
@@ -99,6 +100,8 @@ class Transformer(nn.Module):
         h_BTD, normed_BTD, s = module(
             h_BTD, self.embed_tokens(shift_left(tokens_BT, k)), positions_BT,
             segment_ids_BT, valid_k, self._bias(row) if cfg.mtp_is_moe else None)
+        if cfg.mtp_feed_normed:
+          h_BTD = normed_BTD
         if s is not None:
           stats.append(s)
           row += 1

@@ -4,7 +4,9 @@ Module k (1..D) predicts token i+k+1 at position i from
   h'_k[i] = W_k [RMSNorm(Emb(t[i+k])) ; RMSNorm(h_{k-1}[i])]     (embedding FIRST, as the
   h_k     = TRM_k(h'_k)                                          released checkpoints)
   logits  = Head(RMSNorm_k(h_k))
-with h_0 the main model's last hidden state BEFORE its final norm. Emb and Head are the
+with h_0 the main model's last hidden state BEFORE its final norm (cfg.mtp_feed_normed
+switches to HF's and vLLM's convention: after it, each module passing on its normed
+output). Emb and Head are the
 main model's arrays, passed in by the caller, never copied.
 """
 

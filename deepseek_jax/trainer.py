@@ -99,10 +99,14 @@ def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches):
   return result
 
 
-def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = False):
-  """Trains cfg in workdir (resuming if it holds a checkpoint); returns the last metrics."""
+def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = False,
+          devices=None):
+  """Trains cfg in workdir (resuming if it holds a checkpoint); returns the last metrics.
+
+  devices: the devices of the mesh (default all; tests pass one to get an unsharded run).
+  """
   # Mesh ---------------------------------------------------------------------------
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   validate_run_config(cfg, mesh)
   model_cfg = model_config_from(cfg.model)
   resuming = check_workdir_config(workdir, cfg.to_dict())

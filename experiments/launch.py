@@ -25,9 +25,20 @@ def init_distributed():
     if None in (_COORD.value, _NPROC.value, _PID.value):
       raise flags.ValidationError("--coordinator_address, --num_processes and --process_id "
                                   "go together")
-    if jax.default_backend() == "cpu" or _CPU_DEVICES.value:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU devices (localhost tests, CPU clusters); the
+    # option only concerns the CPU backend, and must be set before it starts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORD.value,
                                num_processes=_NPROC.value, process_id=_PID.value)
   elif _AUTO.value:
     jax.distributed.initialize()
+  enable_compilation_cache()
+
+
+def enable_compilation_cache():
+  """A persistent XLA cache (runs of the same shapes skip compilation), unless set."""
+  import jax
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    from deepseek_jax.data import default_cache_dir
+    jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -1,0 +1,366 @@
+"""deepseek_jax.hf against Hugging Face's DeepseekV3ForCausalLM, logit for logit.
+
+Random tiny HF models (weights re-drawn with a large std so that routing and mixing are
+far from trivial) are saved in the three file layouts (per-expert tensors as
+save_pretrained writes them, fused experts, sharded with an index), loaded with
+hf.load_checkpoint and run next to the PyTorch model on the same tokens.
+"""
+
+import functools
+import shutil
+
+import numpy as np
+import pytest
+
+_WHY = "HF parity tests need the parity extra: pip install -e '.[parity]'"
+torch = pytest.importorskip("torch", reason=_WHY)
+transformers = pytest.importorskip("transformers", reason=_WHY)
+safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=_WHY)
+
+import jax  # noqa: E402
+
+from deepseek_jax import config, hf  # noqa: E402
+from deepseek_jax.model import Transformer  # noqa: E402
+
+B, T = 2, 16
+BASE = dict(
+    vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+    num_hidden_layers=3, num_attention_heads=2, n_shared_experts=1, n_routed_experts=8,
+    n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12,
+    routed_scaling_factor=2.5, max_position_embeddings=64, num_mtp_layers=0)
+
+# name -> (HF config changes, file layout). Yarn cases use original lengths below T.
+CASES = {
+    "lora-default-interleave": (dict(), "per_expert"),
+    "nolora-yarn_mscales-halfsplit": (dict(
+        q_lora_rank=None, rope_interleave=False, norm_topk_prob=False, n_group=4,
+        topk_group=2, num_experts_per_tok=3, max_position_embeddings=32,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                             original_max_position_embeddings=8, mscale=0.7,
+                             mscale_all_dim=0.9)), "fused"),
+    "lora-yarn_plain-tied": (dict(
+        hidden_size=48, num_attention_heads=3, q_lora_rank=16, num_hidden_layers=2,
+        n_group=1, topk_group=1, n_shared_experts=2, tie_word_embeddings=True,
+        max_position_embeddings=16, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=2.0,
+            original_max_position_embeddings=8)), "sharded"),
+    "nolora-default-halfsplit": (dict(
+        q_lora_rank=None, rope_interleave=False, qk_rope_head_dim=8, topk_group=2,
+        rope_parameters=dict(rope_type="default", rope_theta=500.0)), "per_expert"),
+}
+
+
+def _hf_model(changes, seed=0):
+  kw = {**BASE, **changes}
+  kw["num_key_value_heads"] = kw["num_attention_heads"]  # MLA: no kv-head groups
+  cfg = transformers.DeepseekV3Config(**kw)
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:  # the router gets a larger std so that the top-k is decisive
+        p.normal_(0.0, 0.2 if name.endswith("mlp.gate.weight") else 0.08)
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):
+        b.uniform_(-0.05, 0.05)
+  return model
+
+
+def _fuse_experts(folder):
+  """Rewrites per-expert tensors as v5's fused gate_up_proj [E, 2F, D] / down_proj [E, D, F]."""
+  f = folder / "model.safetensors"
+  tensors = safetensors_numpy.load_file(f)
+  out, experts = {}, {}
+  for name, x in tensors.items():
+    if ".mlp.experts." in name:
+      prefix, rest = name.split(".mlp.experts.")
+      j, proj = rest.split(".")[:2]
+      experts.setdefault(prefix, {})[(int(j), proj)] = x
+    else:
+      out[name] = x
+  for prefix, ws in experts.items():
+    E = 1 + max(j for j, _ in ws)
+    out[f"{prefix}.mlp.experts.gate_up_proj"] = np.stack(
+        [np.concatenate([ws[j, "gate_proj"], ws[j, "up_proj"]]) for j in range(E)])
+    out[f"{prefix}.mlp.experts.down_proj"] = np.stack([ws[j, "down_proj"] for j in range(E)])
+  safetensors_numpy.save_file(out, f)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """name -> (folder, tokens, HF logits); built once per case."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      changes, layout = CASES[name]
+      model = _hf_model(changes)
+      folder = tmp_path_factory.mktemp(name)
+      model.save_pretrained(folder, max_shard_size="20KB" if layout == "sharded" else "50GB")
+      if layout == "fused":
+        _fuse_experts(folder)
+      tokens = np.random.RandomState(1).randint(0, BASE["vocab_size"], (B, T))
+      with torch.no_grad():
+        logits = model(torch.tensor(tokens)).logits.numpy()
+      cache[name] = folder, tokens, logits
+    return cache[name]
+
+  return get
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(cfg):
+  """One jitted forward per config, shared by the tests (compiles dominate their time)."""
+  return jax.jit(Transformer(cfg).apply)
+
+
+def _close(ours, theirs):
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  scale = np.abs(theirs).max()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * scale)
+  return np.abs(ours - theirs).max() / scale
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "reference"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logits_match_hf(saved, name, dispatch):
+  folder, tokens, theirs = saved(name)
+  layout = CASES[name][1]
+  files = {p.name for p in folder.iterdir()}
+  assert ("model.safetensors.index.json" in files) == (layout == "sharded")
+  model, variables = hf.load_checkpoint(folder, moe_dispatch=dispatch)
+  assert model.cfg.mtp_depth == 0  # HF declares num_nextn_predict_layers but saves none
+  err = _close(_apply(model.cfg)(variables, tokens).logits, theirs)
+  print(f"{name} {dispatch}: max relative error {err:.2e}")
+
+
+def test_save_load_roundtrip_and_hf_reads_our_export(saved, tmp_path):
+  folder, tokens, theirs = saved("nolora-yarn_mscales-halfsplit")
+  model, variables = hf.load_checkpoint(folder)
+  for fused in (True, False):
+    out_dir = tmp_path / f"fused_{fused}"
+    hf.save_checkpoint(out_dir, model.cfg, variables, fused_experts=fused)
+    model2, variables2 = hf.load_checkpoint(out_dir)
+    assert model2.cfg == model.cfg
+    jax.tree.map(np.testing.assert_array_equal, variables, variables2)
+  # The export is interleaved (rope rows permuted) and HF computes the same logits from it.
+  hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+      out_dir, attn_implementation="eager").eval()
+  with torch.no_grad():
+    _close(hf_model(torch.tensor(tokens)).logits.numpy(), theirs)
+
+
+def test_bf16_tensors_are_cast(saved, tmp_path):
+  import ml_dtypes
+  folder, _, _ = saved("lora-default-interleave")
+  shutil.copy(folder / "config.json", tmp_path / "config.json")
+  tensors = safetensors_numpy.load_file(folder / "model.safetensors")
+  half = {n: x.astype(ml_dtypes.bfloat16 if i % 2 else np.float16)
+          for i, (n, x) in enumerate(sorted(tensors.items()))}
+  safetensors_numpy.save_file(half, tmp_path / "model.safetensors")
+  _, ref = hf.load_checkpoint(folder)
+  _, got = hf.load_checkpoint(tmp_path)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(got))
+  # Every value went through bf16 or fp16: within their rounding of the fp32 originals.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=4e-3, atol=1e-6), got, ref)
+  _, got16 = hf.load_checkpoint(tmp_path, dtype="bfloat16")
+  moe = got16["params"]["layer_1"]["moe"]
+  assert moe["w_gate"].dtype == ml_dtypes.bfloat16
+  assert moe["w_router"].dtype == got16["balance"]["expert_bias"].dtype == np.float32
+
+
+# Errors ---------------------------------------------------------------------------
+
+def _edit_tensors(src, dst, edit):
+  shutil.copytree(src, dst)
+  f = dst / "model.safetensors"
+  tensors = safetensors_numpy.load_file(f)
+  edit(tensors)
+  safetensors_numpy.save_file(tensors, f)
+  return dst
+
+
+def test_missing_tensor_is_named(saved, tmp_path):
+  folder, _, _ = saved("lora-default-interleave")
+  name = "model.layers.1.self_attn.kv_b_proj.weight"
+  bad = _edit_tensors(folder, tmp_path / "bad", lambda t: t.pop(name))
+  with pytest.raises(ValueError, match=f"missing tensor.*{name}"):
+    hf.load_checkpoint(bad)
+
+
+def test_unknown_tensor_is_named(saved, tmp_path):
+  folder, _, _ = saved("lora-default-interleave")
+  name = "model.layers.1.mlp.mystery.weight"
+  bad = _edit_tensors(folder, tmp_path / "bad",
+                      lambda t: t.update({name: np.zeros((4, 4), np.float32)}))
+  with pytest.raises(ValueError, match=f"not used.*{name}"):
+    hf.load_checkpoint(bad)
+
+
+def test_wrong_shape_is_named(saved, tmp_path):
+  folder, _, _ = saved("lora-default-interleave")
+  name = "model.layers.0.self_attn.o_proj.weight"
+  bad = _edit_tensors(folder, tmp_path / "bad", lambda t: t.update({name: t[name].T.copy()}))
+  with pytest.raises(ValueError, match=f"wrong shape.*{name}"):
+    hf.load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(rope_parameters=dict(rope_type="linear", factor=2.0)), "rope type 'linear'"),
+    (dict(rope_parameters=dict(rope_type="yarn", factor=2.0, truncate=False)), "truncate"),
+    (dict(quantization_config=dict(quant_method="fp8")), "quantized"),
+    (dict(topk_method="greedy"), "topk_method"),
+])
+def test_unsupported_config_raises(change, match):
+  with pytest.raises(ValueError, match=match):
+    hf.config_from_hf({**BASE, **change})
+
+
+def test_missing_config_field_raises():
+  with pytest.raises(ValueError, match="lacks.*routed_scaling_factor"):
+    hf.config_from_hf({k: v for k, v in BASE.items() if k != "routed_scaling_factor"})
+
+
+# Configs ----------------------------------------------------------------------------
+
+# The released DeepSeek-V3 config.json (v4 layout: rope_scaling + rope_theta), less its
+# quantization_config and auto_map.
+RELEASED_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False,
+    "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 0,
+    "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+    "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+    "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06, "rope_scaling": {
+        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+    "seq_aux": True, "tie_word_embeddings": False, "topk_group": 4,
+    "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "use_cache": True,
+    "v_head_dim": 128, "vocab_size": 129280}
+
+
+def test_released_v3_config_is_the_preset():
+  want = config.deepseek_v3_671b().replace(init_std=0.02, dtype="float32",
+                                           mtp_feed_normed=True)
+  assert hf.config_from_hf(RELEASED_V3) == want
+
+
+def test_yarn_factor_defaults_to_length_ratio():
+  rope = dict(rope_type="yarn", original_max_position_embeddings=8)
+  cfg = hf.config_from_hf({**BASE, "max_position_embeddings": 40, "rope_parameters": rope})
+  assert cfg.rope_factor == 5.0 and cfg.mscale == cfg.mscale_all_dim == 0.0
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_yarn", "deepseek_v3_671b", "deepseek_v2_lite"])
+def test_config_roundtrip(name):
+  cfg = config.preset(name, dtype="float32", param_dtype="float32")
+  # HF's config cannot say which MTP input convention a model uses: imports take HF's.
+  assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg.replace(mtp_feed_normed=True)
+
+
+# MTP ------------------------------------------------------------------------------
+
+def _random_variables(cfg, seed=0):
+  """Random variables of the right tree, norms near 1, a small balancing bias."""
+  rng = np.random.RandomState(seed)
+  flat = {}
+  for path, s in hf._expected_leaves(Transformer(cfg)).items():
+    if path.endswith("scale"):
+      x = 1.0 + 0.1 * rng.randn(*s.shape)
+    elif path.startswith(hf.BIAS):
+      x = rng.uniform(-0.05, 0.05, s.shape)
+    else:
+      x = 0.08 * rng.randn(*s.shape)
+    flat[path] = x.astype(s.dtype)
+  return hf._unflatten(flat, cfg.n_routed_layers)
+
+
+def _mtp_cfg():
+  return config.tiny().replace(mtp_depth=1, n_group=2, topk_group=1, n_layers=2,
+                               mtp_feed_normed=True)
+
+
+def test_mtp_roundtrip(tmp_path):
+  cfg = _mtp_cfg()
+  variables = _random_variables(cfg)
+  hf.save_checkpoint(tmp_path, cfg, variables, fused_experts=False)
+  model, loaded = hf.load_checkpoint(tmp_path)
+  assert model.cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, variables, loaded)
+  tokens = np.random.RandomState(4).randint(0, cfg.vocab_size, (B, T))
+  a, b = _apply(cfg)(variables, tokens), _apply(cfg)(loaded, tokens)
+  np.testing.assert_array_equal(a.mtp_logits, b.mtp_logits)
+  # mtp=False drops the modules and their bias row; the main logits are unchanged.
+  small, dropped = hf.load_checkpoint(tmp_path, mtp=False)
+  assert small.cfg.mtp_depth == 0 and "mtp_0" not in dropped["params"]
+  assert dropped["balance"]["expert_bias"].shape[0] == cfg.n_moe_layers
+  np.testing.assert_allclose(_apply(small.cfg)(dropped, tokens).logits, a.logits,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_mtp_copies_must_equal_the_main_arrays(tmp_path):
+  cfg = _mtp_cfg()
+  hf.save_checkpoint(tmp_path / "ok", cfg, _random_variables(cfg))
+  name = f"model.layers.{cfg.n_layers}.embed_tokens.weight"
+  bad = _edit_tensors(tmp_path / "ok", tmp_path / "bad", lambda t: t.update({name: t[name] + 1}))
+  with pytest.raises(ValueError, match=f"{name} should be a copy"):
+    hf.load_checkpoint(bad)
+
+
+def _hf_mtp(folder, cfg):
+  """HF's own MTP module (transformers >= 5) on our released-layout export."""
+  from transformers.modeling_layers import MtpModel
+  main = transformers.DeepseekV3ForCausalLM.from_pretrained(
+      folder, attn_implementation="eager").eval()
+  # HF finds the MTP tensors by the main model's ignore pattern, which names V3's layer 61.
+  main._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{cfg.n_layers}\..*"]
+  return main, MtpModel.from_pretrained(main).eval()
+
+
+def _hf_mtp_logits(mtp, h_BTD, tokens):
+  """Depth-1 logits of HF's MTP layer from hidden states h (position i reads token i+1)."""
+  pos = torch.arange(1, T)[None].expand(B, -1)
+  with torch.no_grad():
+    h = mtp.forward_layer(0, torch.tensor(np.asarray(h_BTD))[:, :-1], pos, None,
+                          input_ids=torch.tensor(tokens[:, 1:]))
+    return mtp._project_to_logits(h).numpy()
+
+
+@pytest.fixture(scope="module")
+def mtp_pair(tmp_path_factory):
+  cfg = _mtp_cfg()
+  folder = tmp_path_factory.mktemp("mtp")
+  variables = _random_variables(cfg, seed=3)
+  hf.save_checkpoint(folder, cfg, variables)
+  tokens = np.random.RandomState(4).randint(0, cfg.vocab_size, (B, T))
+  out = _apply(cfg)(variables, tokens)
+  main, mtp = _hf_mtp(folder, cfg)
+  return cfg, tokens, out, main, mtp
+
+
+def test_mtp_layout_matches_hf(mtp_pair):
+  """The released MTP layout, as HF's MtpModel reads it, computes our MTP module."""
+  cfg, tokens, out, main, mtp = mtp_pair
+  with torch.no_grad():
+    _close(out.logits, main(torch.tensor(tokens)).logits.numpy())
+
+
+def test_mtp_h0_convention_matches_hf(mtp_pair):
+  """Imported checkpoints feed MTP the NORMED last hidden state, as HF and vLLM do."""
+  cfg, tokens, out, main, mtp = mtp_pair
+  assert cfg.mtp_feed_normed
+  with torch.no_grad():
+    h0 = main(torch.tensor(tokens), output_hidden_states=True).hidden_states[-1]
+  _close(out.mtp_logits[0][:, :-1], _hf_mtp_logits(mtp, h0, tokens))
