@@ -29,7 +29,8 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.log_every = 10
   c.eval_every = 200
-  c.eval_batches = 8
+  c.eval_batches = 8            # per periodic evaluation; -1: the whole validation set
+  c.final_eval_batches = -1     # the evaluation after the last step
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   c.batch_size = 16            # global sequences per step

@@ -1,24 +1,75 @@
-"""The ablation model: 4 layers (1 dense + 3 MoE), 1 shared + 16 routed experts, top-4,
-group-limited routing, MTP depth 1, BPE vocab 2048 on the embedded stdlib corpus.
+"""The balancing-ablation model (LFB-shaped, scaled down to a laptop), one strategy a run.
 
   python -m experiments.train --config=configs/small.py --workdir=/tmp/small
-  python -m experiments.train --config=configs/small.py:strategy=aux --workdir=/tmp/small_aux
+  python -m experiments.train --config=configs/small.py:strategy=aux,size=medium --workdir=DIR
 
-The `:strategy=NAME` argument selects a load-balancing strategy (balancing.py).
+Arguments (comma-separated key=value after the colon):
+  strategy  a key of STRATEGIES (default bias)
+  size      tiny (tests), small (default; the README's main job), medium
+  rate      overrides the bias update rate u (the --sweep=rate runs)
 """
 
 from configs import common
-from deepseek_jax import config as model_config
+from deepseek_jax.config import ModelConfig
 
+# name -> balance fields (configs/common.py). LFB's alphas and rate: 1e-3; V3's
+# combination uses the sequence-wise loss at 1e-4 on top of the bias.
 STRATEGIES = {
     "none": {},
     "aux": {"aux_alpha": 1e-3},
     "seq_aux": {"seq_aux_alpha": 1e-3},
     "batch_aux": {"batch_aux_alpha": 1e-3},
     "bias": {"bias_rate": 1e-3},
-    "bias_magnitude": {"bias_rate": 1e-3, "bias_rule": "magnitude"},
     "bias_seq_aux": {"bias_rate": 1e-3, "seq_aux_alpha": 1e-4},
+    "bias_magnitude": {"bias_rate": 1e-3, "bias_rule": "magnitude"},
 }
+
+# LFB's 1B model: 9 MoE layers, 2 shared + 64 routed top-6, sigmoid gate, no group limit.
+# The sizes below keep the fine-grained shape (many narrow experts, top-k > 1).
+SIZES = {
+    "tiny": dict(model=dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2,
+                            q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                            qk_rope_head_dim=8, v_head_dim=8, ffn_dim=64, moe_ffn_dim=16,
+                            n_routed_experts=8, top_k=2),
+                 batch_size=8, seq_len=64, total_steps=30),
+    "small": dict(model=dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4,
+                             q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
+                             qk_rope_head_dim=16, v_head_dim=32, ffn_dim=384, moe_ffn_dim=64,
+                             n_routed_experts=16, top_k=4),
+                  batch_size=16, seq_len=256, total_steps=300),
+    "medium": dict(model=dict(vocab_size=4096, d_model=256, n_layers=6, n_heads=8,
+                              q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+                              qk_rope_head_dim=16, v_head_dim=32, ffn_dim=768,
+                              moe_ffn_dim=96, n_routed_experts=32, top_k=6),
+                   batch_size=32, seq_len=512, total_steps=2000),
+}
+
+
+def get_config(arg=None):
+  args = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+  size = args.get("size", "small")
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r}; known: {sorted(SIZES)}")
+  s = SIZES[size]
+  model = ModelConfig(first_k_dense=1, n_shared_experts=1, n_group=1, topk_group=1,
+                      routed_scaling_factor=1.0, score_func="sigmoid", mtp_depth=0,
+                      init_std=0.02, **s["model"])
+  c = common.base_config(model)
+  c.batch_size = s["batch_size"]
+  c.seq_len = s["seq_len"]
+  c.total_steps = s["total_steps"]
+  c.log_every = 10
+  c.eval_every = max(c.total_steps // 6, 1)
+  c.eval_batches = 8
+  c.final_eval_batches = -1      # MaxVio_global over the WHOLE validation set
+  c.checkpoint_every = c.total_steps
+  c.optimizer.peak_lr = 2e-3
+  c.optimizer.warmup_steps = max(c.total_steps // 20, 1)
+  c.optimizer.decay_start_frac = 0.5
+  apply_strategy(c, args.get("strategy", "bias"))
+  if "rate" in args:
+    c.balance.bias_rate = float(args["rate"])
+  return c
 
 
 def apply_strategy(c, name: str):
@@ -26,21 +77,4 @@ def apply_strategy(c, name: str):
     raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
   for k, v in STRATEGIES[name].items():
     c.balance[k] = v
-  return c
-
-
-def get_config(arg=None):
-  args = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
-  c = common.base_config(model_config.small())
-  c.total_steps = 400
-  c.log_every = 10
-  c.eval_every = 100
-  c.eval_batches = 16
-  c.checkpoint_every = 100
-  c.batch_size = 16
-  c.seq_len = 256
-  c.optimizer.peak_lr = 2e-3
-  c.optimizer.warmup_steps = 40
-  c.balance.bias_freeze_frac = 1.0
-  apply_strategy(c, args.get("strategy", "bias"))
   return c

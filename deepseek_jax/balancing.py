@@ -55,19 +55,19 @@ def batch_aux_loss(stats: MoEStats, top_k: int, raw_scores: bool = False):
   return jnp.mean(jnp.sum(f_LE * p_LE, axis=-1))
 
 
-def balance_losses(stats: MoEStats | None, top_k: int, aux_alpha=0.0, seq_aux_alpha=0.0,
-                   batch_aux_alpha=0.0):
-  """{"aux", "seq_aux", "batch_aux"} each already times its alpha; absent when alpha 0."""
-  out = {}
-  if stats is None:
-    return out
-  if aux_alpha:
-    out["aux"] = aux_alpha * batch_aux_loss(stats, top_k, raw_scores=True)
-  if seq_aux_alpha:
-    out["seq_aux"] = seq_aux_alpha * seq_aux_loss(stats, top_k)
-  if batch_aux_alpha:
-    out["batch_aux"] = batch_aux_alpha * batch_aux_loss(stats, top_k)
-  return out
+LOSSES = ("aux", "seq_aux", "batch_aux")
+
+
+def balance_terms(stats: MoEStats, top_k: int):
+  """The three balance losses WITHOUT their alphas: {"aux", "seq_aux", "batch_aux"}.
+
+  All three are cheap, so the train step always computes them (every run logs what each
+  loss would read) and weights them by runtime alphas: strategies differ in numbers
+  only, and share one compiled step.
+  """
+  return {"aux": batch_aux_loss(stats, top_k, raw_scores=True),
+          "seq_aux": seq_aux_loss(stats, top_k),
+          "batch_aux": batch_aux_loss(stats, top_k)}
 
 
 def update_bias(bias_LE, load_LE, rate, rule: str = "sign"):

@@ -76,8 +76,16 @@ def _variables(state_params, bias):
   return v
 
 
-def forward_losses(model: Transformer, params, bias, batch, cfg):
-  """(total loss, metrics, loads [L,E] or None, dropped [L] or None) for one microbatch."""
+def balance_hparams(cfg) -> dict:
+  """Runtime (traced) balancing coefficients: changing them does not recompile."""
+  b = cfg.balance
+  return {"aux_alpha": b.aux_alpha, "seq_aux_alpha": b.seq_aux_alpha,
+          "batch_aux_alpha": b.batch_aux_alpha, "bias_rate": b.bias_rate,
+          "bias_freeze_step": math.floor(b.bias_freeze_frac * cfg.total_steps)}
+
+
+def forward_losses(model: Transformer, params, bias, batch, cfg, hparams):
+  """(total loss, (metrics, loads [L,E] or None, dropped [L] or None)) for one batch."""
   inputs = batch["tokens"][:, :-1]
   if cfg.data.doc_attention_mask:
     positions, segments = batch["positions"][:, :-1], batch["segments"][:, :-1]
@@ -86,40 +94,43 @@ def forward_losses(model: Transformer, params, bias, batch, cfg):
   out = model.apply(_variables(params, bias), inputs, positions, segments)
   # Targets never cross a document boundary, whatever the attention does.
   m = lm_losses(out, batch["tokens"], batch["segments"], cfg.mtp_lambda)
-  bal = balancing.balance_losses(out.moe, model.cfg.top_k, cfg.balance.aux_alpha,
-                                 cfg.balance.seq_aux_alpha, cfg.balance.batch_aux_alpha)
-  total = m["loss"] + sum(bal.values(), jnp.zeros((), jnp.float32))
-  metrics = {"loss": total, "ce": m["ce"], "n_tokens": m["n_tokens"]}
+  total = m["loss"]
+  metrics = {"ce": m["ce"], "n_tokens": m["n_tokens"]}
   if "mtp" in m:
     metrics["mtp"] = m["mtp"]
-  metrics.update({f"balance/{k}": v for k, v in bal.items()})
+  if out.moe is not None:
+    for name, value in balancing.balance_terms(out.moe, model.cfg.top_k).items():
+      metrics[f"balance/{name}"] = value          # unweighted, logged for every strategy
+      total = total + hparams[f"{name}_alpha"] * value
+  metrics["loss"] = total
   if out.moe is None:
     return total, (metrics, None, None)
   return total, (metrics, out.moe.load_E, out.moe.dropped)
 
 
-def bias_rate(balance_cfg, step, total_steps):
-  """u, set to 0 after bias_freeze_frac of training (V3: the last ~3% of tokens)."""
-  frozen = step >= jnp.floor(balance_cfg.bias_freeze_frac * total_steps)
-  return jnp.where(frozen, 0.0, balance_cfg.bias_rate)
+def bias_rate(hparams, step):
+  """u, set to 0 from bias_freeze_step on (V3: the last ~3% of tokens)."""
+  return jnp.where(step >= hparams["bias_freeze_step"], 0.0, hparams["bias_rate"])
 
 
-def train_step(state: TrainState, batch, *, model: Transformer, tx, cfg):
-  """One optimizer step on a global batch {"tokens", "segments", "positions"} [B, T+1]."""
+def train_step(state: TrainState, batch, hparams, *, model: Transformer, tx, cfg):
+  """One optimizer step on a global batch {"tokens", "segments", "positions"} [B, T+1];
+  hparams: balance_hparams(cfg) as arrays."""
   M = cfg.microbatches
   micro = jax.tree.map(lambda x: x.reshape((M, x.shape[0] // M) + x.shape[1:]), batch)
   grad_fn = jax.value_and_grad(forward_losses, argnums=1, has_aux=True)
 
   def accumulate(carry, mb):
     grads, metrics, load, dropped = carry
-    (_, (m, l, d)), g = grad_fn(model, state.params, state.expert_bias, mb, cfg)
+    (_, (m, l, d)), g = grad_fn(model, state.params, state.expert_bias, mb, cfg, hparams)
     add = lambda a, b: None if a is None else a + b
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m),
             add(load, l), add(dropped, d)), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  shapes = jax.eval_shape(lambda mb: grad_fn(model, state.params, state.expert_bias, mb, cfg),
-                          jax.tree.map(lambda x: x[0], micro))
+  shapes = jax.eval_shape(
+      lambda mb: grad_fn(model, state.params, state.expert_bias, mb, cfg, hparams),
+      jax.tree.map(lambda x: x[0], micro))
   (_, (m0, l0, d0)), _ = shapes
   init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0),
           None if l0 is None else jnp.zeros(l0.shape, l0.dtype),
@@ -132,7 +143,7 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx, cfg):
   params = optax.apply_updates(state.params, updates)
   bias = state.expert_bias
   if bias is not None:
-    rate = bias_rate(cfg.balance, state.step, cfg.total_steps)
+    rate = bias_rate(hparams, state.step)
     bias = balancing.update_bias(bias, load_LE, rate, cfg.balance.bias_rule)
     metrics["load"] = load_LE
     metrics["maxvio"] = balancing.max_violation(load_LE)
@@ -147,8 +158,11 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx, cfg):
 
 
 def eval_step(state: TrainState, batch, *, model: Transformer, cfg):
-  """Summed CE (main and MTP depths), token counts and expert loads; no state change."""
-  _, (m, load, dropped) = forward_losses(model, state.params, state.expert_bias, batch, cfg)
+  """Summed CE (main and MTP depths), token counts and expert loads; no state change
+  (in particular no bias update: evaluation never balances)."""
+  zeros = {k: 0.0 for k in ("aux_alpha", "seq_aux_alpha", "batch_aux_alpha")}
+  _, (m, load, dropped) = forward_losses(model, state.params, state.expert_bias, batch, cfg,
+                                         zeros)
   n = m["n_tokens"]
   out = {"ce_sum": m["ce"] * n, "n_tokens": n}
   if "mtp" in m:
@@ -162,7 +176,7 @@ def eval_step(state: TrainState, batch, *, model: Transformer, cfg):
 def jit_steps(model, tx, cfg, state_shardings, batch_shardings):
   """The jitted train and eval steps, with shardings at the boundary and donated state."""
   train = jax.jit(functools.partial(train_step, model=model, tx=tx, cfg=cfg),
-                  in_shardings=(state_shardings, batch_shardings),
+                  in_shardings=(state_shardings, batch_shardings, None),
                   out_shardings=(state_shardings, None), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model, cfg=cfg),
                      in_shardings=(state_shardings, batch_shardings))

@@ -12,6 +12,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import flax.linen as nn
@@ -22,7 +23,8 @@ from deepseek_jax.checkpoint import Checkpointer, check_workdir_config
 from deepseek_jax.config import model_config_from
 from deepseek_jax.metrics import MetricWriter, measure_matmul_peak, train_flops_per_token
 from deepseek_jax.model import Transformer, abstract_variables
-from deepseek_jax.train_step import TrainState, init_state, jit_steps, make_optimizer
+from deepseek_jax.train_step import (TrainState, balance_hparams, init_state, jit_steps,
+                                     make_optimizer)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -79,7 +81,7 @@ def _global_batch(local, batch_sh):
   return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
 
 
-def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches):
+def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches, n_moe_layers):
   """Validation over fixed batches: loss, perplexity, MTP loss per depth, MaxVio_global."""
   sums = None
   for local in data.validation_batches(rows, cfg.batch_size, n_batches, jax.process_index(),
@@ -95,7 +97,7 @@ def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches):
     mv = np.asarray(jax.device_get(balancing.max_violation(sums["load"])))
     result["val_load"] = np.asarray(sums["load"]).tolist()
     result["maxvio_global"] = mv.tolist()
-    result["maxvio_global_mean"] = float(mv.mean())
+    result["maxvio_global_mean"] = float(mv[:n_moe_layers].mean())
   return result
 
 
@@ -151,14 +153,17 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   n_eval = None if cfg.eval_batches < 0 else cfg.eval_batches
 
   # Loop ---------------------------------------------------------------------------
+  hparams = jax.tree.map(jnp.float32, balance_hparams(cfg))
+  n_moe = model_cfg.n_moe_layers
+  final_batches = cfg.get("final_eval_batches", -1)
+  final_eval = None if final_batches is None or final_batches < 0 else final_batches
   pending = None          # (step, device metrics) of the last dispatched step
   last = {}
-  window = {"t": time.perf_counter(), "step": step}
-  t_start = time.perf_counter()
-  start_step = step
+  clock = {"pulled": time.perf_counter(), "window": time.perf_counter(), "since": step}
+  t_start, start_step = time.perf_counter(), step
 
   def pull(p):
-    nonlocal last
+    """Host copy of step p's metrics; stops on a non-finite loss before anything saves."""
     s, dev_metrics = p
     m = jax.device_get(dev_metrics)
     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
@@ -168,33 +173,34 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
       raise NonFiniteLoss(
           f"non-finite loss {loss} (grad norm {gnorm}) at step {s}; training stopped. "
           f"Last good checkpoint: step {saved[-1] if saved else None} in {ckpt.directory}")
-    if "maxvio" in m:
-      m["maxvio_mean"] = float(np.mean(m["maxvio"]))
-    last = m
+    if "maxvio" in m:  # the mean over the main model's MoE layers (MTP rows excluded)
+      m["maxvio_mean"] = float(np.mean(m["maxvio"][:n_moe]))
+    now = time.perf_counter()
+    m["step_time"] = now - clock["pulled"]
+    clock["pulled"] = now
     return m
 
-  def log(s, m, extra=None):
-    now = time.perf_counter()
-    dt = now - window["t"]
-    steps = s + 1 - window["step"]
-    if steps > 0 and dt > 0:
-      m["tokens_per_s"] = steps * tokens_per_step / dt
-      m["mfu"] = steps * flops_per_step / dt / peak_flops
-    window.update(t=now, step=s + 1)
+  def record(s, m, extra=None, console=False, now=None):
+    nonlocal last
     m.update(extra or {})
+    if console or (s + 1) % cfg.log_every == 0:
+      now = now or time.perf_counter()
+      steps, dt = s + 1 - clock["since"], now - clock["window"]
+      if steps > 0 and dt > 0:
+        m["tokens_per_s"] = steps * tokens_per_step / dt
+        m["mfu"] = steps * flops_per_step / dt / peak_flops
+      clock.update(window=now, since=s + 1)
+      done = s + 1 - start_step
+      writer.console(s + 1, m, (now - t_start) / done * (cfg.total_steps - s - 1))
     writer.write(s, m)
-    done = s + 1 - start_step
-    eta = (now - t_start) / done * (cfg.total_steps - s - 1) if done else None
-    writer.console(s + 1, m, eta)
+    last = m
 
   while step < cfg.total_steps:
     batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
                           batch_sh)
-    state, metrics = train_fn(state, batch)
+    state, metrics = train_fn(state, batch, hparams)
     if pending is not None:
-      m = pull(pending)
-      if (pending[0] + 1) % cfg.log_every == 0:
-        log(pending[0], m)
+      record(pending[0], pull(pending))
     pending = (step, metrics)
     step += 1
     eval_due = step % cfg.eval_every == 0 or step == cfg.total_steps
@@ -202,20 +208,20 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
                 or preempt.requested)
     if eval_due or save_due:
       m = pull(pending)   # verified finite before anything is saved
-      extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n_eval) if eval_due else {}
-      if eval_due or (pending[0] + 1) % cfg.log_every == 0:
-        log(pending[0], m, extra)
-      last.update(extra)
+      t_trained, extra = time.perf_counter(), {}
+      if eval_due:
+        n = final_eval if step == cfg.total_steps else n_eval
+        extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n, n_moe)
+      record(pending[0], m, extra, console=eval_due, now=t_trained)
       pending = None
-      window["t"] = time.perf_counter()  # evaluation and saving are not training time
       if save_due:
         ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict()},
                   force=preempt.requested)
+      # Evaluation and saving are not training time.
+      clock["pulled"] = clock["window"] = time.perf_counter()
+      clock["since"] = step
       if preempt.requested:
         break
-  if pending is not None:
-    m = pull(pending)
-    log(pending[0], m)
   ckpt.close()
   writer.close()
   last["step"] = step

@@ -1,0 +1,59 @@
+"""The headline experiment: auxiliary-loss vs auxiliary-loss-free (bias) balancing.
+
+  python -m experiments.balancing_ablation --workdir=/tmp/ablation
+  python -m experiments.balancing_ablation --workdir=DIR --strategies=aux,bias --steps=1000
+  python -m experiments.balancing_ablation --workdir=DIR --sweep=rate
+  python -m experiments.balancing_ablation --workdir=DIR --size=medium --cpu_devices=8 \
+      --override=mesh.data=8
+
+Writes DIR/results.json, DIR/report.md and PNG plots; each strategy's run (checkpoints,
+metrics.jsonl, TensorBoard) is in DIR/<strategy>.
+"""
+
+from absl import app, flags
+
+from experiments import launch
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["none", "aux", "seq_aux", "bias",
+                                               "bias_seq_aux"],
+                                "Strategies to compare (configs/small.py STRATEGIES).")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps per strategy (default: the "
+                              "size's own).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed (same for every strategy).")
+_SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "medium"], "Model size.")
+_SWEEP = flags.DEFINE_string("sweep", "", "'rate': the bias update rate sweep u in "
+                             "{1e-4, 1e-3, 1e-2} instead of --strategies.")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "Config overrides key=value "
+                                      "(e.g. mesh.data=8), applied to every run.")
+_PEAK = flags.DEFINE_float("peak_flops", None, "Declared peak FLOP/s for MFU.")
+flags.mark_flag_as_required("workdir")
+
+
+def _parse(kv):
+  k, v = kv.split("=", 1)
+  for cast in (int, float):
+    try:
+      return k, cast(v)
+    except ValueError:
+      pass
+  return k, {"true": True, "false": False}.get(v.lower(), v)
+
+
+def main(argv):
+  del argv
+  launch.init_distributed()
+  from configs import small
+  from deepseek_jax import ablation
+  runs = ablation.plan(_STRATEGIES.value, _SWEEP.value)
+  for name, _ in runs:
+    if not _SWEEP.value and name not in small.STRATEGIES:
+      raise app.UsageError(f"unknown strategy {name!r}; known: {sorted(small.STRATEGIES)}")
+  ablation.run(small.get_config, runs, _WORKDIR.value, size=_SIZE.value, steps=_STEPS.value,
+               seed=_SEED.value, peak_flops=_PEAK.value,
+               overrides=dict(_parse(kv) for kv in _OVERRIDE.value))
+  print(open(f"{_WORKDIR.value}/report.md").read())
+
+
+if __name__ == "__main__":
+  app.run(main)
