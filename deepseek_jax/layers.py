@@ -39,7 +39,8 @@ class RMSNorm(nn.Module):
     scale = param(self, "scale", (x.shape[-1],), (self.axis_name,), self.cfg,
                   init=nn.initializers.ones)
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + (self.eps or self.cfg.rms_eps))
+    eps = self.cfg.rms_eps if self.eps is None else self.eps
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 

@@ -20,7 +20,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
-# Tiny test programs: XLA:CPU compile time dominates, and LLVM's optimisations roughly
-# double it for no benefit here.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
