@@ -1,0 +1,198 @@
+"""Load balancing: the bias update rule, MaxVio, the balance losses (against numpy), the
+bias's isolation from the optimizer, the global update on 8 devices, and the ablation."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax import balancing, sharding, train_step as ts
+from deepseek_jax.config import model_config_from
+from deepseek_jax.model import Transformer
+from deepseek_jax.moe import MoEStats
+from train_helpers import tiny_run_config
+
+
+def test_sign_update_on_hand_made_counts():
+  bias = jnp.array([[0.1, 0.0, -0.2, 0.0]])
+  load = jnp.array([[30.0, 10.0, 0.0, 20.0]])   # mean 15
+  new = balancing.update_bias(bias, load, 1e-3, "sign")
+  np.testing.assert_allclose(new, [[0.1 - 1e-3, 1e-3, -0.2 + 1e-3, -1e-3]], atol=1e-7)
+  balanced = balancing.update_bias(bias, jnp.full((1, 4), 15.0), 1e-3, "sign")
+  np.testing.assert_array_equal(balanced, bias)
+  assert new.dtype == jnp.float32
+
+
+def test_magnitude_update_and_idle_layer():
+  load = jnp.array([[30.0, 10.0, 0.0, 20.0], [0.0, 0.0, 0.0, 0.0]])
+  new = balancing.update_bias(jnp.zeros((2, 4)), load, 0.1, "magnitude")
+  np.testing.assert_allclose(new[0], 0.1 * (15.0 - load[0]) / 15.0, rtol=1e-6)
+  np.testing.assert_array_equal(new[1], 0.0)  # a layer that routed nothing is left alone
+  with pytest.raises(ValueError, match="bias_rule"):
+    balancing.update_bias(jnp.zeros((1, 4)), load[:1], 0.1, "sideways")
+
+
+def test_maxvio_on_hand_made_loads():
+  load = jnp.array([[10.0, 10.0, 10.0, 10.0], [40.0, 0.0, 0.0, 0.0], [20.0, 10.0, 5.0, 5.0]])
+  np.testing.assert_allclose(balancing.max_violation(load), [0.0, 3.0, 1.0], rtol=1e-6)
+
+
+def _random_stats(rng, L=2, B=3, T=5, E=8, K=2):
+  scores = rng.uniform(0.05, 1.0, (L, B, T, E))
+  top = np.argsort(-scores, -1)[..., :K]
+  counts = np.zeros((L, B, E))
+  for l in range(L):
+    for b in range(B):
+      for t in range(T):
+        for e in top[l, b, t]:
+          counts[l, b, e] += 1
+  return scores, counts
+
+
+def _numpy_losses(scores, counts, K):
+  L, B, T, E = scores.shape
+  seq, batch, aux = [], [], []
+  for l in range(L):
+    for b in range(B):  # V3 eqs 17-20, per sequence
+      f = E / (K * T) * counts[l, b]
+      p = (scores[l, b] / scores[l, b].sum(-1, keepdims=True)).mean(0)
+      seq.append((f * p).sum())
+    f = E / (K * B * T) * counts[l].sum(0)
+    p_norm = (scores[l] / scores[l].sum(-1, keepdims=True)).reshape(-1, E).mean(0)
+    p_raw = scores[l].reshape(-1, E).mean(0)
+    batch.append((f * p_norm).sum())
+    aux.append((f * p_raw).sum())
+  return {"seq_aux": np.mean(seq), "batch_aux": np.mean(batch), "aux": np.mean(aux)}
+
+
+def _stats(scores, counts):
+  s = jnp.asarray(scores, jnp.float32)
+  L, B, T, E = s.shape
+  return MoEStats(load_E=jnp.asarray(counts.sum(1), jnp.float32),
+                  aux_count_BE=jnp.asarray(counts, jnp.float32),
+                  aux_prob_BE=(s / s.sum(-1, keepdims=True)).sum(2),
+                  aux_score_BE=s.sum(2), n_tokens_B=jnp.full((L, B), float(T)),
+                  dropped=jnp.zeros((L,)))
+
+
+def test_balance_losses_and_gradients_against_numpy():
+  rng = np.random.default_rng(0)
+  scores, counts = _random_stats(rng)
+  got = balancing.balance_terms(_stats(scores, counts), top_k=2)
+  want = _numpy_losses(scores, counts, 2)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5)
+  # Gradients w.r.t. the affinities: jax vs central differences of the numpy loss.
+  for name in ("aux", "seq_aux", "batch_aux"):
+    g = jax.grad(lambda s: balancing.balance_terms(_stats(s, counts), 2)[name])(
+        jnp.asarray(scores, jnp.float32))
+    idx = (1, 2, 3, 4)
+    eps = 1e-4
+    up, down = scores.copy(), scores.copy()
+    up[idx] += eps
+    down[idx] -= eps
+    fd = (_numpy_losses(up, counts, 2)[name] - _numpy_losses(down, counts, 2)[name]) / (2 * eps)
+    np.testing.assert_allclose(g[idx], fd, rtol=1e-3, atol=1e-6)
+
+
+def test_balanced_routing_gives_loss_one():
+  # Perfectly uniform counts and scores: f_i = 1, P_i = 1/E, so sum_i f_i P_i = 1.
+  E, K, T = 4, 2, 8
+  scores = np.full((1, 1, T, E), 0.5)
+  counts = np.full((1, 1, E), T * K / E)
+  got = balancing.balance_terms(_stats(scores, counts), K)
+  np.testing.assert_allclose(got["seq_aux"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(got["batch_aux"], 1.0, rtol=1e-6)
+
+
+def _setup(tmp_path, mesh=None, **overrides):
+  cfg = tiny_run_config(tmp_path, **{"balance.bias_rate": 0.01, **overrides})
+  model = Transformer(model_config_from(cfg.model))
+  tx = ts.make_optimizer(cfg.optimizer, cfg.total_steps)
+  state = ts.init_state(model, tx, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  B, T = cfg.batch_size, cfg.seq_len + 1
+  segments = np.repeat(np.arange(1, 3), T // 2 + 1)[:T]
+  batch = {"tokens": jnp.asarray(rng.integers(0, 200, (B, T)), jnp.int32),
+           "segments": jnp.asarray(np.broadcast_to(segments, (B, T)), jnp.int32),
+           "positions": jnp.asarray(np.broadcast_to(np.arange(T), (B, T)), jnp.int32)}
+  hp = jax.tree.map(jnp.float32, ts.balance_hparams(cfg))
+  return cfg, model, tx, state, batch, hp
+
+
+def test_bias_gets_no_gradient_and_no_weight_decay(tmp_path):
+  cfg, model, tx, state, batch, hp = _setup(tmp_path, **{"balance.bias_rate": 0.0,
+                                                       "optimizer.weight_decay": 0.5})
+  assert "expert_bias" not in str(jax.tree_util.tree_structure(state.params))
+  bias0 = state.expert_bias + 0.3  # a non-zero bias that decay would visibly shrink
+  state = state.replace(expert_bias=bias0)
+  new, _ = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(
+      state, batch, hp)
+  np.testing.assert_array_equal(new.expert_bias, bias0)  # u = 0: untouched
+  grads = jax.grad(lambda bias: ts.forward_losses(model, state.params, bias, batch, cfg,
+                                                  hp)[0])(bias0)
+  np.testing.assert_array_equal(grads, 0.0)
+
+
+def test_bias_update_uses_global_loads_on_8_devices(tmp_path):
+  cfg, model, tx, state, batch, hp = _setup(tmp_path, **{"microbatches": 2})
+  step = lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg)
+  single, m1 = jax.jit(step)(state, batch, hp)
+  # Each process/shard sees 1/8 of the batch; the update must still use the global count.
+  from deepseek_jax.trainer import state_shardings
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))
+  st_sh = state_shardings(model, tx, mesh)
+  b_sh = sharding.batch_sharding(mesh)
+  sharded_fn = jax.jit(step, in_shardings=(st_sh, b_sh, None), out_shardings=(st_sh, None))
+  sharded, m8 = sharded_fn(jax.device_put(state, st_sh), jax.device_put(batch, b_sh), hp)
+  np.testing.assert_allclose(m8["load"], m1["load"], rtol=0, atol=0)
+  assert float(np.sum(m1["load"][0])) == cfg.batch_size * cfg.seq_len * 2  # every token, K=2
+  np.testing.assert_allclose(sharded.expert_bias, single.expert_bias, atol=1e-7)
+  want = balancing.update_bias(state.expert_bias, m1["load"], 0.01)
+  np.testing.assert_allclose(single.expert_bias, want, atol=1e-7)
+
+
+def test_bias_update_freezes_after_fraction(tmp_path):
+  cfg, model, tx, state, batch, _ = _setup(tmp_path, **{"balance.bias_freeze_frac": 0.5})
+  hp = jax.tree.map(jnp.float32, ts.balance_hparams(cfg))
+  assert float(ts.bias_rate(hp, jnp.int32(5))) == pytest.approx(0.01)
+  assert float(ts.bias_rate(hp, jnp.int32(6))) == 0.0  # 0.5 * 12 steps
+
+
+def _small_corpus():
+  import sysconfig
+  root = sysconfig.get_paths()["stdlib"]
+  return f"{root}/json/*.py,{root}/email/*.py,{root}/collections/*.py"
+
+
+def test_ablation_end_to_end_at_tiny_size(tmp_path):
+  from configs import small
+  from deepseek_jax import ablation
+  runs = ablation.plan(["aux", "bias"], None)
+  results = ablation.run(small.get_config, runs, str(tmp_path / "abl"), size="tiny", steps=6,
+                         seed=1, peak_flops=1e11,
+                         overrides={"data.cache_dir": str(tmp_path / "cache"), "mesh.data": -1,
+                                    "data.source": "files", "data.paths": _small_corpus(),
+                                    "data.val_fraction": 0.25, "eval_batches": 1,
+                                    "final_eval_batches": 2})
+  with open(tmp_path / "abl" / "results.json") as fh:
+    saved = json.load(fh)
+  assert set(saved) == {"aux", "bias"}
+  for r in saved.values():
+    for k in ("val_loss", "val_ppl", "maxvio_global", "maxvio_batch", "dropped_frac",
+              "tokens_per_s"):
+      assert np.isfinite(r[k]), k
+  assert saved["aux"]["balance"]["aux_alpha"] == 1e-3
+  assert saved["bias"]["balance"]["bias_rate"] == 1e-3
+  for f in ("report.md", "val_loss.png", "maxvio_batch.png", "load_aux.png", "load_bias.png"):
+    assert os.path.getsize(tmp_path / "abl" / f) > 0, f
+  assert "| bias |" in (tmp_path / "abl" / "report.md").read_text()
+  assert results["bias"]["steps"] == 6
+  # The report rebuilds from the saved runs alone.
+  from deepseek_jax import report
+  again = report.write_report({n: report.load_run(str(tmp_path / "abl" / n))
+                               for n in ("aux", "bias")}, str(tmp_path / "again"))
+  assert again["aux"]["val_loss"] == pytest.approx(saved["aux"]["val_loss"])
