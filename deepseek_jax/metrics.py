@@ -95,6 +95,9 @@ class MetricWriter:
         elif isinstance(v, list) and v and not isinstance(v[0], list):
           for i, x in enumerate(v):
             self.tb.add_scalar(f"{k}/{i}", x, step)
+        elif isinstance(v, list) and v and isinstance(v[0], list) and k.endswith("load"):
+          for i, row in enumerate(v):  # per-layer expert loads, as histograms over experts
+            self.tb.add_histogram(f"{k}/layer{i}", np.asarray(row), step)
       self.tb.flush()
 
   def console(self, step: int, metrics: dict, eta_s: float | None):

@@ -66,10 +66,15 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
+    self._previous = None
     try:
-      signal.signal(signal.SIGTERM, self._handler)
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not the main thread (e.g. inside a test runner thread)
       pass
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handler(self, signum, frame):
     del signum, frame
@@ -127,6 +132,8 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   state_sh = state_shardings(model, tx, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   train_fn, eval_fn = jit_steps(model, tx, cfg, state_sh, batch_sh)
+  # Steps trace under the mesh: MoE layers go expert-parallel when mesh.expert > 1.
+  train_fn, eval_fn = sharding.with_mesh(mesh, train_fn), sharding.with_mesh(mesh, eval_fn)
   init_fn = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=state_sh)
 
   ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
@@ -195,35 +202,38 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
     writer.write(s, m)
     last = m
 
-  while step < cfg.total_steps:
-    batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
-                          batch_sh)
-    state, metrics = train_fn(state, batch, hparams)
-    if pending is not None:
-      record(pending[0], pull(pending))
-    pending = (step, metrics)
-    step += 1
-    eval_due = step % cfg.eval_every == 0 or step == cfg.total_steps
-    save_due = (step % cfg.checkpoint_every == 0 or step == cfg.total_steps
-                or preempt.requested)
-    if eval_due or save_due:
-      m = pull(pending)   # verified finite before anything is saved
-      t_trained, extra = time.perf_counter(), {}
-      if eval_due:
-        n = final_eval if step == cfg.total_steps else n_eval
-        extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n, n_moe)
-      record(pending[0], m, extra, console=eval_due, now=t_trained)
-      pending = None
-      if save_due:
-        ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict()},
-                  force=preempt.requested)
-      # Evaluation and saving are not training time.
-      clock["pulled"] = clock["window"] = time.perf_counter()
-      clock["since"] = step
-      if preempt.requested:
-        break
-  ckpt.close()
-  writer.close()
+  try:
+    while step < cfg.total_steps:
+      batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
+                            batch_sh)
+      state, metrics = train_fn(state, batch, hparams)
+      if pending is not None:
+        record(pending[0], pull(pending))
+      pending = (step, metrics)
+      step += 1
+      eval_due = step % cfg.eval_every == 0 or step == cfg.total_steps
+      save_due = (step % cfg.checkpoint_every == 0 or step == cfg.total_steps
+                  or preempt.requested)
+      if eval_due or save_due:
+        m = pull(pending)   # verified finite before anything is saved
+        t_trained, extra = time.perf_counter(), {}
+        if eval_due:
+          n = final_eval if step == cfg.total_steps else n_eval
+          extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n, n_moe)
+        record(pending[0], m, extra, console=eval_due, now=t_trained)
+        pending = None
+        if save_due:
+          ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict()},
+                    force=preempt.requested)
+        # Evaluation and saving are not training time.
+        clock["pulled"] = clock["window"] = time.perf_counter()
+        clock["since"] = step
+        if preempt.requested:
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+    preempt.restore()
   last["step"] = step
   last["preempted"] = preempt.requested
   return last

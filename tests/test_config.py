@@ -100,3 +100,30 @@ def test_deepseek_v3_sizes():
   assert 670e9 < counts["total"] < 672e9       # the report: 671B
   assert 37e9 < counts["activated"] < 38e9     # the report: 37B
   assert counts["total"] == _hand_count(config.deepseek_v3_671b())[0]
+
+
+def test_671b_layout_shards_abstractly_on_a_pod_mesh():
+  """The pod config's model builds abstractly and every weight gets a valid sharding on
+  its 16 x 64 (data x expert) mesh, without allocating anything."""
+  import jax
+  import flax.linen as nn
+  from jax.sharding import AbstractMesh, AxisType
+  from deepseek_jax import sharding
+  from deepseek_jax.model import Transformer, abstract_variables
+  c = _load(os.path.join(REPO, "configs", "deepseek_v3_671b.py"))
+  cfg = config.model_config_from(c.model)
+  shape = tuple(c.mesh[a] for a in sharding.MESH_AXES)
+  mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  boxed = abstract_variables(Transformer(cfg))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  experts_sharded = 0
+  for leaf in leaves:
+    spec = sharding.logical_to_spec(leaf.names, leaf.value.shape, mesh)
+    for dim, axes in zip(leaf.value.shape, spec):
+      if axes is not None:
+        size = 1
+        for a in (axes if isinstance(axes, tuple) else (axes,)):
+          size *= mesh.shape[a]
+        assert dim % size == 0
+    experts_sharded += "expert" in [a for a in spec if isinstance(a, str)]
+  assert experts_sharded >= 3 * cfg.n_moe_layers   # gate, up, down of every MoE layer
