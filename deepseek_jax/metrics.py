@@ -31,7 +31,10 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   matmul = c["activated"] - c["embedding"] - c["norms"]
   attn_layers = cfg.n_layers
   if cfg.mtp_depth:
-    matmul += c["mtp_activated"] + cfg.mtp_depth * cfg.d_model * cfg.vocab_size
+    # Each module's norms: enorm, hnorm, final, the block's two, and its q/kv latents.
+    mtp_norms = 5 * cfg.d_model + (cfg.q_lora_rank or 0) + cfg.kv_lora_rank
+    matmul += (c["mtp_activated"] - cfg.mtp_depth * mtp_norms
+               + cfg.mtp_depth * cfg.d_model * cfg.vocab_size)
     attn_layers += cfg.mtp_depth
   attn = 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
   return 3.0 * (2.0 * matmul + attn_layers * attn)

@@ -1,0 +1,34 @@
+"""Where the time goes: our train step vs Hugging Face's on the same CPU, MFU, MoE scaling
+with the expert count, compile time and peak memory.
+
+  python -m experiments.bench --out=/tmp/bench.json
+  python -m experiments.bench --parts=train --no_hf --out=/tmp/b.json
+  python -m experiments.bench --tiny --out=/tmp/smoke.json     # seconds; what the test runs
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "JSON file to write.")
+_PARTS = flags.DEFINE_list("parts", ["train", "moe", "decode"], "Which parts to run.")
+_HF = flags.DEFINE_bool("hf", True, "Time the Hugging Face reference (needs the parity "
+                        "extra).")
+_TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes (a smoke run, not a measurement).")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions (medians).")
+flags.mark_flag_as_required("out")
+
+
+def main(argv):
+  del argv
+  from deepseek_jax import benchmark
+  results = benchmark.run_all(_PARTS.value, hf=_HF.value, tiny=_TINY.value,
+                              repeats=_REPEATS.value)
+  with open(_OUT.value, "w") as fh:
+    json.dump(results, fh, indent=1, sort_keys=True)
+  benchmark.print_table(results, sys.stdout)
+
+
+if __name__ == "__main__":
+  app.run(main)

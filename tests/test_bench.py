@@ -1,0 +1,49 @@
+"""The benchmark command: a tiny smoke run, and the FLOP formula against a hand count."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepseek_jax import config
+from deepseek_jax.metrics import train_flops_per_token
+from train_helpers import subprocess_env
+
+
+def test_flop_formula_matches_hand_count():
+  c = config.tiny().replace(mtp_depth=1)
+  D, N, H, P, O, R, Q, V = (c.d_model, c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
+                            c.v_head_dim, c.kv_lora_rank, c.q_lora_rank, c.vocab_size)
+  T = 16
+  attn_w = D * Q + Q * N * (H + P) + D * (R + P) + R * N * (H + O) + N * O * D
+  moe_w = 3 * D * c.moe_ffn_dim * (c.n_shared_experts + c.top_k) + D * c.n_routed_experts
+  dense_w = 3 * D * c.ffn_dim
+  n_moe = c.n_layers - c.first_k_dense
+  main = c.n_layers * attn_w + c.first_k_dense * dense_w + n_moe * moe_w + D * V
+  mtp = 2 * D * D + attn_w + moe_w + D * V          # projection, block, shared head
+  attn_scores = 2 * N * (H + P + O) * T / 2          # QK^T and PV over T/2 causal keys
+  forward = 2 * (main + mtp) + (c.n_layers + 1) * attn_scores
+  assert train_flops_per_token(c, T) == pytest.approx(3 * forward, rel=1e-12)
+
+
+def test_bench_smoke_run(tmp_path):
+  out = tmp_path / "bench.json"
+  r = subprocess.run([sys.executable, "-m", "experiments.bench", "--tiny", f"--out={out}",
+                      "--parts=train,moe", "--repeats=2"],
+                     env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(out.read_text())
+  for key in ("train_tokens_per_s", "mfu", "matmul_peak_flops", "compile_s",
+              "dropped_frac", "moe_time_ratio_256_vs_8",
+              "peak_host_memory_bytes"):
+    assert key in res, key
+    assert np.isfinite(res[key]), key
+  assert res["dropped_frac"] == 0.0
+  try:
+    import transformers  # noqa: F401
+    for key in ("hf_train_tokens_per_s", "train_speedup_vs_hf"):
+      assert np.isfinite(res[key]), key
+  except ImportError:
+    pass
