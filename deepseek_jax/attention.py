@@ -1,9 +1,16 @@
-"""Multi-Head Latent Attention (V3 eqs 1-11; V2 Sec. 2.1), training / prefill path.
+"""Multi-Head Latent Attention (V3 eqs 1-11; V2 Sec. 2.1): training and cached decode.
 
 Keys and values are compressed jointly into one latent c_kv (R values per token) and a
 single rope key k_R (P values) shared by every head; only these two are what a KV cache
 holds. Weight names follow the report: W_DQ/W_UQ/W_QR for the query, W_DKV/W_UK/W_UV/W_KR
 for keys and values, W_O for the output.
+
+Cached decode (`decode`) attends over the latent cache in one of two ways:
+  absorbed  (V2 App. C) W_UK folded into the query, q_lat = q_nope . W_UK [B,T,N,R];
+            score = q_lat . c_kv + q_rope . k_R; attend over c_kv, then W_UV, then W_O.
+            Per step O(S N (R + P)): no per-key up-projection, K and V never exist.
+  expanded  re-expands K and V for every cached key each step (O(S R N (H + O))), as a
+            cache that saves memory but not compute does; kept for comparison.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kv_cache import KVCache, cache_mask
 from deepseek_jax.layers import RMSNorm, apply_rope, param, softmax_scale
 
 # The latent norms use a fixed 1e-6 in DeepSeek's code and in HF, whatever rms_norm_eps.
@@ -98,3 +106,34 @@ class MLA(nn.Module):
     idx_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
     mask = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
     return self.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
+
+  def attend_absorbed(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, mask_B1TS):
+    """The same attention as attend_expanded with W_UK and W_UV absorbed (V2 App. C)."""
+    f32 = jnp.float32
+    # Query into latent space: (q_nope W_UK^T) . c_kv == q_nope . (W_UK c_kv) = q . k_C.
+    q_lat_BTNR = jnp.einsum("BTNH,RNH->BTNR", q_nope_BTNH, self._w(self.w_uk))
+    scores = (jnp.einsum("BTNR,BSR->BNTS", q_lat_BTNR, c_kv_BSR, preferred_element_type=f32)
+              + jnp.einsum("BTNP,BSP->BNTS", q_rope_BTNP, k_rope_BSP, preferred_element_type=f32))
+    probs = self._softmax(scores, mask_B1TS).astype(c_kv_BSR.dtype)
+    # sum_s p_s (W_UV c_s) == W_UV (sum_s p_s c_s): attend over the latent, expand once.
+    # Output [B,N,T,R], not [B,T,N,R]: the latter made XLA:CPU 3-6x slower here.
+    o_lat_BNTR = jnp.einsum("BNTS,BSR->BNTR", probs, c_kv_BSR)
+    o_BTNO = jnp.einsum("BNTR,RNO->BTNO", o_lat_BNTR, self._w(self.w_uv))
+    return jnp.einsum("BTNO,NOD->BTD", o_BTNO, self._w(self.w_o))
+
+  def decode(self, x_BTD, cache: KVCache, layer: int, n_new_B, absorb: bool = True):
+    """A chunk of T tokens of each row, at cache indices lengths .. lengths+T-1 (their RoPE
+    positions), n_new_B of them real (the rest padding). Writes their latents into the
+    cache's `layer` and attends over the cache. Returns (y_BTD, cache); lengths unchanged.
+    """
+    B, T, _ = x_BTD.shape
+    start_B = cache.lengths
+    pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+    q_nope, q_rope = self.queries(x_BTD, pos_BT)
+    c_kv, k_rope = self.latents(x_BTD, pos_BT)
+    cache = cache.write(layer, c_kv, k_rope)
+    dt = self.cfg.jnp_dtype
+    c_kv_BSR, k_rope_BSP = (a.astype(dt) for a in cache.layer(layer))
+    mask = cache_mask(start_B, n_new_B, T, cache.max_len)
+    attend = self.attend_absorbed if absorb else self.attend_expanded
+    return attend(q_nope, q_rope, c_kv_BSR, k_rope_BSP, mask), cache

@@ -6,6 +6,7 @@ import flax.linen as nn
 
 from deepseek_jax.attention import MLA
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kv_cache import KVCache
 from deepseek_jax.layers import RMSNorm, SwiGLU
 from deepseek_jax.moe import MoE
 
@@ -14,15 +15,38 @@ class Block(nn.Module):
   cfg: ModelConfig
   moe: bool
 
-  @nn.compact
+  # setup (not compact) so that the training forward and the cached decode share the
+  # submodules; the attribute names are the parameter names.
+  def setup(self):
+    cfg = self.cfg
+    self.attn_norm = RMSNorm(cfg)
+    self.attn = MLA(cfg)
+    self.ffn_norm = RMSNorm(cfg)
+    if self.moe:
+      self.moe_ffn = MoE(cfg, name="moe")
+    else:
+      self.ffn = SwiGLU(cfg, cfg.ffn_dim)
+
+  def _ffn(self, x_BTD, valid_BT, bias_E):
+    h_BTD = self.ffn_norm(x_BTD)
+    if self.moe:
+      y_BTD, stats = self.moe_ffn(h_BTD, bias_E, valid_BT)
+    else:
+      y_BTD, stats = self.ffn(h_BTD), None
+    return x_BTD + y_BTD, stats
+
   def __call__(self, x_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E):
     """Returns (x_BTD, MoEStats or None)."""
-    cfg = self.cfg
-    x_BTD = x_BTD + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BTD), pos_BT,
-                                          segment_ids_BT)
-    h_BTD = RMSNorm(cfg, name="ffn_norm")(x_BTD)
-    if self.moe:
-      y_BTD, stats = MoE(cfg, name="moe")(h_BTD, bias_E, valid_BT)
-    else:
-      y_BTD, stats = SwiGLU(cfg, cfg.ffn_dim, name="ffn")(h_BTD), None
-    return x_BTD + y_BTD, stats
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), pos_BT, segment_ids_BT)
+    return self._ffn(x_BTD, valid_BT, bias_E)
+
+  def decode(self, x_BTD, cache: KVCache, layer: int, n_new_B, valid_BT, bias_E,
+             absorb: bool = True):
+    """The block on a chunk against the KV cache (attention.MLA.decode).
+
+    Returns (x_BTD, cache, MoEStats or None). The MoE layer is called as in training:
+    the balancing bias picks the experts, padding (valid_BT False) is routed nowhere.
+    """
+    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), cache, layer, n_new_B, absorb)
+    x_BTD, stats = self._ffn(x_BTD + a_BTD, valid_BT, bias_E)
+    return x_BTD, cache, stats

@@ -50,6 +50,13 @@ class ModelConfig:
   capacity_factor: float = 1.25
   # "dropless" only: rows per block; None picks one from tokens and experts.
   moe_block_size: int | None = None
+  # Expert parallelism (expert_parallel.py, on whenever the mesh's expert axis is > 1):
+  # "capacity" gives each shard's send buffer ceil(capacity_factor * tokens * fanout / Z)
+  # token rows per destination shard (Z shards, fanout the most shards a token reaches),
+  # drops counted; the other dispatches never drop. route_limit_by_shard=True demands
+  # that the mesh keep each routing group on one shard (n_group a multiple of
+  # mesh.expert), so each token visits at most topk_group shards (V3's node limit M).
+  route_limit_by_shard: bool = False
   rope_theta: float = 10000.0
   # YaRN (V3 4.3). rope_factor 1.0 switches it off.
   rope_factor: float = 1.0
@@ -169,6 +176,11 @@ def _validate(c: ModelConfig) -> None:
   if c.moe_block_size is not None and (not isinstance(c.moe_block_size, int)
                                        or c.moe_block_size <= 0):
     bad("moe_block_size", "must be a positive integer or None (automatic)")
+  if not isinstance(c.route_limit_by_shard, bool):
+    bad("route_limit_by_shard", "must be True or False")
+  if c.route_limit_by_shard and c.n_group == 1:
+    bad("route_limit_by_shard", "needs n_group > 1: the routing groups are what is mapped "
+        "onto expert-axis shards")
   if c.rope_factor < 1.0:
     bad("rope_factor", "must be >= 1 (1 switches YaRN off)")
   for f in ("dtype", "param_dtype"):

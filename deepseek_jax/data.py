@@ -179,20 +179,17 @@ def _stream(tokenizer, texts):
   return tokens, starts
 
 
-def load_corpus(data_cfg, vocab_size: int) -> Corpus:
-  """Builds (or reads from cache) the tokenizer and the tokenized train/val streams."""
-  names, texts = load_documents(data_cfg.source, data_cfg.get("paths"))
-  cache = data_cfg.get("cache_dir") or default_cache_dir()
-  os.makedirs(cache, exist_ok=True)
+def _cache_key(data_cfg, vocab_size: int, names, texts) -> str:
   h = hashlib.sha256()
   for x in (data_cfg.source, data_cfg.tokenizer, str(vocab_size), str(data_cfg.val_fraction)):
     h.update(x.encode())
   for name, text in zip(names, texts):
     h.update(name.encode())
     h.update(hashlib.sha256(text.encode("utf-8", "replace")).digest())
-  key = h.hexdigest()[:16]
-  train_texts, val_texts = split_documents(names, texts, data_cfg.val_fraction)
+  return h.hexdigest()[:16]
 
+
+def _tokenizer(data_cfg, vocab_size: int, cache: str, key: str, train_texts):
   if data_cfg.tokenizer == "bytes":
     tokenizer = ByteTokenizer()
   elif data_cfg.tokenizer == "bpe":
@@ -209,6 +206,29 @@ def load_corpus(data_cfg, vocab_size: int) -> Corpus:
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                      f"{vocab_size}; raise model.vocab_size")
+  return tokenizer
+
+
+def load_tokenizer(data_cfg, vocab_size: int):
+  """Only the tokenizer of load_corpus (from its cache; trained again if absent)."""
+  if data_cfg.tokenizer == "bytes":
+    return ByteTokenizer()
+  names, texts = load_documents(data_cfg.source, data_cfg.get("paths"))
+  cache = data_cfg.get("cache_dir") or default_cache_dir()
+  os.makedirs(cache, exist_ok=True)
+  train_texts, _ = split_documents(names, texts, data_cfg.val_fraction)
+  return _tokenizer(data_cfg, vocab_size, cache,
+                    _cache_key(data_cfg, vocab_size, names, texts), train_texts)
+
+
+def load_corpus(data_cfg, vocab_size: int) -> Corpus:
+  """Builds (or reads from cache) the tokenizer and the tokenized train/val streams."""
+  names, texts = load_documents(data_cfg.source, data_cfg.get("paths"))
+  cache = data_cfg.get("cache_dir") or default_cache_dir()
+  os.makedirs(cache, exist_ok=True)
+  key = _cache_key(data_cfg, vocab_size, names, texts)
+  train_texts, val_texts = split_documents(names, texts, data_cfg.val_fraction)
+  tokenizer = _tokenizer(data_cfg, vocab_size, cache, key, train_texts)
 
   stream_path = os.path.join(cache, f"tokens-{key}.npz")
   if os.path.exists(stream_path):

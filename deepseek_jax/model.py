@@ -5,6 +5,10 @@ Balancing state lives in its own variable collection, "balance": one float32 arr
 `expert_bias` [L, E] with a row per routed layer (main MoE layers in order, then the MTP
 blocks). It is read, never written, by the model: the train step updates it from the
 MoEStats the model returns (stacked the same way, leading dim L).
+
+Inference (kv_cache.py, decoding.py, speculative.py) uses two more methods on the same
+parameters: `extend` runs a chunk of tokens against a latent KV cache (prefill, decode,
+verification), `mtp_extend` runs one MTP module against its own cache (drafting).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from flax import struct
 
 from deepseek_jax.block import Block
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kv_cache import KVCache
 from deepseek_jax.layers import RMSNorm, param
 from deepseek_jax.moe import MoEStats
 from deepseek_jax.mtp import MTPModule, shift_left
@@ -29,6 +34,12 @@ class ModelOutput:
   mtp_logits: jax.Array | None       # [D_mtp, B, T, V]: depth k predicts token i+k+1
   moe: MoEStats | None               # stacked over routed layers, leading dim L
   hidden: jax.Array                  # [B, T, D] last hidden state before the final norm
+
+
+@struct.dataclass
+class DecodeOutput:
+  logits: jax.Array    # [B, T, V] float32
+  hidden: jax.Array    # [B, T, D] what the next MTP module reads (cfg.mtp_feed_normed)
 
 
 def _stack(stats):
@@ -113,6 +124,50 @@ class Transformer(nn.Module):
       stats.extend([zero] * cfg.mtp_depth)
     return ModelOutput(logits=logits_BTV, mtp_logits=mtp_logits, moe=_stack(stats),
                        hidden=x_BTD)
+
+  # Inference ------------------------------------------------------------------------
+
+  def extend(self, tokens_BT, cache: KVCache, n_new_B=None, *, absorb: bool = True):
+    """Runs a chunk of T tokens per row after its cache.lengths cached tokens, at RoPE
+    positions lengths .. lengths+T-1 (a prompt chunk, one decode token, or the
+    speculative drafts). n_new_B [B] of the T are real, the rest padding (default all).
+
+    Returns (DecodeOutput, cache with the chunk written and lengths advanced by n_new).
+    The logits equal those of __call__ on the whole sequence at the same positions.
+    """
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    if n_new_B is None:
+      n_new_B = jnp.full((B,), T, jnp.int32)
+    valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
+    x_BTD = self.embed_tokens(tokens_BT)
+    for i, block in enumerate(self.blocks):
+      bias = self._bias(i - cfg.first_k_dense) if cfg.is_moe_layer(i) else None
+      x_BTD, cache, _ = block.decode(x_BTD, cache, i, n_new_B, valid_BT, bias, absorb)
+    normed_BTD = self.final_norm(x_BTD)
+    out = DecodeOutput(logits=self.logits(normed_BTD),
+                       hidden=normed_BTD if cfg.mtp_feed_normed else x_BTD)
+    return out, cache.with_lengths(cache.lengths + n_new_B)
+
+  def mtp_extend(self, k: int, h_prev_BTD, tokens_next_BT, cache: KVCache, n_new_B, *,
+                 absorb: bool = True):
+    """MTP module k (1-based) on a chunk: position i reads h_{k-1}[i] and token i+k
+    (tokens_next_BT), and its logits predict token i+k+1; as in __call__.
+
+    `cache` is the MTP cache, layer k-1 being module k's. Its lengths are NOT advanced:
+    the D modules cover the same positions, so the caller sets them once.
+    Returns (DecodeOutput with hidden = h_k as module k+1 reads it, cache).
+    """
+    cfg = self.cfg
+    T = tokens_next_BT.shape[1]
+    valid_BT = jnp.arange(T)[None, :] < n_new_B[:, None]
+    bias = self._bias(cfg.n_moe_layers + k - 1) if cfg.mtp_is_moe else None
+    h_BTD, normed_BTD, cache, _ = self.mtp[k - 1].decode(
+        h_prev_BTD, self.embed_tokens(tokens_next_BT), cache, k - 1, n_new_B, valid_BT,
+        bias, absorb)
+    out = DecodeOutput(logits=self.logits(normed_BTD),
+                       hidden=normed_BTD if cfg.mtp_feed_normed else h_BTD)
+    return out, cache
 
 
 def init_variables(model: Transformer, rng, batch=1, seq=8):

@@ -16,6 +16,9 @@ when nothing is dropped:
   dropless   assignments sorted by expert into blocks of `b` rows, each block padded
              within its expert; one gathered weight per block. Never drops; at most
              (A/b + E) blocks of work for A = tokens*K assignments.
+Under a mesh whose "expert" axis is > 1 (jax.set_mesh) the routed experts instead run
+expert-parallel (expert_parallel.py: all-to-all inside shard_map); the router, the
+shared experts and the statistics stay here, data-parallel.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ class MoEStats:
                 auxiliary loss's P_i; carries gradient).
   n_tokens_B    valid tokens per sequence.
   dropped       routed assignments dropped for lack of capacity (0 unless "capacity").
+  shards_per_token      mean over valid tokens of the distinct expert-axis shards its
+                        experts live on (1 without expert parallelism): the all-to-all
+                        fan-out that node-limited routing bounds by topk_group.
+  max_shards_per_token  its maximum over tokens.
+  Under expert parallelism (expert_parallel.py) every count is summed over all shards.
   """
   load_E: jax.Array
   aux_count_BE: jax.Array
@@ -51,6 +59,8 @@ class MoEStats:
   aux_score_BE: jax.Array
   n_tokens_B: jax.Array
   dropped: jax.Array
+  shards_per_token: jax.Array | None = None
+  max_shards_per_token: jax.Array | None = None
 
 
 # Routing ---------------------------------------------------------------------
@@ -85,6 +95,15 @@ def gate_values(scores_XE, idx_XK, cfg: ModelConfig):
   if cfg.norm_topk_prob:
     gates_XK = gates_XK / (gates_XK.sum(-1, keepdims=True) + 1e-20)
   return gates_XK * cfg.routed_scaling_factor
+
+
+def shards_visited(idx_XK, n_experts: int, n_shards: int):
+  """Distinct shards each token's experts live on [X] int32, shard z holding experts
+  [z E/Z, (z+1) E/Z) for Z shards (expert_parallel.py's layout); padding (expert E)
+  visits none."""
+  shard_XK = idx_XK // (n_experts // n_shards)
+  hit_XZ = jax.nn.one_hot(shard_XK, n_shards + 1, dtype=jnp.int32).max(axis=1)
+  return hit_XZ[:, :n_shards].sum(-1)
 
 
 def route(scores_XE, bias_E, cfg: ModelConfig):
@@ -219,7 +238,17 @@ class MoE(nn.Module):
     idx_XK = jnp.where(valid_X[:, None], idx_XK, E)  # sentinel: padding goes nowhere
 
     ws = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
-    if cfg.moe_dispatch == "reference":
+    # Imported here: expert_parallel builds on this module's dispatch helpers.
+    from deepseek_jax import expert_parallel
+    mesh = expert_parallel.expert_mesh()
+    load_E, n_shards = None, 1
+    if mesh is not None:
+      n_shards = mesh.shape[expert_parallel.EXPERT]
+      y_BTD, load_E, dropped = expert_parallel.routed_experts(
+          x_XD.reshape(B, T, D), idx_XK.reshape(B, T, -1), gates_XK.reshape(B, T, -1),
+          *ws, cfg, mesh)
+      y_XD = y_BTD.reshape(B * T, D)
+    elif cfg.moe_dispatch == "reference":
       y_XD, dropped = experts_reference(x_XD, idx_XK, gates_XK, *ws)
     elif cfg.moe_dispatch == "capacity":
       y_XD, dropped = experts_capacity(x_XD, idx_XK, gates_XK, *ws, capacity(B * T, cfg))
@@ -230,14 +259,19 @@ class MoE(nn.Module):
     if cfg.n_shared_experts:
       # n_s shared experts of width F are one SwiGLU of width n_s * F (HF stores them so).
       y_BTD = y_BTD + SwiGLU(cfg, cfg.n_shared_experts * F, name="shared")(x_BTD)
-    return y_BTD, routing_stats(scores_XE, idx_XK, valid_X, (B, T), cfg, dropped)
+    return y_BTD, routing_stats(scores_XE, idx_XK, valid_X, (B, T), cfg, dropped,
+                                load_E=load_E, n_shards=n_shards)
 
 
-def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, dropped):
+def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, dropped,
+                  load_E=None, n_shards: int = 1):
+  """MoEStats of one layer; load_E when the dispatch already counted it (globally)."""
   B, T = shape_BT
   E = cfg.n_routed_experts
   valid = valid_X.astype(jnp.float32)
-  load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
+  if load_E is None:
+    load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
+  shards_X = shards_visited(idx_XK, E, n_shards).astype(jnp.float32)
   plain_XK = select_experts(scores_XE, jnp.zeros((E,), jnp.float32), cfg)
   plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
   prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]
@@ -247,4 +281,6 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
       aux_prob_BE=prob_XE.reshape(B, T, E).sum(1),
       aux_score_BE=(scores_XE * valid[:, None]).reshape(B, T, E).sum(1),
       n_tokens_B=valid.reshape(B, T).sum(1),
-      dropped=dropped)
+      dropped=dropped,
+      shards_per_token=shards_X.sum() / jnp.maximum(valid.sum(), 1.0),
+      max_shards_per_token=shards_X.max())

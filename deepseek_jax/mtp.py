@@ -31,16 +31,33 @@ def shift_left(x_BT, k, fill=0):
 class MTPModule(nn.Module):
   cfg: ModelConfig
 
-  @nn.compact
+  # setup (not compact): the training forward and the cached decode share the weights.
+  def setup(self):
+    cfg = self.cfg
+    self.enorm = RMSNorm(cfg)
+    self.hnorm = RMSNorm(cfg)
+    self.w_proj = param(self, "w_proj", (2 * cfg.d_model, cfg.d_model),
+                        ("mtp_concat", "embed"), cfg)
+    self.block = (nn.remat(Block) if cfg.remat else Block)(cfg, moe=cfg.mtp_is_moe)
+    self.final_norm = RMSNorm(cfg)
+
+  def _input(self, h_prev_BTD, emb_next_BTD):
+    dt = self.cfg.jnp_dtype
+    e_BTD = self.enorm(emb_next_BTD)
+    h_BTD = self.hnorm(h_prev_BTD)
+    return jnp.einsum("BTC,CD->BTD", jnp.concatenate([e_BTD, h_BTD], -1).astype(dt),
+                      self.w_proj.astype(dt))
+
   def __call__(self, h_prev_BTD, emb_next_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E):
     """Returns (h_k [B,T,D] before the final norm, normed h_k for the head, MoEStats|None)."""
-    cfg, dt = self.cfg, self.cfg.jnp_dtype
-    D = cfg.d_model
-    e_BTD = RMSNorm(cfg, name="enorm")(emb_next_BTD)
-    h_BTD = RMSNorm(cfg, name="hnorm")(h_prev_BTD)
-    w_proj = param(self, "w_proj", (2 * D, D), ("mtp_concat", "embed"), cfg)
-    x_BTD = jnp.einsum("BTC,CD->BTD", jnp.concatenate([e_BTD, h_BTD], -1).astype(dt),
-                       w_proj.astype(dt))
-    block = (nn.remat(Block) if cfg.remat else Block)(cfg, moe=cfg.mtp_is_moe, name="block")
-    x_BTD, stats = block(x_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E)
-    return x_BTD, RMSNorm(cfg, name="final_norm")(x_BTD), stats
+    x_BTD, stats = self.block(self._input(h_prev_BTD, emb_next_BTD), pos_BT, segment_ids_BT,
+                              valid_BT, bias_E)
+    return x_BTD, self.final_norm(x_BTD), stats
+
+  def decode(self, h_prev_BTD, emb_next_BTD, cache, layer: int, n_new_B, valid_BT, bias_E,
+             absorb: bool = True):
+    """The module on a chunk against its own KV cache (layer `layer` of an MTP cache).
+    Returns (h_k, normed h_k, cache, MoEStats|None)."""
+    x_BTD, cache, stats = self.block.decode(self._input(h_prev_BTD, emb_next_BTD), cache,
+                                            layer, n_new_B, valid_BT, bias_E, absorb)
+    return x_BTD, self.final_norm(x_BTD), cache, stats

@@ -5,7 +5,9 @@ Mesh axes:
   data    pure data parallelism (params replicated)
   fsdp    data parallelism with params sharded along "embed" (ZeRO-3 style)
   expert  routed experts sharded; the batch is split along it too, so non-expert
-          compute stays data-parallel on those devices (as in DeepSpeed-MoE and MaxText)
+          compute stays data-parallel on those devices (as in DeepSpeed-MoE and MaxText).
+          When it is > 1, tokens reach their experts by all-to-all inside shard_map
+          (expert_parallel.py); steps run under with_mesh so the layer finds the mesh.
   tensor  heads / FFN width / vocab sharded (Megatron style)
 
 Axis types are Auto (GSPMD propagation), chosen deliberately over jax.make_mesh's new
@@ -16,6 +18,7 @@ einsum with an ambiguous output sharding an error. See BUILD_NOTES.md.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -108,6 +111,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PS())
+
+
+def with_mesh(mesh: Mesh, fn):
+  """fn called inside jax.set_mesh(mesh): while a jitted step traces, the MoE layer finds
+  the mesh with jax.sharding.get_abstract_mesh() and, when its expert axis is > 1, runs
+  the routed experts expert-parallel (expert_parallel.py)."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def batch_divisor(mesh: Mesh) -> int:

@@ -105,6 +105,7 @@ def forward_losses(model: Transformer, params, bias, batch, cfg, hparams):
   metrics["loss"] = total
   if out.moe is None:
     return total, (metrics, None, None)
+  metrics["shards_per_token"] = out.moe.shards_per_token  # [L]; > 1 only expert-parallel
   return total, (metrics, out.moe.load_E, out.moe.dropped)
 
 
