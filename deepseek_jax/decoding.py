@@ -144,6 +144,19 @@ class StreamedRows:
     return all(self.done)
 
 
+def compile_loop(prefill_fn, step_fn, variables, tokens_BT, lengths_B, rng, max_len,
+                 cache_dtype, static):
+  """Ahead-of-time compiled (prefill, step) of a decoding loop, and the seconds it took."""
+  t0 = time.perf_counter()
+  pre = prefill_fn.lower(variables, tokens_BT, lengths_B, rng, max_len=max_len,
+                         cache_dtype=cache_dtype, **static).compile()
+  state_shape = jax.eval_shape(
+      lambda *a: prefill_fn(*a, max_len=max_len, cache_dtype=cache_dtype, **static),
+      variables, tokens_BT, lengths_B, rng)
+  step = step_fn.lower(variables, state_shape, **static).compile()
+  return pre, step, time.perf_counter() - t0
+
+
 def generate(model: Transformer, variables, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, sampling: Sampling = Sampling(), *, seed: int = 0,
              absorb: bool = True, cache_dtype=None, eos_id: int | None = None,
@@ -158,14 +171,8 @@ def generate(model: Transformer, variables, prompts: Sequence[Sequence[int]],
   static = dict(model=model, sampling=sampling, absorb=absorb)
   rng = jax.random.PRNGKey(seed)
 
-  t0 = time.perf_counter()
-  pre = prefill.lower(variables, tokens_BT, lengths_B, rng, max_len=max_len,
-                      cache_dtype=cache_dtype, **static).compile()
-  state_shape = jax.eval_shape(
-      lambda *a: prefill(*a, max_len=max_len, cache_dtype=cache_dtype, **static),
-      variables, tokens_BT, lengths_B, rng)
-  step = decode_step.lower(variables, state_shape, **static).compile()
-  compile_s = time.perf_counter() - t0
+  pre, step, compile_s = compile_loop(prefill, decode_step, variables, tokens_BT, lengths_B,
+                                      rng, max_len, cache_dtype, static)
 
   rows = StreamedRows(len(prompts), max_new_tokens, eos_id, on_tokens)
   t0 = time.perf_counter()

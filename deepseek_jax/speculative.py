@@ -41,8 +41,8 @@ import numpy as np
 from flax import struct
 
 from deepseek_jax import kv_cache
-from deepseek_jax.decoding import (Generation, StreamedRows, at_index, pad_prompts,
-                                   prefill_cache)
+from deepseek_jax.decoding import (Generation, StreamedRows, at_index, compile_loop,
+                                   pad_prompts, prefill_cache)
 from deepseek_jax.kv_cache import KVCache
 from deepseek_jax.model import Transformer
 from deepseek_jax.sampling import Sampling, probabilities, sample, speculative_accept
@@ -179,14 +179,8 @@ def speculative_generate(model: Transformer, variables, prompts: Sequence[Sequen
   static = dict(model=model, sampling=sampling, absorb=absorb)
   rng = jax.random.PRNGKey(seed)
 
-  t0 = time.perf_counter()
-  pre = spec_prefill.lower(variables, tokens_BT, lengths_B, rng, max_len=max_len,
-                           cache_dtype=cache_dtype, **static).compile()
-  state_shape = jax.eval_shape(
-      lambda *a: spec_prefill(*a, max_len=max_len, cache_dtype=cache_dtype, **static),
-      variables, tokens_BT, lengths_B, rng)
-  step = spec_round.lower(variables, state_shape, **static).compile()
-  compile_s = time.perf_counter() - t0
+  pre, step, compile_s = compile_loop(spec_prefill, spec_round, variables, tokens_BT,
+                                      lengths_B, rng, max_len, cache_dtype, static)
 
   rows = StreamedRows(len(prompts), max_new_tokens, eos_id, on_tokens)
   t0 = time.perf_counter()
