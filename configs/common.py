@@ -22,6 +22,20 @@ def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+def set_path(config, dotted: str, value):
+  """config["a"]["b"]["c"] = value for dotted "a.b.c" (a command-line style override)."""
+  *path, last = dotted.split(".")
+  node = config
+  for p in path:
+    if p not in node:
+      raise KeyError(f"config has no section {p!r} (in override {dotted!r})")
+    node = node[p]
+  if last not in node:
+    raise KeyError(f"config has no field {dotted!r}")
+  node[last] = value
+  return config
+
+
 def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model_section(model)
@@ -48,7 +62,8 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   # Load balancing (balancing.py). Rates/alphas of 0 switch a mechanism off.
   c.balance = ml_collections.ConfigDict(dict(
       bias_rate=0.0,            # u of b_i += u * sign(mean_load - load_i)
-      bias_rule="sign",         # sign | magnitude | multiplicative (LFB variants)
+      bias_rule="sign",         # sign | magnitude (LFB's variant); model.bias_mode
+                                # picks additive or multiplicative use of the bias
       bias_freeze_frac=1.0,     # u is set to 0 after this fraction of total_steps
       aux_alpha=0.0,            # classic Switch/GShard auxiliary loss
       seq_aux_alpha=0.0,        # V3 sequence-wise balance loss (eqs 17-20)

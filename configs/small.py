@@ -12,16 +12,21 @@ Arguments (comma-separated key=value after the colon):
 from configs import common
 from deepseek_jax.config import ModelConfig
 
-# name -> balance fields (configs/common.py). LFB's alphas and rate: 1e-3; V3's
-# combination uses the sequence-wise loss at 1e-4 on top of the bias.
+# name -> config overrides (configs/common.py; "model." fields are ModelConfig's).
+# LFB's alphas and rate: 1e-3; V3's combination adds the sequence-wise loss at 1e-4 to
+# the bias. bias_magnitude and bias_mult are LFB's variants of the update rule and of
+# the bias's use (s_i * b_i); bias_freeze is V3's schedule (u = 0 for the last 3% of
+# training: 14.3T of 14.8T tokens at 1e-3, then 0).
 STRATEGIES = {
     "none": {},
-    "aux": {"aux_alpha": 1e-3},
-    "seq_aux": {"seq_aux_alpha": 1e-3},
-    "batch_aux": {"batch_aux_alpha": 1e-3},
-    "bias": {"bias_rate": 1e-3},
-    "bias_seq_aux": {"bias_rate": 1e-3, "seq_aux_alpha": 1e-4},
-    "bias_magnitude": {"bias_rate": 1e-3, "bias_rule": "magnitude"},
+    "aux": {"balance.aux_alpha": 1e-3},
+    "seq_aux": {"balance.seq_aux_alpha": 1e-3},
+    "batch_aux": {"balance.batch_aux_alpha": 1e-3},
+    "bias": {"balance.bias_rate": 1e-3},
+    "bias_seq_aux": {"balance.bias_rate": 1e-3, "balance.seq_aux_alpha": 1e-4},
+    "bias_magnitude": {"balance.bias_rate": 1e-3, "balance.bias_rule": "magnitude"},
+    "bias_mult": {"balance.bias_rate": 1e-3, "model.bias_mode": "mul"},
+    "bias_freeze": {"balance.bias_rate": 1e-3, "balance.bias_freeze_frac": 0.97},
 }
 
 # LFB's 1B model: 9 MoE layers, 2 shared + 64 routed top-6, sigmoid gate, no group limit.
@@ -76,5 +81,5 @@ def apply_strategy(c, name: str):
   if name not in STRATEGIES:
     raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
   for k, v in STRATEGIES[name].items():
-    c.balance[k] = v
+    common.set_path(c, k, v)
   return c

@@ -11,6 +11,7 @@ import time
 
 from absl import logging
 
+from configs import common
 from deepseek_jax import report, trainer
 
 RATE_SWEEP = (1e-4, 1e-3, 1e-2)   # LFB Fig. 4
@@ -39,11 +40,7 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seed: i
       cfg.optimizer.warmup_steps = max(steps // 20, 1)
     cfg.seed = seed
     for k, v in (overrides or {}).items():
-      node = cfg
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = v
+      common.set_path(cfg, k, v)
     print(f"=== [{i + 1}/{len(runs)}] {name}: {cfg.total_steps} steps "
           f"({time.perf_counter() - t0:.0f}s elapsed) ===", flush=True)
     trainer.train(cfg, os.path.join(workdir, name), peak_flops=peak_flops)

@@ -13,6 +13,10 @@ Strategy names (configs/ and experiments/balancing_ablation.py):
   batch_aux     the same statistics over the whole batch (V3 4.5.3)
   bias          b_i += u * sign(mean_load - load_i) after each step (u 1e-3)
   bias_seq_aux  V3's combination: bias + seq_aux at alpha 1e-4
+  bias_magnitude  LFB's variant rule: b_i += u * (mean_load - load_i) / mean_load
+  bias_mult     LFB's multiplicative use: top-K of s_i * b_i, b starting at 1
+                (ModelConfig.bias_mode="mul"), updated by the same sign rule
+  bias_freeze   V3's schedule: the sign rule, u = 0 for the last 3% of training
 For every loss f_i = E / (K T) * (tokens routed to i by plain top-K of the UNBIASED
 scores), so the losses see the router itself, not the bias's correction of it.
 """

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
 _DISPATCHES = ("dropless", "capacity", "reference")
+_BIAS_MODES = ("add", "mul")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -41,6 +42,11 @@ class ModelConfig:
   routed_scaling_factor: float = 1.0
   score_func: str = "sigmoid"
   norm_topk_prob: bool = True
+  # How the balancing bias b (model.py's "balance" collection) steers expert selection:
+  # "add" picks the top-K of s_i + b_i with b initialised to 0 (V3, LFB); "mul" picks
+  # the top-K of s_i * b_i with b initialised to 1 (LFB's multiplicative variant).
+  # Gates always use the unbiased s_i.
+  bias_mode: str = "add"
   # Routed-expert dispatch (moe.py): "dropless" (tokens sorted by expert into
   # fixed-size blocks, one gathered weight per block: never drops, fast on XLA:CPU),
   # "capacity" (capacity-padded einsum, drops past capacity and counts them) or
@@ -169,6 +175,8 @@ def _validate(c: ModelConfig) -> None:
         "needs at least 2 experts")
   if c.score_func not in _SCORE_FUNCS:
     bad("score_func", f"must be one of {_SCORE_FUNCS}")
+  if c.bias_mode not in _BIAS_MODES:
+    bad("bias_mode", f"must be one of {_BIAS_MODES}")
   if c.moe_dispatch not in _DISPATCHES:
     bad("moe_dispatch", f"must be one of {_DISPATCHES}")
   if not c.capacity_factor > 0:

@@ -120,6 +120,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """The inverse of config_from_hf (runtime fields such as moe_dispatch are not saved)."""
+  if cfg.bias_mode != "add":
+    raise ValueError(f"ModelConfig.bias_mode={cfg.bias_mode!r}: Hugging Face's "
+                     "e_score_correction_bias is additive; only bias_mode='add' exports")
   if cfg.mtp_depth and not cfg.mtp_feed_normed:
     logging.warning("exporting MTP weights trained on the pre-norm hidden state "
                     "(mtp_feed_normed=False); HF and vLLM feed MTP the normed one")

@@ -63,8 +63,9 @@ class Transformer(nn.Module):
       self.head = param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
     self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.mtp_depth)]
     if cfg.n_routed_layers:
+      init = jnp.ones if cfg.bias_mode == "mul" else jnp.zeros   # neutral bias
       self.expert_bias = self.variable(
-          BALANCE, "expert_bias", jnp.zeros, (cfg.n_routed_layers, cfg.n_routed_experts),
+          BALANCE, "expert_bias", init, (cfg.n_routed_layers, cfg.n_routed_experts),
           jnp.float32)
 
   def embed_tokens(self, tokens_BT):

@@ -72,10 +72,19 @@ def affinities(logits_XE, cfg: ModelConfig):
   return jax.nn.softmax(logits_XE, axis=-1)
 
 
+def biased_choice(scores_XE, bias_E, cfg: ModelConfig):
+  """The selection scores: s + b (bias_mode "add") or s * b ("mul"); None: plain s."""
+  if bias_E is None:
+    return scores_XE
+  bias_E = bias_E.astype(jnp.float32)
+  return scores_XE * bias_E if cfg.bias_mode == "mul" else scores_XE + bias_E
+
+
 def select_experts(scores_XE, bias_E, cfg: ModelConfig):
-  """Indices [X, K] of the top-K experts of scores + bias, within the topk_group groups
-  whose top-2 sums of (scores + bias) are highest; dropped groups are masked with -inf."""
-  choice_XE = scores_XE + bias_E.astype(jnp.float32)
+  """Indices [X, K] of the top-K experts of the biased scores (biased_choice), within
+  the topk_group groups whose top-2 sums of biased scores are highest; dropped groups
+  are masked with -inf. bias_E None: plain top-K of the unbiased scores."""
+  choice_XE = biased_choice(scores_XE, bias_E, cfg)
   X, E = choice_XE.shape
   if cfg.n_group > 1:
     grouped_XGe = choice_XE.reshape(X, cfg.n_group, E // cfg.n_group)
@@ -272,7 +281,7 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
   if load_E is None:
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
   shards_X = shards_visited(idx_XK, E, n_shards).astype(jnp.float32)
-  plain_XK = select_experts(scores_XE, jnp.zeros((E,), jnp.float32), cfg)
+  plain_XK = select_experts(scores_XE, None, cfg)
   plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
   prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]
   return MoEStats(

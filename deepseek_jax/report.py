@@ -24,8 +24,11 @@ PAPER_TABLE = (
     ("LFB 1B (64 routed top-6, 100B tokens)", "loss-free u=1e-3", 9.50, 0.04),
     ("LFB 3B (200B tokens)", "aux loss a=1e-3", 7.97, 0.52),
     ("LFB 3B (200B tokens)", "loss-free u=1e-3", 7.92, 0.04),
+    ("LFB 1B, update-rule ablation", "magnitude update u=1e-3", 9.51, 0.036),
+    ("LFB 1B, bias-use ablation", "multiplicative bias", 9.52, 0.036),
 )
-PAPER_FOR = {"aux": (9.56, 0.72), "bias": (9.50, 0.04)}
+PAPER_FOR = {"aux": (9.56, 0.72), "bias": (9.50, 0.04), "bias_magnitude": (9.51, 0.036),
+             "bias_mult": (9.52, 0.036)}
 
 
 def load_run(workdir: str) -> dict:

@@ -185,10 +185,14 @@ def affinities(logits_XE, score_func):
   return e / e.sum(-1, keepdims=True)
 
 
-def select(scores_E, bias_E, n_group, topk_group, top_k):
-  """Chosen experts of ONE token, best first: group-limited top-k of scores + bias."""
+def select(scores_E, bias_E, n_group, topk_group, top_k, bias_mode="add"):
+  """Chosen experts of ONE token, best first: group-limited top-k of scores + bias
+  (bias_mode "add") or scores * bias ("mul")."""
   E = len(scores_E)
-  choice = [float(scores_E[e]) + float(bias_E[e]) for e in range(E)]
+  if bias_mode == "mul":
+    choice = [float(scores_E[e]) * float(bias_E[e]) for e in range(E)]
+  else:
+    choice = [float(scores_E[e]) + float(bias_E[e]) for e in range(E)]
   if n_group > 1:
     per = E // n_group
     group_score = []
@@ -214,7 +218,7 @@ def route(scores_XE, bias_E, cfg):
   """(chosen [X][K], gates [X][K]) with explicit per-token loops."""
   chosen, gate = [], []
   for x in range(len(scores_XE)):
-    c = select(scores_XE[x], bias_E, cfg.n_group, cfg.topk_group, cfg.top_k)
+    c = select(scores_XE[x], bias_E, cfg.n_group, cfg.topk_group, cfg.top_k, cfg.bias_mode)
     chosen.append(c)
     gate.append(gates(scores_XE[x], c, cfg.norm_topk_prob, cfg.routed_scaling_factor))
   return chosen, gate

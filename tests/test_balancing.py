@@ -162,6 +162,28 @@ def test_bias_update_freezes_after_fraction(tmp_path):
   assert float(ts.bias_rate(hp, jnp.int32(6))) == 0.0  # 0.5 * 12 steps
 
 
+def test_multiplicative_bias_starts_neutral_and_follows_the_sign_rule(tmp_path):
+  cfg, model, tx, state, batch, hp = _setup(tmp_path, **{"model.bias_mode": "mul"})
+  np.testing.assert_array_equal(state.expert_bias, 1.0)  # s * 1 = s: plain top-k
+  # At the neutral bias the model is the additive model at b = 0, logit for logit.
+  add_model = Transformer(model_config_from(cfg.model).replace(bias_mode="add"))
+  tokens = batch["tokens"][:, :-1]
+  out_mul = model.apply(ts._variables(state.params, state.expert_bias), tokens)
+  out_add = add_model.apply(ts._variables(state.params, state.expert_bias - 1.0), tokens)
+  np.testing.assert_array_equal(out_mul.logits, out_add.logits)
+  new, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(
+      state, batch, hp)
+  want = balancing.update_bias(state.expert_bias, m["load"], 0.01)
+  np.testing.assert_allclose(new.expert_bias, want, atol=1e-7)
+  assert float(jnp.max(jnp.abs(new.expert_bias - 1.0))) == pytest.approx(0.01)
+
+
+def test_hf_export_refuses_a_multiplicative_bias():
+  from deepseek_jax import config, hf
+  with pytest.raises(ValueError, match="bias_mode"):
+    hf.config_to_hf(config.tiny().replace(bias_mode="mul"))
+
+
 def _small_corpus():
   import sysconfig
   root = sysconfig.get_paths()["stdlib"]

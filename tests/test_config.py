@@ -31,6 +31,7 @@ def test_every_preset_validates(name):
     (dict(n_group=8, topk_group=4), "n_group", "at least 2 experts"),
     (dict(score_func="relu"), "score_func", "must be one of"),
     (dict(moe_dispatch="ragged"), "moe_dispatch", "must be one of"),
+    (dict(bias_mode="pow"), "bias_mode", "must be one of"),
     (dict(rope_factor=0.5), "rope_factor", ">= 1"),
     (dict(dtype="float64"), "dtype", "must be one of"),
     (dict(rms_eps=0.0), "rms_eps", "must be positive"),

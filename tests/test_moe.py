@@ -72,6 +72,7 @@ ROUTE_CFGS = {
     "groups2_keep1_softmax": SOFTMAX,
     "no_groups_sigmoid_unnormed": CFG.replace(n_group=1, topk_group=1, norm_topk_prob=False),
     "groups4_keep3_softmax_norm": CFG.replace(score_func="softmax", topk_group=3, top_k=4),
+    "groups4_keep2_sigmoid_mul": CFG.replace(bias_mode="mul"),
 }
 
 
@@ -81,13 +82,29 @@ def test_route_matches_numpy_loops(name, with_bias):
   cfg = ROUTE_CFGS[name]
   rng = np.random.default_rng(1)
   scores = ref.affinities(rng.standard_normal((64, 8)) * 2, cfg.score_func).astype(np.float32)
-  bias = (rng.standard_normal(8) * 0.3 if with_bias else np.zeros(8)).astype(np.float32)
+  neutral = 1.0 if cfg.bias_mode == "mul" else 0.0
+  bias = (neutral + (rng.standard_normal(8) * 0.3 if with_bias else 0)) * np.ones(8)
+  bias = bias.astype(np.float32)
   idx, gates = moe.route(jnp.asarray(scores), jnp.asarray(bias), cfg)
   ref_idx, ref_gates = ref.route(scores, bias, cfg)
   np.testing.assert_array_equal(np.asarray(idx), np.array(ref_idx))
   np.testing.assert_allclose(gates, np.array(ref_gates), rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(moe.select_experts(jnp.asarray(scores), jnp.asarray(bias), cfg),
                                 np.array(ref_idx))
+
+
+def test_multiplicative_bias_picks_by_product():
+  # s = [.9, .5, .4, .1], b = [.5, 1, 1, 2]: s * b = [.45, .5, .4, .2] picks {1, 0};
+  # s + b = [1.4, 1.5, 1.4, 2.1] would pick {3, 1}. Gates stay the unbiased s.
+  cfg = CFG.replace(n_routed_experts=4, n_group=1, topk_group=1, top_k=2,
+                    norm_topk_prob=False, routed_scaling_factor=1.0, bias_mode="mul")
+  scores = jnp.array([[0.9, 0.5, 0.4, 0.1]])
+  bias = jnp.array([0.5, 1.0, 1.0, 2.0])
+  idx, gates = moe.route(scores, bias, cfg)
+  np.testing.assert_array_equal(idx, [[1, 0]])
+  np.testing.assert_allclose(gates, [[0.5, 0.9]])
+  np.testing.assert_array_equal(moe.route(scores, bias, cfg.replace(bias_mode="add"))[0],
+                                [[3, 1]])
 
 
 def test_group_limit_drops_the_best_single_expert():

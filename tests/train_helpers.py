@@ -4,7 +4,7 @@ import json
 import os
 import sysconfig
 
-from configs import smoke
+from configs import common, smoke
 
 
 def tiny_run_config(tmp_path, **overrides):
@@ -25,11 +25,7 @@ def tiny_run_config(tmp_path, **overrides):
   c.model.ffn_dim = 64
   c.model.moe_ffn_dim = 16
   for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+    common.set_path(c, k, v)
   return c
 
 
