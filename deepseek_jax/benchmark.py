@@ -203,8 +203,10 @@ def peak_host_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_all(parts, hf=True, tiny=False, repeats=7) -> dict:
-  """The parts selected, at the issue's sizes (or tiny ones for a smoke run)."""
+def run_all(parts, hf=True, tiny=False, repeats=7, spec_workdir=None) -> dict:
+  """The parts selected, at the issue's sizes (or tiny ones for a smoke run).
+  spec_workdir: a training run with MTP whose module drafts for the speculative
+  measurement (default: a small drafter is trained on the embedded corpus first)."""
   results = {}
   if "train" in parts:
     batch, seq = (2, 32) if tiny else (8, 256)
@@ -217,12 +219,9 @@ def run_all(parts, hf=True, tiny=False, repeats=7) -> dict:
     else:
       results.update(moe_scaling(repeats=repeats))
   if "decode" in parts:
-    try:
-      from deepseek_jax import bench_decode
-    except ImportError:
-      bench_decode = None
-    if bench_decode is not None:
-      results.update(bench_decode.run(tiny=tiny, repeats=repeats))
+    from deepseek_jax import benchmark_decode
+    results.update(benchmark_decode.run(tiny=tiny, repeats=min(repeats, 5),
+                                        spec_workdir=spec_workdir))
   results["peak_host_memory_bytes"] = peak_host_memory_bytes()
   return results
 

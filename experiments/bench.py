@@ -1,5 +1,6 @@
 """Where the time goes: our train step vs Hugging Face's on the same CPU, MFU, MoE scaling
-with the expert count, compile time and peak memory.
+with the expert count, absorbed vs naive decode and speculative decoding, compile time
+and peak memory.
 
   python -m experiments.bench --out=/tmp/bench.json
   python -m experiments.bench --parts=train --no_hf --out=/tmp/b.json
@@ -17,6 +18,9 @@ _HF = flags.DEFINE_bool("hf", True, "Time the Hugging Face reference (needs the 
                         "extra).")
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes (a smoke run, not a measurement).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions (medians).")
+_SPEC_WORKDIR = flags.DEFINE_string("spec_workdir", None, "decode part: a training run "
+                                    "with MTP to draft with (default: train configs/"
+                                    "smoke.py for 300 steps first, about a minute).")
 flags.mark_flag_as_required("out")
 
 
@@ -24,7 +28,7 @@ def main(argv):
   del argv
   from deepseek_jax import benchmark
   results = benchmark.run_all(_PARTS.value, hf=_HF.value, tiny=_TINY.value,
-                              repeats=_REPEATS.value)
+                              repeats=_REPEATS.value, spec_workdir=_SPEC_WORKDIR.value)
   with open(_OUT.value, "w") as fh:
     json.dump(results, fh, indent=1, sort_keys=True)
   benchmark.print_table(results, sys.stdout)

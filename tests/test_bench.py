@@ -1,4 +1,5 @@
-"""The benchmark command: a tiny smoke run, and the FLOP formula against a hand count."""
+"""The benchmark command: a tiny smoke run (every part), the decode benchmark helpers,
+and the FLOP formula against a hand count."""
 
 import json
 import subprocess
@@ -31,19 +32,45 @@ def test_flop_formula_matches_hand_count():
 def test_bench_smoke_run(tmp_path):
   out = tmp_path / "bench.json"
   r = subprocess.run([sys.executable, "-m", "experiments.bench", "--tiny", f"--out={out}",
-                      "--parts=train,moe", "--repeats=2"],
+                      "--parts=train,moe,decode", "--repeats=2"],
                      env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   for key in ("train_tokens_per_s", "mfu", "matmul_peak_flops", "compile_s",
               "dropped_frac", "moe_time_ratio_256_vs_8",
-              "peak_host_memory_bytes"):
+              "decode_speedup_absorbed_vs_naive_4k", "speculative_speedup",
+              "speculative_acceptance", "peak_host_memory_bytes"):
     assert key in res, key
     assert np.isfinite(res[key]), key
   assert res["dropped_frac"] == 0.0
+  assert res["speculative_exact"] is True   # greedy drafts never change the output
+  assert 0.0 <= res["speculative_acceptance"] <= 1.0
   try:
     import transformers  # noqa: F401
     for key in ("hf_train_tokens_per_s", "train_speedup_vs_hf"):
       assert np.isfinite(res[key]), key
   except ImportError:
     pass
+
+
+def test_decode_bench_rows_on_tiny_models():
+  from deepseek_jax import benchmark_decode as bd
+  from deepseek_jax.model import Transformer
+  import jax
+  import jax.numpy as jnp
+  row, = bd.absorbed_vs_naive((64,), repeats=1, tiny=True)
+  assert row["context"] == 64 and row["absorbed_ms"] > 0 and row["naive_ms"] > 0
+  naive, absorbed = bd.attention_gflop_per_layer(bd.absorb_config(), 4096)
+  assert naive > 3 * absorbed          # the reason absorption pays at long context
+  # Speculation on an untrained 2-deep MTP model: still exact, at each depth.
+  model = Transformer(config.tiny())
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  res = bd.speculative_vs_plain(model, v, [[1, 2, 3, 4], [5, 6, 7]], 6, repeats=1, batch=2)
+  assert set(res) == {"plain", "mtp_depth_1", "mtp_depth_2"}
+  for depth in (1, 2):
+    r = res[f"mtp_depth_{depth}"]
+    assert r["same_tokens_as_plain"], r
+    assert len(r["acceptance_per_depth"]) == depth
+    assert 1.0 <= r["tokens_per_round"] <= depth + 1
+  layouts = {r["layout"]: r for r in bd.kv_bytes()}
+  assert layouts["MLA"]["values_per_token_layer"] == 576   # (512 + 64) at V3's sizes
