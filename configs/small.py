@@ -41,7 +41,7 @@ SIZES = {
                              q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
                              qk_rope_head_dim=16, v_head_dim=32, ffn_dim=384, moe_ffn_dim=64,
                              n_routed_experts=16, top_k=4),
-                  batch_size=16, seq_len=128, total_steps=250),
+                  batch_size=16, seq_len=128, total_steps=400),
     "medium": dict(model=dict(vocab_size=4096, d_model=256, n_layers=6, n_heads=8,
                               q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
                               qk_rope_head_dim=16, v_head_dim=32, ffn_dim=768,
