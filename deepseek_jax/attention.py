@@ -87,17 +87,23 @@ class MLA(nn.Module):
 
   def attend_expanded(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, mask_B1TS):
     """Attention with K and V re-expanded from the latent (training and naive decode)."""
-    f32 = jnp.float32
     k_nope_BSNH = jnp.einsum("BSR,RNH->BSNH", c_kv_BSR, self._w(self.w_uk))
     v_BSNO = jnp.einsum("BSR,RNO->BSNO", c_kv_BSR, self._w(self.w_uv))
-    scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=f32)
-              + jnp.einsum("BTNP,BSP->BNTS", q_rope_BTNP, k_rope_BSP, preferred_element_type=f32))
-    probs = self._softmax(scores, mask_B1TS).astype(v_BSNO.dtype)
+    # One score product over [nope | rope] (K = H + P), the shared rope key broadcast to
+    # every head: a single [B,N,T,S] output instead of two summed ones.
+    B, S, N, _ = k_nope_BSNH.shape
+    k_rope_BSNP = jnp.broadcast_to(k_rope_BSP[:, :, None, :], (B, S, N, k_rope_BSP.shape[-1]))
+    # The softmax scale goes on the query ([B,T,N,K]) rather than on the scores.
+    q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * softmax_scale(self.cfg)
+    k_BSNK = jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(k_nope_BSNH.dtype)], axis=-1)
+    scores = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK, preferred_element_type=jnp.float32)
+    probs = self._softmax(scores, mask_B1TS, scale=1.0).astype(v_BSNO.dtype)
     o_BTNO = jnp.einsum("BNTS,BSNO->BTNO", probs, v_BSNO)
     return jnp.einsum("BTNO,NOD->BTD", o_BTNO, self._w(self.w_o))
 
-  def _softmax(self, scores_BNTS, mask_B1TS):
-    scores = scores_BNTS.astype(jnp.float32) * softmax_scale(self.cfg)
+  def _softmax(self, scores_BNTS, mask_B1TS, scale=None):
+    scale = softmax_scale(self.cfg) if scale is None else scale
+    scores = scores_BNTS.astype(jnp.float32) * scale
     return jax.nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1)
 
   def __call__(self, x_BTD, pos_BT, segment_ids_BT=None):

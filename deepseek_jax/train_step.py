@@ -128,6 +128,10 @@ def train_step(state: TrainState, batch, hparams, *, model: Transformer, tx, cfg
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m),
             add(load, l), add(dropped, d)), None
 
+  if M == 1:   # no accumulation loop: one plain gradient (the loop would add copies)
+    (_, (metrics, load_LE, dropped_L)), grads = grad_fn(
+        model, state.params, state.expert_bias, batch, cfg, hparams)
+    return _apply_update(state, grads, metrics, load_LE, dropped_L, tx, cfg, hparams)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   shapes = jax.eval_shape(
       lambda mb: grad_fn(model, state.params, state.expert_bias, mb, cfg, hparams),
@@ -139,7 +143,11 @@ def train_step(state: TrainState, batch, hparams, *, model: Transformer, tx, cfg
   (grads, metrics, load_LE, dropped_L), _ = jax.lax.scan(accumulate, init, micro)
   grads = jax.tree.map(lambda g: g / M, grads)
   metrics = {k: (v if k == "n_tokens" else v / M) for k, v in metrics.items()}
+  return _apply_update(state, grads, metrics, load_LE, dropped_L, tx, cfg, hparams)
 
+
+def _apply_update(state, grads, metrics, load_LE, dropped_L, tx, cfg, hparams):
+  """AdamW on the (accumulated) gradients, then the bias update from the step's loads."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   bias = state.expert_bias
