@@ -96,10 +96,14 @@ class MLA(nn.Module):
     # The softmax scale goes on the query ([B,T,N,K]) rather than on the scores.
     q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * softmax_scale(self.cfg)
     k_BSNK = jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(k_nope_BSNH.dtype)], axis=-1)
-    scores = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK, preferred_element_type=jnp.float32)
+    # Head-major operands: the batched products then run over leading [B, N] dims.
+    q_BNTK = q_BTNK.transpose(0, 2, 1, 3)
+    k_BNSK = k_BSNK.transpose(0, 2, 1, 3)
+    v_BNSO = v_BSNO.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("BNTK,BNSK->BNTS", q_BNTK, k_BNSK, preferred_element_type=jnp.float32)
     probs = self._softmax(scores, mask_B1TS, scale=1.0).astype(v_BSNO.dtype)
-    o_BTNO = jnp.einsum("BNTS,BSNO->BTNO", probs, v_BSNO)
-    return jnp.einsum("BTNO,NOD->BTD", o_BTNO, self._w(self.w_o))
+    o_BNTO = jnp.einsum("BNTS,BNSO->BNTO", probs, v_BNSO)
+    return jnp.einsum("BNTO,NOD->BTD", o_BNTO, self._w(self.w_o))
 
   def _softmax(self, scores_BNTS, mask_B1TS, scale=None):
     scale = softmax_scale(self.cfg) if scale is None else scale

@@ -192,9 +192,12 @@ def experts_capacity(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, C
 
 
 def dropless_block_size(n_assignments: int, n_experts: int) -> int:
-  # About 4 blocks per expert on average: the static (A/b + E) block bound then wastes at
-  # most ~25% of the expert compute, and per-block weight gathers stay a small fraction.
-  b = max(1, n_assignments // (4 * n_experts))
+  """Rows per block. The static bound n = A/b + E blocks costs n weight gathers (each
+  3 D F values, and a scatter-add in the backward) plus n * b padded rows of compute:
+  cost(b) ~ (A/b + E)(g + b), g = one gathered weight value's cost in row-FLOPs.
+  Minimised at b = sqrt(g A / E); g ~ 40 measured on XLA:CPU (BUILD_NOTES.md: E=8 best
+  at 128, E=256 at 32, 2048 tokens top-2), rounded to a power of two in [8, 256]."""
+  b = math.sqrt(40.0 * max(n_assignments, 1) / n_experts)
   return int(min(256, max(8, 2 ** round(math.log2(b)))))
 
 
