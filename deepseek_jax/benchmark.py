@@ -118,11 +118,7 @@ class HFTrainer:
 def train_throughput(batch=8, seq=256, repeats=7, with_hf=True, threads=None,
                      tiny=False) -> dict:
   """Tokens/s and MFU of our step (and the HF reference's, alternating)."""
-  mcfg = bench_model_config()
-  if tiny:
-    mcfg = mcfg.replace(d_model=32, n_heads=2, q_lora_rank=16, kv_lora_rank=16,
-                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, ffn_dim=64,
-                        moe_ffn_dim=16, n_layers=2)
+  mcfg = _bench_or_tiny_config(tiny)
   ours = OurTrainer(mcfg, batch, seq)
   hf_trainer = None
   if with_hf:
@@ -203,8 +199,31 @@ def peak_host_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_all(parts, hf=True, tiny=False, repeats=7, spec_workdir=None) -> dict:
-  """The parts selected, at the issue's sizes (or tiny ones for a smoke run).
+def profile_train_step(trace_dir: str, tiny: bool = False) -> dict:
+  """A jax.profiler trace of 3 bench-config train steps and the op time per model part
+  (profiling.py): flat keys profile_<part>/<fwd|bwd>_ms."""
+  from deepseek_jax import profiling
+  batch, seq = (2, 32) if tiny else (8, 256)
+  ours = OurTrainer(_bench_or_tiny_config(tiny), batch, seq)
+  res = profiling.profile(ours.step, ours.fn.as_text(), trace_dir)
+  out = {f"profile_{k}_ms": v for k, v in res["op_ms_per_call"].items()}
+  out["profile_total_op_ms"] = res["total_op_ms_per_call"]
+  return out
+
+
+def _bench_or_tiny_config(tiny: bool) -> ModelConfig:
+  mcfg = bench_model_config()
+  if tiny:
+    mcfg = mcfg.replace(d_model=32, n_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, ffn_dim=64,
+                        moe_ffn_dim=16, n_layers=2)
+  return mcfg
+
+
+def run_all(parts, hf=True, tiny=False, repeats=7, spec_workdir=None,
+            profile_dir=None) -> dict:
+  """The parts selected, at the issue's sizes (or tiny ones for a smoke run); with
+  profile_dir, also a profiler trace of the train step there and its time per part.
   spec_workdir: a training run with MTP whose module drafts for the speculative
   measurement (default: a small drafter is trained on the embedded corpus first)."""
   results = {}
@@ -222,6 +241,8 @@ def run_all(parts, hf=True, tiny=False, repeats=7, spec_workdir=None) -> dict:
     from deepseek_jax import benchmark_decode
     results.update(benchmark_decode.run(tiny=tiny, repeats=min(repeats, 5),
                                         spec_workdir=spec_workdir))
+  if profile_dir:
+    results.update(profile_train_step(profile_dir, tiny=tiny))
   results["peak_host_memory_bytes"] = peak_host_memory_bytes()
   return results
 

@@ -4,6 +4,7 @@ and peak memory.
 
   python -m experiments.bench --out=/tmp/bench.json
   python -m experiments.bench --parts=train --no_hf --out=/tmp/b.json
+  python -m experiments.bench --parts=train --profile_dir=/tmp/trace --out=/tmp/b.json
   python -m experiments.bench --tiny --out=/tmp/smoke.json     # seconds; what the test runs
 """
 
@@ -21,6 +22,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions (medians).")
 _SPEC_WORKDIR = flags.DEFINE_string("spec_workdir", None, "decode part: a training run "
                                     "with MTP to draft with (default: train configs/"
                                     "smoke.py for 300 steps first, about a minute).")
+_PROFILE = flags.DEFINE_string("profile_dir", None, "Also trace 3 train steps with "
+                               "jax.profiler into this folder and report op time per "
+                               "model part (attention, routed/shared experts, ...).")
 flags.mark_flag_as_required("out")
 
 
@@ -28,7 +32,8 @@ def main(argv):
   del argv
   from deepseek_jax import benchmark
   results = benchmark.run_all(_PARTS.value, hf=_HF.value, tiny=_TINY.value,
-                              repeats=_REPEATS.value, spec_workdir=_SPEC_WORKDIR.value)
+                              repeats=_REPEATS.value, spec_workdir=_SPEC_WORKDIR.value,
+                              profile_dir=_PROFILE.value)
   with open(_OUT.value, "w") as fh:
     json.dump(results, fh, indent=1, sort_keys=True)
   benchmark.print_table(results, sys.stdout)

@@ -32,7 +32,8 @@ def test_flop_formula_matches_hand_count():
 def test_bench_smoke_run(tmp_path):
   out = tmp_path / "bench.json"
   r = subprocess.run([sys.executable, "-m", "experiments.bench", "--tiny", f"--out={out}",
-                      "--parts=train,moe,decode", "--repeats=2"],
+                      "--parts=train,moe,decode", "--repeats=2",
+                      f"--profile_dir={tmp_path / 'trace'}"],
                      env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
@@ -44,6 +45,11 @@ def test_bench_smoke_run(tmp_path):
     assert np.isfinite(res[key]), key
   assert res["dropped_frac"] == 0.0
   assert res["speculative_exact"] is True   # greedy drafts never change the output
+  # The profile attributes op time to model parts, forward and backward.
+  for part in ("attention", "moe_routed", "dense_ffn"):
+    for direction in ("fwd", "bwd"):
+      assert res[f"profile_{part}/{direction}_ms"] > 0, (part, direction)
+  assert res["profile_total_op_ms"] >= res["profile_attention/fwd_ms"]
   assert 0.0 <= res["speculative_acceptance"] <= 1.0
   try:
     import transformers  # noqa: F401
