@@ -189,7 +189,7 @@ def write_report(runs: dict, out_dir: str, title: str = "Balancing ablation") ->
         f"| {name} | {r['steps']} | {_fmt(r['val_loss'])} | {_fmt(r['val_ppl'], '.2f')} | "
         f"{_fmt(r.get('maxvio_global'))} | {_fmt(r.get('maxvio_batch'))} | "
         f"{_fmt(r.get('dropped_frac'), '.4f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
-        f"{'%.2f / %.2f' % paper if paper else ''} |")
+        f"{'%g / %g' % paper if paper else ''} |")
   lines += ["", "LFB Table 2 (validation perplexity / MaxVio_global):", "",
             "| model | strategy | PPL | MaxVio_global |", "|---|---|---|---|"]
   lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PAPER_TABLE]
