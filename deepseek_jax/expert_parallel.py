@@ -126,8 +126,9 @@ def _to_rows(values_U, row_U, n_rows: int, fill):
   U = row_U.shape[0]
   src = jnp.full((n_rows,), U, jnp.int32).at[row_U].set(jnp.arange(U, dtype=jnp.int32),
                                                         mode="drop")
-  pad = jnp.full((1,) + values_U.shape[1:], fill, values_U.dtype)
-  return jnp.concatenate([values_U, pad])[src]
+  rows = moe._take_rows(values_U, jnp.minimum(src, U - 1))
+  valid = (src < U).reshape((n_rows,) + (1,) * (values_U.ndim - 1))
+  return jnp.where(valid, rows, jnp.asarray(fill, values_U.dtype))
 
 
 def _local_experts(x_WD, ids_WJ, gates_WJ, w_gate, w_up, w_down, cfg: ModelConfig):
