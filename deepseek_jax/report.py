@@ -211,12 +211,16 @@ def verdict(results: dict) -> list[str]:
          f"validation loss {b['val_loss']:.4f} vs {a['val_loss']:.4f} "
          f"({b['val_loss'] - a['val_loss']:+.4f})."]
   better_balance = b["maxvio_global"] < a["maxvio_global"]
-  no_worse = b["val_loss"] <= a["val_loss"] + 0.01
-  if better_balance and no_worse:
+  diff = b["val_loss"] - a["val_loss"]
+  if better_balance and diff <= 0:
     out.append("The miniature agrees with the paper: the bias balances better than the "
-               "auxiliary loss without a worse validation loss.")
+               "auxiliary loss at a validation loss no worse.")
+  elif better_balance and diff <= 0.01:
+    out.append(f"The bias balances better than the auxiliary loss; its validation loss is "
+               f"{diff:+.4f} nats from the aux run's, a gap one seed cannot resolve (rerun "
+               "with --seed to check; the paper has the bias slightly better).")
   else:
     out.append("The miniature does NOT reproduce the paper on this point "
-               f"(better balance: {better_balance}; loss no worse: {no_worse}); see "
-               "BUILD_NOTES.md for what was checked.")
+               f"(better balance: {better_balance}; loss within 0.01 nats: {diff <= 0.01}); "
+               "see BUILD_NOTES.md for what was checked.")
   return out

@@ -218,3 +218,15 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
   again = report.write_report({n: report.load_run(str(tmp_path / "abl" / n))
                                for n in ("aux", "bias")}, str(tmp_path / "again"))
   assert again["aux"]["val_loss"] == pytest.approx(saved["aux"]["val_loss"])
+
+
+def test_report_verdict_never_hides_a_loss_gap():
+  from deepseek_jax import report
+  aux = {"maxvio_global": 1.0, "val_loss": 3.982}
+  say = lambda bias_loss, bias_vio=0.2: report.verdict(
+      {"aux": aux, "bias": {"maxvio_global": bias_vio, "val_loss": bias_loss}})[1]
+  assert "agrees with the paper" in say(3.980)
+  small = say(3.985)
+  assert "+0.0030 nats" in small and "agrees" not in small
+  assert "does NOT reproduce" in say(4.0)
+  assert "does NOT reproduce" in say(3.980, bias_vio=1.5)
