@@ -9,7 +9,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.config import ModelConfig
 
 _OPTIONAL_INT = ("q_lora_rank", "moe_block_size")
 

@@ -6,7 +6,7 @@
 """
 
 from configs import common
-from deepseek_jax import config as model_config
+from deepseek_jax.model import config as model_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Arguments (comma-separated key=value after the colon):
 """
 
 from configs import common
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.config import ModelConfig
 
 # name -> config overrides (configs/common.py; "model." fields are ModelConfig's).
 # LFB's alphas and rate: 1e-3; V3's combination adds the sequence-wise loss at 1e-4 to
@@ -30,7 +30,8 @@ STRATEGIES = {
 }
 
 # LFB's 1B model: 9 MoE layers, 2 shared + 64 routed top-6, sigmoid gate, no group limit.
-# The sizes below keep the fine-grained shape (many narrow experts, top-k > 1).
+# The sizes below keep the fine-grained shape (many narrow experts, top-k > 1) with
+# 1 shared + 16 routed experts, top-4 (see BUILD_NOTES.md on why not LFB's 2 + 64).
 SIZES = {
     "tiny": dict(model=dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2,
                             q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,

@@ -4,7 +4,7 @@
 """
 
 from configs import common
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.config import ModelConfig
 
 
 def get_config(arg=None):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.moe import MoEStats
+from deepseek_jax.model.moe import MoEStats
 
 BIAS_RULES = ("sign", "magnitude")
 

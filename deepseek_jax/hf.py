@@ -32,8 +32,8 @@ try:
 except ImportError as e:  # the "parity" extra
   raise ImportError("deepseek_jax.hf needs safetensors: pip install -e '.[parity]'") from e
 
-from deepseek_jax.config import ModelConfig, yarn_mscale
-from deepseek_jax.model import Transformer, init_variables
+from deepseek_jax.model.config import ModelConfig, yarn_mscale
+from deepseek_jax.model.transformer import Transformer, init_variables
 
 BIAS = "balance/expert_bias"
 
@@ -375,6 +375,10 @@ def load_checkpoint(path, dtype: str = "float32", *, mtp: bool | None = None, **
   (e.g. moe_dispatch). A missing, unused or misshapen tensor raises ValueError.
   """
   path = pathlib.Path(path)
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"no Hugging Face checkpoint in {path}: expected a folder with "
+                            f"config.json and *.safetensors (e.g. a downloaded "
+                            f"DeepSeek-V3 snapshot)")
   hf_config = json.loads((path / "config.json").read_text())
   where = _tensor_files(path)
   cfg = config_from_hf(hf_config)

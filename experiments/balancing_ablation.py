@@ -46,7 +46,7 @@ def main(argv):
   del argv
   launch.init_distributed()
   from configs import small
-  from deepseek_jax import ablation
+  from deepseek_jax.ablation import runner as ablation
   runs = ablation.plan(_STRATEGIES.value, _SWEEP.value)
   for name, _ in runs:
     if not _SWEEP.value and name not in small.STRATEGIES:

@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import launch
+
 _OUT = flags.DEFINE_string("out", None, "JSON file to write.")
 _PARTS = flags.DEFINE_list("parts", ["train", "moe", "decode"], "Which parts to run.")
 _HF = flags.DEFINE_bool("hf", True, "Time the Hugging Face reference (needs the parity "
@@ -30,7 +32,8 @@ flags.mark_flag_as_required("out")
 
 def main(argv):
   del argv
-  from deepseek_jax import benchmark
+  launch.quiet_console()
+  from deepseek_jax.bench import train_speed as benchmark
   results = benchmark.run_all(_PARTS.value, hf=_HF.value, tiny=_TINY.value,
                               repeats=_REPEATS.value, spec_workdir=_SPEC_WORKDIR.value,
                               profile_dir=_PROFILE.value)

@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import launch
+
 _PART = flags.DEFINE_enum("part", "absorb",
                           ["absorb", "kv_bytes", "speculative", "round_cost"], "")
 _CONTEXTS = flags.DEFINE_list("contexts", ["256", "512", "1024", "2048", "4096", "8192"],
@@ -43,7 +45,7 @@ def _emit(record):
 
 
 def _speculative(bd):
-  from deepseek_jax import decoding
+  from deepseek_jax.inference import decoding
   if not _WORKDIR.value:
     raise app.UsageError("--part=speculative needs --workdir (a run with mtp_depth >= 1)")
   model, variables, run_cfg, step = decoding.load_workdir(_WORKDIR.value)
@@ -61,7 +63,8 @@ def _speculative(bd):
 
 def main(argv):
   del argv
-  from deepseek_jax import benchmark_decode as bd
+  launch.quiet_console()
+  from deepseek_jax.bench import decode_speed as bd
   if _PART.value == "speculative":
     _speculative(bd)
     return

@@ -51,7 +51,8 @@ def main(argv):
   import jax.numpy as jnp
   import flax.linen as nn
   import numpy as np
-  from deepseek_jax import config, expert_parallel, moe, sharding
+  from deepseek_jax.model import config, expert_parallel, moe
+  from deepseek_jax.train import sharding
 
   base = config.preset(_PRESET.value, dtype=_DTYPE.value)
   D, K, E = base.d_model, base.top_k, base.n_routed_experts

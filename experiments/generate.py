@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import launch
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (checkpoints/, "
                                "config.json).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face DeepSeek-V3 folder.")
@@ -40,19 +42,26 @@ _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop a row at the tokeniz
 
 def main(argv):
   del argv
+  launch.quiet_console()
   if bool(_WORKDIR.value) == bool(_HF_DIR.value):
     raise app.UsageError("give exactly one of --workdir and --hf_dir")
-  from deepseek_jax import decoding, speculative
-  from deepseek_jax.sampling import Sampling
+  from deepseek_jax.inference import decoding, speculative
+  from deepseek_jax.inference.sampling import Sampling
 
   if _WORKDIR.value:
-    from deepseek_jax import data
-    model, variables, run_cfg, step = decoding.load_workdir(_WORKDIR.value)
+    from deepseek_jax.train import data
+    try:
+      model, variables, run_cfg, step = decoding.load_workdir(_WORKDIR.value)
+    except FileNotFoundError as e:
+      raise app.UsageError(str(e)) from None
     tokenizer = data.load_tokenizer(run_cfg.data, model.cfg.vocab_size)
     print(f"# {_WORKDIR.value}: step {step}", file=sys.stderr)
   else:
     from deepseek_jax import hf
-    model, variables = hf.load_checkpoint(_HF_DIR.value, dtype=_DTYPE.value)
+    try:
+      model, variables = hf.load_checkpoint(_HF_DIR.value, dtype=_DTYPE.value)
+    except FileNotFoundError as e:
+      raise app.UsageError(str(e)) from None
     tokenizer = _hf_tokenizer(_HF_DIR.value)
   if (_SPECULATIVE.value or _COMPARE.value) and model.cfg.mtp_depth < 1:
     raise app.UsageError("--speculative/--compare need a model with MTP modules "
@@ -111,7 +120,7 @@ def _hf_tokenizer(path):
   f = os.path.join(path, "tokenizer.json")
   if not os.path.exists(f):
     return None
-  from deepseek_jax.data import BPETokenizer
+  from deepseek_jax.train.data import BPETokenizer
   return BPETokenizer.load(f)
 
 

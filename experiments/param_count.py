@@ -6,8 +6,8 @@
 from absl import app
 from ml_collections import config_flags
 
-from deepseek_jax.config import model_config_from
-from deepseek_jax.param_count import count_params, format_counts
+from deepseek_jax.model.config import model_config_from
+from deepseek_jax.model.param_count import count_params, format_counts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

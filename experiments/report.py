@@ -8,7 +8,7 @@ import os
 
 from absl import app, flags
 
-from deepseek_jax import report
+from deepseek_jax.ablation import report
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories, or folders of runs.")
 _OUT = flags.DEFINE_string("out", None, "Where to write (default: the first workdir).")
@@ -19,6 +19,9 @@ def _runs(paths):
   found = {}
   for p in paths:
     p = os.path.abspath(p)
+    if not os.path.isdir(p):
+      raise app.UsageError(f"--workdirs: {p} is not a directory (give run directories, "
+                           f"or folders of runs such as an ablation's --workdir)")
     if os.path.exists(os.path.join(p, "metrics.jsonl")):
       found[os.path.basename(p)] = p
     else:

@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   launch.init_distributed()
-  from deepseek_jax import trainer  # after jax.distributed is up
+  from deepseek_jax.train import loop as trainer  # after jax.distributed is up
   trainer.train(_CONFIG.value, _WORKDIR.value, peak_flops=_PEAK.value)
 
 

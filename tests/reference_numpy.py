@@ -273,12 +273,15 @@ def moe(p, u_BTD, bias_E, cfg, valid_BT=None, capacity=None):
 
 # The whole model -------------------------------------------------------------------
 
-def block(p, x_BTD, pos_BT, seg_BT, valid_BT, bias_E, cfg, moe_layer):
+def block(p, x_BTD, pos_BT, seg_BT, valid_BT, bias_E, cfg, moe_layer, stats=None):
+  """One decoder block; a MoE block appends its routing stats to `stats` if given."""
   x = f64(x_BTD) + mla(p["attn"], rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_eps),
                        pos_BT, cfg, seg_BT)
   h = rms_norm(x, p["ffn_norm"]["scale"], cfg.rms_eps)
   if moe_layer:
-    y, _ = moe(p["moe"], h, bias_E, cfg, valid_BT)
+    y, s = moe(p["moe"], h, bias_E, cfg, valid_BT)
+    if stats is not None:
+      stats.append(s)
   else:
     f = p["ffn"]
     y = np.stack([[swiglu(h[b, t], f["w_gate"], f["w_up"], f["w_down"])
@@ -286,9 +289,10 @@ def block(p, x_BTD, pos_BT, seg_BT, valid_BT, bias_E, cfg, moe_layer):
   return x + y
 
 
-def transformer(params, bias_LE, tokens_BT, cfg, segment_ids_BT=None):
+def transformer(params, bias_LE, tokens_BT, cfg, segment_ids_BT=None, stats=None):
   """(logits [B,T,V], mtp logits [D_mtp,B,T,V]): embedding, blocks, final norm, head;
-  MTP module k reads [norm(Emb(t[i+k])) ; norm(h_{k-1}[i])] (embedding first)."""
+  MTP module k reads [norm(Emb(t[i+k])) ; norm(h_{k-1}[i])] (embedding first).
+  stats: a list that receives each routed layer's moe() stats, main layers then MTP."""
   tokens = np.asarray(tokens_BT)
   B, T = tokens.shape
   pos = np.broadcast_to(np.arange(T), (B, T))
@@ -300,7 +304,7 @@ def transformer(params, bias_LE, tokens_BT, cfg, segment_ids_BT=None):
   for i in range(cfg.n_layers):
     moe_layer = i >= cfg.first_k_dense
     x = block(params[f"layer_{i}"], x, pos, segment_ids_BT, valid,
-              bias_LE[row] if moe_layer else None, cfg, moe_layer)
+              bias_LE[row] if moe_layer else None, cfg, moe_layer, stats)
     row += int(moe_layer)
   normed = rms_norm(x, params["final_norm"]["scale"], cfg.rms_eps)
   logits = normed @ head
@@ -324,7 +328,7 @@ def transformer(params, bias_LE, tokens_BT, cfg, segment_ids_BT=None):
     x_k = np.concatenate([e, hn], -1) @ f64(p["w_proj"])
     moe_layer = cfg.n_layers > cfg.first_k_dense
     h = block(p["block"], x_k, pos, segment_ids_BT, valid_k,
-              bias_LE[row] if moe_layer else None, cfg, moe_layer)
+              bias_LE[row] if moe_layer else None, cfg, moe_layer, stats)
     row += int(moe_layer)
     h_normed = rms_norm(h, p["final_norm"]["scale"], cfg.rms_eps)
     mtp_logits.append(h_normed @ head)

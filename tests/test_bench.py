@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from deepseek_jax import config
-from deepseek_jax.metrics import train_flops_per_token
+from deepseek_jax.model import config
+from deepseek_jax.train.metrics import train_flops_per_token
 from train_helpers import subprocess_env
 
 
@@ -60,8 +60,8 @@ def test_bench_smoke_run(tmp_path):
 
 
 def test_decode_bench_rows_on_tiny_models():
-  from deepseek_jax import benchmark_decode as bd
-  from deepseek_jax.model import Transformer
+  from deepseek_jax.bench import decode_speed as bd
+  from deepseek_jax.model.transformer import Transformer
   import jax
   import jax.numpy as jnp
   row, = bd.absorbed_vs_naive((64,), repeats=1, tiny=True)

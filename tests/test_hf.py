@@ -19,8 +19,9 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=_WHY)
 
 import jax  # noqa: E402
 
-from deepseek_jax import config, hf  # noqa: E402
-from deepseek_jax.model import Transformer  # noqa: E402
+from deepseek_jax import hf
+from deepseek_jax.model import config  # noqa: E402
+from deepseek_jax.model.transformer import Transformer  # noqa: E402
 
 B, T = 2, 16
 BASE = dict(
@@ -347,20 +348,29 @@ def mtp_pair(tmp_path_factory):
   tokens = np.random.RandomState(4).randint(0, cfg.vocab_size, (B, T))
   out = _apply(cfg)(variables, tokens)
   main, mtp = _hf_mtp(folder, cfg)
-  return cfg, tokens, out, main, mtp
+  return cfg, variables, tokens, out, main, mtp
 
 
 def test_mtp_layout_matches_hf(mtp_pair):
-  """The released MTP layout, as HF's MtpModel reads it, computes our MTP module."""
-  cfg, tokens, out, main, mtp = mtp_pair
+  """The released MTP layout, as HF's MtpModel reads it, computes our MTP module: the
+  main logits and the depth-1 logits, HF's MTP layer fed HF's own last hidden state."""
+  cfg, variables, tokens, out, main, mtp = mtp_pair
   with torch.no_grad():
-    _close(out.logits, main(torch.tensor(tokens)).logits.numpy())
+    hf_out = main(torch.tensor(tokens), output_hidden_states=True)
+  _close(out.logits, hf_out.logits.numpy())
+  assert out.mtp_logits.shape[0] == cfg.mtp_depth == 1
+  # Position i of depth 1 predicts token i+2; the last position has no token i+1 to read.
+  _close(out.mtp_logits[0][:, :-1], _hf_mtp_logits(mtp, hf_out.hidden_states[-1], tokens))
 
 
 def test_mtp_h0_convention_matches_hf(mtp_pair):
-  """Imported checkpoints feed MTP the NORMED last hidden state, as HF and vLLM do."""
-  cfg, tokens, out, main, mtp = mtp_pair
+  """Imported checkpoints feed MTP the NORMED last hidden state, as HF and vLLM do; the
+  other convention (mtp_feed_normed=False, V3 eq. 21's reading) is HF's MTP layer fed
+  the un-normed state, and the two are far enough apart for the tests to tell them."""
+  cfg, variables, tokens, out, main, mtp = mtp_pair
   assert cfg.mtp_feed_normed
-  with torch.no_grad():
-    h0 = main(torch.tensor(tokens), output_hidden_states=True).hidden_states[-1]
-  _close(out.mtp_logits[0][:, :-1], _hf_mtp_logits(mtp, h0, tokens))
+  raw = _apply(cfg.replace(mtp_feed_normed=False))(variables, tokens)
+  np.testing.assert_allclose(raw.logits, out.logits, rtol=1e-6, atol=1e-6)
+  _close(raw.mtp_logits[0][:, :-1], _hf_mtp_logits(mtp, raw.hidden, tokens))
+  gap = np.abs(np.asarray(raw.mtp_logits[0]) - np.asarray(out.mtp_logits[0])).max()
+  assert gap > 1e-2 * np.abs(np.asarray(out.mtp_logits[0])).max()

@@ -1,0 +1,52 @@
+"""One pre-norm decoder block: x + MLA(norm(x)), then x + FFN(norm(x)); FFN dense or MoE."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from deepseek_jax.model.attention import MLA
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.kv_cache import KVCache
+from deepseek_jax.model.layers import RMSNorm, SwiGLU
+from deepseek_jax.model.moe import MoE
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  moe: bool
+
+  # setup (not compact) so that the training forward and the cached decode share the
+  # submodules; the attribute names are the parameter names.
+  def setup(self):
+    cfg = self.cfg
+    self.attn_norm = RMSNorm(cfg)
+    self.attn = MLA(cfg)
+    self.ffn_norm = RMSNorm(cfg)
+    if self.moe:
+      self.moe_ffn = MoE(cfg, name="moe")
+    else:
+      self.ffn = SwiGLU(cfg, cfg.ffn_dim)
+
+  def _ffn(self, x_BTD, valid_BT, bias_E):
+    h_BTD = self.ffn_norm(x_BTD)
+    if self.moe:
+      y_BTD, stats = self.moe_ffn(h_BTD, bias_E, valid_BT)
+    else:
+      y_BTD, stats = self.ffn(h_BTD), None
+    return x_BTD + y_BTD, stats
+
+  def __call__(self, x_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E):
+    """Returns (x_BTD, MoEStats or None)."""
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), pos_BT, segment_ids_BT)
+    return self._ffn(x_BTD, valid_BT, bias_E)
+
+  def decode(self, x_BTD, cache: KVCache, layer: int, n_new_B, valid_BT, bias_E,
+             absorb: bool = True):
+    """The block on a chunk against the KV cache (attention.MLA.decode).
+
+    Returns (x_BTD, cache, MoEStats or None). The MoE layer is called as in training:
+    the balancing bias picks the experts, padding (valid_BT False) is routed nowhere.
+    """
+    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), cache, layer, n_new_B, absorb)
+    x_BTD, stats = self._ffn(x_BTD + a_BTD, valid_BT, bias_E)
+    return x_BTD, cache, stats

@@ -1,0 +1,188 @@
+"""DeepSeekMoE (V3 eqs 12-16): shared experts + fine-grained routed experts.
+
+  h' = u + sum_shared FFN_s(u) + sum_routed g_i FFN_i(u)
+
+Routing: affinities s = sigmoid(u . e_i) (or softmax); the balancing bias b only changes
+WHICH experts are picked (top-K of s + b inside the topk_group best groups); the gates use
+the unbiased s, normalised over the picked experts, times routed_scaling_factor.
+
+The layer returns (output, MoEStats): the balancing code never reaches into the module.
+
+The routed experts run through one of dispatch.py's paths (cfg.moe_dispatch:
+reference, capacity or dropless), all equal up to float error when nothing is dropped.
+Under a mesh whose "expert" axis is > 1 (jax.set_mesh) they instead run expert-parallel
+(expert_parallel.py: all-to-all inside shard_map); the router, the shared experts and the
+statistics stay here, data-parallel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from deepseek_jax.model import dispatch, expert_parallel
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.layers import SwiGLU, param
+
+
+@struct.dataclass
+class MoEStats:
+  """Routing statistics of one MoE layer (stacked over layers by the model: leading L).
+
+  load_E        tokens sent to each expert by the real (biased) routing; valid tokens only.
+  aux_count_BE  per sequence, tokens sent to each expert by PLAIN top-k of the unbiased
+                scores (no bias): the routing map f_i of the balance losses.
+  aux_prob_BE   per sequence, sum over tokens of the normalised unbiased scores
+                s_i / sum_j s_j: the P_i of the balance losses (carries gradient).
+  aux_score_BE  per sequence, sum over tokens of the raw affinities s_i (the classic
+                auxiliary loss's P_i; carries gradient).
+  n_tokens_B    valid tokens per sequence.
+  dropped       routed assignments dropped for lack of capacity (0 unless "capacity").
+  shards_per_token      mean over valid tokens of the distinct expert-axis shards its
+                        experts live on (1 without expert parallelism): the all-to-all
+                        fan-out that node-limited routing bounds by topk_group.
+  max_shards_per_token  its maximum over tokens.
+  Under expert parallelism (expert_parallel.py) every count is summed over all shards.
+  """
+  load_E: jax.Array
+  aux_count_BE: jax.Array
+  aux_prob_BE: jax.Array
+  aux_score_BE: jax.Array
+  n_tokens_B: jax.Array
+  dropped: jax.Array
+  shards_per_token: jax.Array | None = None
+  max_shards_per_token: jax.Array | None = None
+
+
+# Routing ---------------------------------------------------------------------
+
+def affinities(logits_XE, cfg: ModelConfig):
+  logits_XE = logits_XE.astype(jnp.float32)
+  if cfg.score_func == "sigmoid":
+    return jax.nn.sigmoid(logits_XE)
+  return jax.nn.softmax(logits_XE, axis=-1)
+
+
+def biased_choice(scores_XE, bias_E, cfg: ModelConfig):
+  """The selection scores: s + b (bias_mode "add") or s * b ("mul"); None: plain s."""
+  if bias_E is None:
+    return scores_XE
+  bias_E = bias_E.astype(jnp.float32)
+  return scores_XE * bias_E if cfg.bias_mode == "mul" else scores_XE + bias_E
+
+
+def select_experts(scores_XE, bias_E, cfg: ModelConfig):
+  """Indices [X, K] of the top-K experts of the biased scores (biased_choice), within
+  the topk_group groups whose top-2 sums of biased scores are highest; dropped groups
+  are masked with -inf. bias_E None: plain top-K of the unbiased scores."""
+  choice_XE = biased_choice(scores_XE, bias_E, cfg)
+  X, E = choice_XE.shape
+  if cfg.n_group > 1:
+    grouped_XGe = choice_XE.reshape(X, cfg.n_group, E // cfg.n_group)
+    group_score_XG = jax.lax.top_k(grouped_XGe, 2)[0].sum(-1)
+    _, keep_XG = jax.lax.top_k(group_score_XG, cfg.topk_group)
+    keep_mask_XG = jnp.zeros((X, cfg.n_group), bool).at[
+        jnp.arange(X)[:, None], keep_XG].set(True)
+    keep_mask_XE = jnp.repeat(keep_mask_XG, E // cfg.n_group, axis=1)
+    choice_XE = jnp.where(keep_mask_XE, choice_XE, -jnp.inf)
+  _, idx_XK = jax.lax.top_k(choice_XE, cfg.top_k)
+  return idx_XK
+
+
+def gate_values(scores_XE, idx_XK, cfg: ModelConfig):
+  """Gates from the UNBIASED scores of the picked experts (eq. 13 and V3's normalisation)."""
+  gates_XK = jnp.take_along_axis(scores_XE, idx_XK, axis=-1)
+  if cfg.norm_topk_prob:
+    gates_XK = gates_XK / (gates_XK.sum(-1, keepdims=True) + 1e-20)
+  return gates_XK * cfg.routed_scaling_factor
+
+
+def shards_visited(idx_XK, n_experts: int, n_shards: int):
+  """Distinct shards each token's experts live on [X] int32, shard z holding experts
+  [z E/Z, (z+1) E/Z) for Z shards (expert_parallel.py's layout); padding (expert E)
+  visits none."""
+  shard_XK = idx_XK // (n_experts // n_shards)
+  hit_XZ = jax.nn.one_hot(shard_XK, n_shards + 1, dtype=jnp.int32).max(axis=1)
+  return hit_XZ[:, :n_shards].sum(-1)
+
+
+def route(scores_XE, bias_E, cfg: ModelConfig):
+  idx_XK = select_experts(scores_XE, bias_E, cfg)
+  return idx_XK, gate_values(scores_XE, idx_XK, cfg)
+
+
+# The layer --------------------------------------------------------------------
+
+class MoE(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, bias_E, valid_BT=None):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    B, T, D = x_BTD.shape
+    E, F = cfg.n_routed_experts, cfg.moe_ffn_dim
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), bool)
+    # The router stays float32 whatever the compute dtype (as HF and MaxText).
+    w_router = self.param("w_router", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.init_std), ("embed", "expert")), (D, E), jnp.float32)
+    w_gate = param(self, "w_gate", (E, D, F), ("expert", "embed", "mlp"), cfg)
+    w_up = param(self, "w_up", (E, D, F), ("expert", "embed", "mlp"), cfg)
+    w_down = param(self, "w_down", (E, F, D), ("expert", "mlp", "embed"), cfg)
+
+    x_XD = x_BTD.reshape(B * T, D).astype(dt)
+    valid_X = valid_BT.reshape(B * T)
+    scores_XE = affinities(x_XD.astype(jnp.float32) @ w_router, cfg)
+    # The bias is balancing state, not a parameter: no gradient flows into it.
+    idx_XK, gates_XK = route(scores_XE, jax.lax.stop_gradient(bias_E), cfg)
+    gates_XK = jnp.where(valid_X[:, None], gates_XK, 0.0)
+    idx_XK = jnp.where(valid_X[:, None], idx_XK, E)  # sentinel: padding goes nowhere
+
+    ws = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+    mesh = expert_parallel.expert_mesh()
+    load_E, n_shards = None, 1
+    if mesh is not None:
+      n_shards = mesh.shape[expert_parallel.EXPERT]
+      y_BTD, load_E, dropped = expert_parallel.routed_experts(
+          x_XD.reshape(B, T, D), idx_XK.reshape(B, T, -1), gates_XK.reshape(B, T, -1),
+          *ws, cfg, mesh)
+      y_XD = y_BTD.reshape(B * T, D)
+    elif cfg.moe_dispatch == "reference":
+      y_XD, dropped = dispatch.experts_reference(x_XD, idx_XK, gates_XK, *ws)
+    elif cfg.moe_dispatch == "capacity":
+      y_XD, dropped = dispatch.experts_capacity(x_XD, idx_XK, gates_XK, *ws,
+                                                dispatch.capacity(B * T, cfg))
+    else:
+      block = cfg.moe_block_size or dispatch.dropless_block_size(B * T * cfg.top_k, E)
+      y_XD, dropped = dispatch.experts_dropless(x_XD, idx_XK, gates_XK, *ws, block)
+    y_BTD = y_XD.reshape(B, T, D)
+    if cfg.n_shared_experts:
+      # n_s shared experts of width F are one SwiGLU of width n_s * F (HF stores them so).
+      y_BTD = y_BTD + SwiGLU(cfg, cfg.n_shared_experts * F, name="shared")(x_BTD)
+    return y_BTD, routing_stats(scores_XE, idx_XK, valid_X, (B, T), cfg, dropped,
+                                load_E=load_E, n_shards=n_shards)
+
+
+def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, dropped,
+                  load_E=None, n_shards: int = 1):
+  """MoEStats of one layer; load_E when the dispatch already counted it (globally)."""
+  B, T = shape_BT
+  E = cfg.n_routed_experts
+  valid = valid_X.astype(jnp.float32)
+  if load_E is None:
+    load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
+  shards_X = shards_visited(idx_XK, E, n_shards).astype(jnp.float32)
+  plain_XK = select_experts(scores_XE, None, cfg)
+  plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
+  prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]
+  return MoEStats(
+      load_E=load_E,
+      aux_count_BE=plain_XE.reshape(B, T, E).sum(1),
+      aux_prob_BE=prob_XE.reshape(B, T, E).sum(1),
+      aux_score_BE=(scores_XE * valid[:, None]).reshape(B, T, E).sum(1),
+      n_tokens_B=valid.reshape(B, T).sum(1),
+      dropped=dropped,
+      shards_per_token=shards_X.sum() / jnp.maximum(valid.sum(), 1.0),
+      max_shards_per_token=shards_X.max())

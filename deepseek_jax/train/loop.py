@@ -1,0 +1,260 @@
+"""The training loop: mesh / input / model / shard / step / loop, one flat function.
+
+`train(cfg, workdir)` trains any config from a laptop CPU to a multi-host pod and
+resumes exactly from the newest checkpoint in `workdir`. Metrics of step s are pulled
+to the host after step s+1 is dispatched, so the device never waits for the host.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
+from absl import logging
+
+from deepseek_jax import balancing
+from deepseek_jax.train import data, sharding
+from deepseek_jax.train.checkpoint import Checkpointer, check_workdir_config
+from deepseek_jax.model.config import model_config_from
+from deepseek_jax.model.param_count import count_params
+from deepseek_jax.train.metrics import MetricWriter, measure_matmul_peak, train_flops_per_token
+from deepseek_jax.model.transformer import Transformer, abstract_variables
+from deepseek_jax.train.step import (TrainState, balance_hparams, init_state, jit_steps,
+                                     make_optimizer)
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def validate_run_config(cfg, mesh):
+  div = sharding.batch_divisor(mesh) * cfg.microbatches
+  if cfg.batch_size % div:
+    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of microbatches x "
+                     f"batch devices = {cfg.microbatches} x {sharding.batch_divisor(mesh)}")
+  if cfg.batch_size % jax.process_count():
+    raise ValueError(f"batch_size={cfg.batch_size} must split over {jax.process_count()} "
+                     "processes")
+  for f in ("total_steps", "checkpoint_every", "eval_every", "log_every", "seq_len",
+            "microbatches", "keep_checkpoints"):
+    if int(cfg[f]) <= 0:
+      raise ValueError(f"config.{f} must be positive (got {cfg[f]})")
+  if cfg.balance.bias_rule not in balancing.BIAS_RULES:
+    raise ValueError(f"config.balance.bias_rule must be one of {balancing.BIAS_RULES}")
+
+
+def state_shardings(model, tx, mesh):
+  """Shardings of the whole TrainState from the params' logical axes."""
+  boxed = abstract_variables(model)
+  param_sh = sharding.param_shardings(boxed["params"], mesh)
+  rep = sharding.replicated(mesh)
+  abstract_params = nn.unbox(boxed["params"])
+  opt_abstract = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
+                                 transform_non_params=lambda _: rep)
+  has_bias = "balance" in boxed
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+                    expert_bias=rep if has_bias else None)
+
+
+class _Preemption:
+  """SIGTERM (preemption) asks the loop to save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      pass
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and exiting")
+    self.requested = True
+
+
+def describe_run(cfg, model_cfg, mesh) -> str:
+  """One line a researcher checks before a run starts: model, mesh, batch, balancing."""
+  c = count_params(model_cfg)
+  b = cfg.balance
+  alphas = [f"{k} {b[k + '_alpha']:g}" for k in ("aux", "seq_aux", "batch_aux")
+            if b[k + "_alpha"]]
+  bias = f"bias u {b.bias_rate:g} ({b.bias_rule})" if b.bias_rate else ""
+  mesh_s = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+  return (f"model {c['total'] / 1e6:.2f}M params ({c['activated'] / 1e6:.2f}M activated), "
+          f"{model_cfg.n_layers} layers of which {model_cfg.n_moe_layers} MoE "
+          f"({model_cfg.n_shared_experts} shared + {model_cfg.n_routed_experts} routed, "
+          f"top-{model_cfg.top_k}), MTP depth {model_cfg.mtp_depth} | mesh {mesh_s} | "
+          f"batch {cfg.batch_size} x {cfg.seq_len}, {cfg.total_steps} steps, "
+          f"{cfg.microbatches} microbatch(es) | balancing: "
+          + (", ".join(alphas + [bias] if bias else alphas) or "none"))
+
+
+def _global_batch(local, batch_sh):
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+
+def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches, n_moe_layers):
+  """Validation over fixed batches: loss, perplexity, MTP loss per depth, MaxVio_global."""
+  sums = None
+  for local in data.validation_batches(rows, cfg.batch_size, n_batches, jax.process_index(),
+                                       jax.process_count()):
+    out = jax.device_get(eval_fn(state, _global_batch(local, batch_sh)))
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  n = max(float(sums["n_tokens"]), 1.0)
+  result = {"val_loss": float(sums["ce_sum"]) / n}
+  result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+  if "mtp_sum" in sums:
+    result["val_mtp"] = (np.asarray(sums["mtp_sum"]) / n).tolist()
+  if "load" in sums:
+    mv = np.asarray(jax.device_get(balancing.max_violation(sums["load"])))
+    result["val_load"] = np.asarray(sums["load"]).tolist()
+    result["maxvio_global"] = mv.tolist()
+    result["maxvio_global_mean"] = float(mv[:n_moe_layers].mean())
+  return result
+
+
+def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = False,
+          devices=None):
+  """Trains cfg in workdir (resuming if it holds a checkpoint); returns the last metrics.
+
+  devices: the devices of the mesh (default all; tests pass one to get an unsharded run).
+  """
+  # Mesh ---------------------------------------------------------------------------
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  validate_run_config(cfg, mesh)
+  model_cfg = model_config_from(cfg.model)
+  resuming = check_workdir_config(workdir, cfg.to_dict())
+  is_main = jax.process_index() == 0
+
+  # Input ----------------------------------------------------------------------------
+  corpus = data.load_corpus(cfg.data, model_cfg.vocab_size)
+  train_rows = data.PackedRows(corpus.train_tokens, corpus.train_starts, cfg.seq_len)
+  val_rows = data.PackedRows(corpus.val_tokens, corpus.val_starts, cfg.seq_len)
+  schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed)
+  logging.info("run: %s", describe_run(cfg, model_cfg, mesh))
+  logging.info("data: %s", data.describe(corpus))
+
+  # Model and shardings ------------------------------------------------------------------
+  model = Transformer(model_cfg)
+  tx = make_optimizer(cfg.optimizer, cfg.total_steps)
+  state_sh = state_shardings(model, tx, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  train_fn, eval_fn = jit_steps(model, tx, cfg, state_sh, batch_sh)
+  # Steps trace under the mesh: MoE layers go expert-parallel when mesh.expert > 1.
+  train_fn, eval_fn = sharding.with_mesh(mesh, train_fn), sharding.with_mesh(mesh, eval_fn)
+  init_fn = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=state_sh)
+
+  ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
+  writer = MetricWriter(workdir, cfg.total_steps, enabled=is_main and not quiet)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed)), state_sh)
+  restored = ckpt.restore_latest(abstract) if resuming else None
+  if restored is None and ckpt.steps():
+    raise RuntimeError(f"{workdir} has checkpoints but no config.json; refusing to start over")
+  if restored is not None:
+    state, meta, step = restored
+    logging.info("resumed from step %d (%s)", step, ckpt.directory)
+    if is_main:
+      writer.truncate_after(step)
+  else:
+    state = init_fn(jax.random.PRNGKey(cfg.seed))
+    step = 0
+
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  flops_per_step = train_flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+  if peak_flops is None:
+    peak_flops = measure_matmul_peak() * jax.process_count()
+  preempt = _Preemption()
+  n_eval = None if cfg.eval_batches < 0 else cfg.eval_batches
+
+  # Loop ---------------------------------------------------------------------------
+  hparams = jax.tree.map(jnp.float32, balance_hparams(cfg))
+  n_moe = model_cfg.n_moe_layers
+  final_batches = cfg.get("final_eval_batches", -1)
+  final_eval = None if final_batches is None or final_batches < 0 else final_batches
+  pending = None          # (step, device metrics) of the last dispatched step
+  last = {}
+  clock = {"pulled": time.perf_counter(), "window": time.perf_counter(), "since": step}
+  t_start, start_step = time.perf_counter(), step
+
+  def pull(p):
+    """Host copy of step p's metrics; stops on a non-finite loss before anything saves."""
+    s, dev_metrics = p
+    m = jax.device_get(dev_metrics)
+    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      ckpt.wait()
+      saved = ckpt.steps()
+      raise NonFiniteLoss(
+          f"non-finite loss {loss} (grad norm {gnorm}) at step {s}; training stopped. "
+          f"Last good checkpoint: step {saved[-1] if saved else None} in {ckpt.directory}")
+    if "maxvio" in m:  # the mean over the main model's MoE layers (MTP rows excluded)
+      m["maxvio_mean"] = float(np.mean(m["maxvio"][:n_moe]))
+    now = time.perf_counter()
+    m["step_time"] = now - clock["pulled"]
+    clock["pulled"] = now
+    return m
+
+  def record(s, m, extra=None, console=False, now=None):
+    nonlocal last
+    m.update(extra or {})
+    if console or (s + 1) % cfg.log_every == 0:
+      now = now or time.perf_counter()
+      steps, dt = s + 1 - clock["since"], now - clock["window"]
+      if steps > 0 and dt > 0:
+        m["tokens_per_s"] = steps * tokens_per_step / dt
+        m["mfu"] = steps * flops_per_step / dt / peak_flops
+      clock.update(window=now, since=s + 1)
+      done = s + 1 - start_step
+      writer.console(s + 1, m, (now - t_start) / done * (cfg.total_steps - s - 1))
+    writer.write(s, m)
+    last = m
+
+  try:
+    while step < cfg.total_steps:
+      batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
+                            batch_sh)
+      state, metrics = train_fn(state, batch, hparams)
+      if pending is not None:
+        record(pending[0], pull(pending))
+      pending = (step, metrics)
+      step += 1
+      eval_due = step % cfg.eval_every == 0 or step == cfg.total_steps
+      save_due = (step % cfg.checkpoint_every == 0 or step == cfg.total_steps
+                  or preempt.requested)
+      if eval_due or save_due:
+        m = pull(pending)   # verified finite before anything is saved
+        t_trained, extra = time.perf_counter(), {}
+        if eval_due:
+          n = final_eval if step == cfg.total_steps else n_eval
+          extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n, n_moe)
+        record(pending[0], m, extra, console=eval_due, now=t_trained)
+        pending = None
+        if save_due:
+          ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict()},
+                    force=preempt.requested)
+          logging.info("checkpoint at step %d -> %s", step, ckpt.directory)
+        # Evaluation and saving are not training time.
+        clock["pulled"] = clock["window"] = time.perf_counter()
+        clock["since"] = step
+        if preempt.requested:
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+    preempt.restore()
+  last["step"] = step
+  last["preempted"] = preempt.requested
+  return last

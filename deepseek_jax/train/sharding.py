@@ -1,0 +1,85 @@
+"""The mesh and the shardings of the train state and batch, from the logical axes of
+model/partitioning.py (its RULES table is the only sharding table). Steps run under
+with_mesh, so an MoE layer finds the mesh and goes expert-parallel when mesh.expert > 1.
+
+Axis types are Auto (GSPMD propagation), chosen deliberately over jax.make_mesh's new
+Explicit default: linen modules, optax and orbax restore all work on plain jnp code
+under Auto with shardings only at the jit boundary, while Explicit would make every
+einsum with an ambiguous output sharding an error. See BUILD_NOTES.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as PS
+import flax.linen as nn
+
+from deepseek_jax.model.partitioning import BATCH, MESH_AXES, logical_to_spec
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
+  """Sizes of the four axes from config; one axis may be -1 (takes what is left)."""
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad or len(free) > 1:
+    raise ValueError(f"mesh: sizes must be positive, with at most one -1; got {sizes}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if n_devices % fixed:
+      raise ValueError(f"mesh: {sizes} cannot fill {n_devices} devices "
+                       f"({n_devices} is not a multiple of {fixed})")
+    sizes[free[0]] = n_devices // fixed
+  if math.prod(sizes.values()) != n_devices:
+    raise ValueError(
+        f"mesh: data*fsdp*expert*tensor = {'*'.join(str(sizes[a]) for a in MESH_AXES)} = "
+        f"{math.prod(sizes.values())}, but there are {n_devices} devices "
+        f"({jax.process_count()} process(es)); set --config.mesh.* so the product matches")
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def param_shardings(boxed_abstract, mesh: Mesh):
+  """NamedShardings for a tree of boxed (nn.LogicallyPartitioned) abstract values."""
+  def one(x):
+    if isinstance(x, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, mesh))
+    return NamedSharding(mesh, PS())
+  return jax.tree.map(one, boxed_abstract,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, PS(BATCH, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PS())
+
+
+def with_mesh(mesh: Mesh, fn):
+  """fn called inside jax.set_mesh(mesh): while a jitted step traces, the MoE layer finds
+  the mesh with jax.sharding.get_abstract_mesh() and, when its expert axis is > 1, runs
+  the routed experts expert-parallel (expert_parallel.py)."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """The global batch must be a multiple of this (the devices it is split over)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH]))

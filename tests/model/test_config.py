@@ -1,0 +1,130 @@
+"""ModelConfig validation, presets, config files and parameter counts."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from deepseek_jax.model import config
+from deepseek_jax.model.param_count import count_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("name", sorted(config.PRESETS))
+def test_every_preset_validates(name):
+  cfg = config.preset(name)
+  assert cfg == config.ModelConfig.from_dict(cfg.to_dict())
+
+
+@pytest.mark.parametrize("changes, field, rule", [
+    (dict(top_k=9), "top_k", "cannot exceed n_routed_experts"),
+    (dict(n_group=3), "n_group", "must divide n_routed_experts"),
+    (dict(n_group=2, topk_group=3), "topk_group", "cannot exceed n_group"),
+    (dict(n_group=4, topk_group=1, top_k=3), "topk_group", "fewer than top_k"),
+    (dict(qk_rope_head_dim=5), "qk_rope_head_dim", "must be even"),
+    (dict(d_model=0), "d_model", "positive integer"),
+    (dict(n_heads=-2), "n_heads", "positive integer"),
+    (dict(q_lora_rank=0), "q_lora_rank", "positive integer or None"),
+    (dict(first_k_dense=4), "first_k_dense", "cannot exceed n_layers"),
+    (dict(n_group=8, topk_group=4), "n_group", "at least 2 experts"),
+    (dict(score_func="relu"), "score_func", "must be one of"),
+    (dict(moe_dispatch="ragged"), "moe_dispatch", "must be one of"),
+    (dict(bias_mode="pow"), "bias_mode", "must be one of"),
+    (dict(rope_factor=0.5), "rope_factor", ">= 1"),
+    (dict(dtype="float64"), "dtype", "must be one of"),
+    (dict(rms_eps=0.0), "rms_eps", "must be positive"),
+])
+def test_bad_config_names_field_and_rule(changes, field, rule):
+  with pytest.raises(ValueError) as e:
+    config.tiny().replace(**changes)
+  assert f"ModelConfig.{field}" in str(e.value) and rule in str(e.value)
+
+
+def test_unknown_field_and_preset():
+  with pytest.raises(ValueError, match="unknown field"):
+    config.ModelConfig.from_dict({"d_modle": 3})
+  with pytest.raises(ValueError, match="unknown model preset"):
+    config.preset("gpt5")
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location("cfg_under_test", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
+def test_every_config_file_loads_and_validates(path):
+  if os.path.basename(path) in ("__init__.py", "common.py"):
+    pytest.skip("helper module, not a config")
+  c = _load(path)
+  for field in ("total_steps", "checkpoint_every", "eval_every", "seed"):
+    assert field in c, field
+  for axis in ("data", "fsdp", "expert", "tensor"):
+    assert axis in c.mesh
+  config.model_config_from(c.model)
+
+
+def _hand_count(cfg):
+  D, N, H, P, O, R, Q = (cfg.d_model, cfg.n_heads, cfg.qk_nope_head_dim,
+                         cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
+                         cfg.q_lora_rank)
+  attn = D * Q + Q + Q * N * (H + P) + D * (R + P) + R + R * N * (H + O) + N * O * D
+  dense = 3 * D * cfg.ffn_dim
+  shared = 3 * D * cfg.moe_ffn_dim * cfg.n_shared_experts
+  routed = 3 * D * cfg.moe_ffn_dim * cfg.n_routed_experts
+  router = D * cfg.n_routed_experts
+  n_moe = cfg.n_layers - cfg.first_k_dense
+  norms = 2 * D
+  layer_norms = cfg.n_layers * norms + D  # two per block, plus the final norm
+  total = (2 * cfg.vocab_size * D + cfg.n_layers * attn + cfg.first_k_dense * dense
+           + n_moe * (shared + routed + router) + layer_norms)
+  activated = total - n_moe * routed * (1 - cfg.top_k / cfg.n_routed_experts)
+  mtp = cfg.mtp_depth * (3 * D + 2 * D * D + attn + norms + shared + routed + router)
+  return total, activated, mtp
+
+
+def test_param_count_matches_hand_count():
+  cfg = config.tiny()
+  counts = count_params(cfg)
+  total, activated, mtp = _hand_count(cfg)
+  assert counts["total"] == total
+  assert counts["activated"] == round(activated)
+  assert counts["mtp"] == mtp
+
+
+def test_deepseek_v3_sizes():
+  counts = count_params(config.deepseek_v3_671b())
+  assert 670e9 < counts["total"] < 672e9       # the report: 671B
+  assert 37e9 < counts["activated"] < 38e9     # the report: 37B
+  assert counts["total"] == _hand_count(config.deepseek_v3_671b())[0]
+
+
+def test_671b_layout_shards_abstractly_on_a_pod_mesh():
+  """The pod config's model builds abstractly and every weight gets a valid sharding on
+  its 16 x 64 (data x expert) mesh, without allocating anything."""
+  import jax
+  import flax.linen as nn
+  from jax.sharding import AbstractMesh, AxisType
+  from deepseek_jax.train import sharding
+  from deepseek_jax.model.transformer import Transformer, abstract_variables
+  c = _load(os.path.join(REPO, "configs", "deepseek_v3_671b.py"))
+  cfg = config.model_config_from(c.model)
+  shape = tuple(c.mesh[a] for a in sharding.MESH_AXES)
+  mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  boxed = abstract_variables(Transformer(cfg))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  experts_sharded = 0
+  for leaf in leaves:
+    spec = sharding.logical_to_spec(leaf.names, leaf.value.shape, mesh)
+    for dim, axes in zip(leaf.value.shape, spec):
+      if axes is not None:
+        size = 1
+        for a in (axes if isinstance(axes, tuple) else (axes,)):
+          size *= mesh.shape[a]
+        assert dim % size == 0
+    experts_sharded += "expert" in [a for a in spec if isinstance(a, str)]
+  assert experts_sharded >= 3 * cfg.n_moe_layers   # gate, up, down of every MoE layer

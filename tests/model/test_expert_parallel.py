@@ -1,0 +1,186 @@
+"""Expert parallelism on 8 simulated CPU devices: the all-to-all layer equals the
+single-device layer (outputs, gradients, statistics, bias update), node-limited routing
+keeps every token on at most topk_group shards, and capacity drops match a numpy count.
+(Training on a data=2 x expert=4 mesh against one device: tests/test_train.py.)"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+import reference_numpy as ref
+from deepseek_jax import balancing
+from deepseek_jax.model import config, expert_parallel, moe
+from deepseek_jax.train import sharding
+
+B, T = 8, 4        # one sequence per batch shard
+CFG = config.tiny()  # E=8 in 4 groups of 2, keep 2 groups, top-3, sigmoid, scale 2.5
+VALID = np.ones((B, T), bool)
+VALID[0, 3:] = False
+VALID[5, :2] = False
+MESHES = [(1, 8), (2, 4), (4, 2)]  # data x expert
+
+
+def _mesh(data, expert, fsdp=1, tensor=1):
+  return sharding.make_mesh(dict(data=data, fsdp=fsdp, expert=expert, tensor=tensor),
+                            jax.devices()[:8])
+
+
+def _params(cfg, seed=0):
+  shapes = jax.eval_shape(moe.MoE(cfg).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 2, cfg.d_model)), jnp.zeros((cfg.n_routed_experts,)))
+  return jax.tree.map(jnp.asarray, ref.randomize(nn.unbox(shapes)["params"], seed, std=0.25))
+
+
+def _inputs(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  u = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
+  bias = 0.3 * rng.standard_normal(cfg.n_routed_experts).astype(np.float32)
+  return u, bias
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads(cfg):
+  """jit of (layer outputs, stats, grads wrt params and inputs) of a fixed linear loss."""
+  def loss(p, u, bias, valid, ct):
+    y, stats = moe.MoE(cfg).apply({"params": p}, u, bias, valid)
+    return jnp.sum(y * ct), (y, stats)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _run(cfg, mesh, seed=0):
+  u, bias = _inputs(cfg, seed)
+  ct = np.random.default_rng(seed + 1).standard_normal(u.shape).astype(np.float32)
+  args = (_params(cfg, seed), u, bias, VALID, ct)
+  if mesh is None:
+    return _loss_and_grads(cfg)(*args)
+  with jax.set_mesh(mesh):
+    return _loss_and_grads(cfg)(*args)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=d, expert=e) for d, e in MESHES]
+                         + [dict(data=1, fsdp=2, expert=2, tensor=2)])
+def test_matches_single_device(mesh):
+  # The last mesh: expert weights gathered over fsdp and tensor, tokens replicated over
+  # tensor (the counts must not be summed over it).
+  (_, (y0, s0)), g0 = _run(CFG, None)
+  (_, (y1, s1)), g1 = _run(CFG, _mesh(**mesh))
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  # Gradients wrt the inputs and every weight (routed experts, router, shared experts).
+  flat0, flat1 = jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)
+  for (path, a), b in zip(flat0, flat1):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  for name in ("load_E", "aux_count_BE", "aux_prob_BE", "aux_score_BE", "n_tokens_B",
+               "dropped"):
+    np.testing.assert_allclose(getattr(s1, name), getattr(s0, name), rtol=1e-5, atol=1e-5,
+                               err_msg=name)
+  assert float(s1.dropped) == 0.0
+  assert float(s0.shards_per_token) == 1.0
+  assert 1.0 < float(s1.shards_per_token) <= float(s1.max_shards_per_token) <= CFG.top_k
+
+
+def test_bias_update_is_global():
+  """The balancing update inside the step sees the loads of all 8 shards, not one."""
+  cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=1.0)  # drops too
+  u, bias = _inputs(cfg, seed=3)
+  p = _params(cfg, seed=3)
+
+  @jax.jit
+  def step(p, u, bias, valid):
+    _, stats = moe.MoE(cfg).apply({"params": p}, u, bias, valid)
+    new = {rule: balancing.update_bias(bias[None], stats.load_E[None], 1e-3, rule)[0]
+           for rule in balancing.BIAS_RULES}
+    return new, stats.load_E, stats.dropped
+
+  want, load0, _ = step(p, u, bias, VALID)
+  with jax.set_mesh(_mesh(2, 4)):
+    got, load1, dropped = step(p, u, bias, VALID)
+  np.testing.assert_array_equal(load1, load0)
+  for rule in balancing.BIAS_RULES:
+    np.testing.assert_array_equal(got[rule], want[rule], err_msg=rule)
+  assert float(load1.sum()) == cfg.top_k * VALID.sum()
+  assert float(dropped) > 0  # loads count routed assignments, kept or dropped
+  # One shard's own count would move the bias differently.
+  local, _, _ = step(p, u[:1], bias, VALID[:1])
+  assert not np.allclose(local["magnitude"], want["magnitude"])
+
+
+def _shards_per_token(cfg, p, u, bias, n_shards):
+  scores = ref.affinities(np.asarray(u, np.float64).reshape(-1, cfg.d_model)
+                          @ np.asarray(p["w_router"], np.float64), cfg.score_func)
+  chosen, _ = ref.route(scores, bias, cfg)
+  per = cfg.n_routed_experts // n_shards
+  return np.array([len({e // per for e in c}) for c in chosen]).reshape(B, T)
+
+
+@pytest.mark.parametrize("data,expert,M", [(2, 4, 2), (4, 2, 1)])
+def test_node_limited_routing_visits_at_most_topk_group_shards(data, expert, M):
+  # M = topk_group < shards, else the bound says nothing; 4 groups of 2 experts.
+  cfg = CFG.replace(route_limit_by_shard=True, topk_group=M, top_k=min(3, 2 * M))
+  (_, (_, stats)), _ = _run(cfg, _mesh(data, expert), seed=4)
+  u, bias = _inputs(cfg, seed=4)
+  counts = _shards_per_token(cfg, _params(cfg, seed=4), u, bias, expert)[VALID]
+  assert counts.max() <= M
+  assert float(stats.max_shards_per_token) == counts.max()
+  np.testing.assert_allclose(float(stats.shards_per_token), counts.mean(), rtol=1e-6)
+  # What the dispatch actually sends: one row per (token, shard) pair, at most M a token.
+  scores = moe.affinities(jnp.asarray(u).reshape(B * T, -1) @ _params(cfg, seed=4)["w_router"],
+                          cfg)
+  idx, gates = moe.route(scores, jnp.asarray(bias), cfg)
+  row_XZ = expert_parallel.plan_dispatch(idx, gates, cfg.n_routed_experts, expert, B * T)[0]
+  sent = (row_XZ < expert * B * T).sum(-1)[VALID.reshape(-1)]
+  np.testing.assert_array_equal(sent, counts)
+  # Without the group limit the same tokens spread over more than M shards.
+  free = cfg.replace(n_group=1, topk_group=1, route_limit_by_shard=False)
+  assert _shards_per_token(free, _params(cfg, seed=4), u, bias, expert)[VALID].max() > M
+
+
+def test_route_limit_rejects_a_mesh_that_splits_groups():
+  cfg = CFG.replace(route_limit_by_shard=True)  # 4 groups cannot sit on 8 shards
+  with pytest.raises(ValueError, match="route_limit_by_shard: n_group=4 must be a multiple"):
+    _run(cfg, _mesh(1, 8))
+
+
+def test_capacity_drops_match_numpy_count():
+  data, Z = 2, 4
+  cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=1.0)
+  p, (u, bias) = _params(cfg, seed=5), _inputs(cfg, seed=5)
+  (_, (y, stats)), _ = _run(cfg, _mesh(data, Z), seed=5)
+
+  # numpy: a token goes once to each shard holding any of its experts; each shard (one
+  # sequence here) has C slots per destination, taken in token order; a token refused
+  # by a full destination loses all its experts there.
+  pn = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  u_XD = np.asarray(u, np.float64).reshape(-1, cfg.d_model)
+  scores = ref.affinities(u_XD @ pn["w_router"], cfg.score_func)
+  chosen, gates = ref.route(scores, bias, cfg)
+  X_shard, per = B * T // 8, cfg.n_routed_experts // Z
+  fanout = cfg.topk_group  # 4 groups on 4 shards: node-limited
+  C = math.ceil(cfg.capacity_factor * X_shard * fanout / Z)
+  y_want = np.zeros_like(u_XD)
+  dropped = 0
+  for src in range(8):
+    used = np.zeros(Z, int)
+    for x in range(src * X_shard, (src + 1) * X_shard):
+      sh = pn["shared"]
+      y_want[x] += ref.swiglu(u_XD[x], sh["w_gate"], sh["w_up"], sh["w_down"])
+      if not VALID.reshape(-1)[x]:
+        continue
+      for z in sorted({e // per for e in chosen[x]}):
+        used[z] += 1
+        for e, g in zip(chosen[x], gates[x]):
+          if e // per != z:
+            continue
+          if used[z] > C:
+            dropped += 1
+          else:
+            y_want[x] += g * ref.swiglu(u_XD[x], pn["w_gate"][e], pn["w_up"][e],
+                                        pn["w_down"][e])
+  assert dropped > 0
+  assert float(stats.dropped) == dropped
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model), y_want, rtol=1e-5,
+                             atol=1e-5)

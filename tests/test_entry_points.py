@@ -1,0 +1,58 @@
+"""The entry points' console and their errors on missing input."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import subprocess_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _record(path, level):
+  return logging.LogRecord("absl", level, path, 1, "msg", (), None)
+
+
+def test_console_filter_keeps_project_lines_and_warnings():
+  from experiments import launch
+  f = launch._ProjectLines()
+  ours = os.path.join(REPO, "deepseek_jax", "train", "loop.py")
+  orbax = os.path.join(sys.prefix, "lib", "site-packages", "orbax", "checkpoint", "x.py")
+  assert f.filter(_record(ours, logging.INFO))
+  assert not f.filter(_record(orbax, logging.INFO))
+  assert f.filter(_record(orbax, logging.WARNING))
+  # A sibling folder whose name starts like ours is not ours.
+  assert not f.filter(_record(os.path.join(REPO, "deepseek_jax_old", "x.py"), logging.INFO))
+
+
+def _run(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], env=subprocess_env(),
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("make", [False, True])
+def test_generate_without_a_run_names_the_problem(tmp_path, make):
+  workdir = tmp_path / "nothing"
+  if make:
+    workdir.mkdir()
+  r = _run("experiments.generate", f"--workdir={workdir}", "--prompt=x")
+  assert r.returncode != 0
+  assert f"no training run in {workdir}" in r.stderr
+  assert "--hf_dir" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_without_a_hf_checkpoint_names_the_problem(tmp_path):
+  r = _run("experiments.generate", f"--hf_dir={tmp_path}", "--prompt_ids=1,2")
+  assert r.returncode != 0
+  assert f"no Hugging Face checkpoint in {tmp_path}" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_report_on_a_missing_directory_names_it(tmp_path):
+  r = _run("experiments.report", f"--workdirs={tmp_path / 'gone'}")
+  assert r.returncode != 0 and "is not a directory" in r.stderr
+  r = _run("experiments.report", f"--workdirs={tmp_path}")
+  assert r.returncode != 0 and "no run (a folder with metrics.jsonl)" in r.stderr
