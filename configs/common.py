@@ -50,7 +50,9 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   c.batch_size = 16            # global sequences per step
   c.seq_len = 256
   c.microbatches = 1           # gradient accumulation
-  c.mtp_lambda = 0.3
+  c.mtp_lambda = 0.3           # MTP loss weight (V3: 0.3 for the first 10T tokens,
+  c.mtp_lambda_late = 0.1      # then 0.1); it switches at this step (-1: never)
+  c.mtp_lambda_switch_step = -1
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
 
@@ -62,8 +64,11 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   # Load balancing (balancing.py). Rates/alphas of 0 switch a mechanism off.
   c.balance = ml_collections.ConfigDict(dict(
       bias_rate=0.0,            # u of b_i += u * sign(mean_load - load_i)
-      bias_rule="sign",         # sign | magnitude (LFB's variant); model.bias_mode
-                                # picks additive or multiplicative use of the bias
+      bias_rule="sign",         # sign | magnitude (LFB's variant) | quantile (QB, needs
+                                # model.quantile_stats; u then weighs the new target);
+                                # model.bias_mode picks additive or multiplicative use
+      count_scope="global",     # with microbatches > 1: global | micro counting for the
+                                # batch-level losses and the bias (balancing.py)
       bias_freeze_frac=1.0,     # u is set to 0 after this fraction of total_steps
       aux_alpha=0.0,            # classic Switch/GShard auxiliary loss
       seq_aux_alpha=0.0,        # V3 sequence-wise balance loss (eqs 17-20)

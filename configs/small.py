@@ -27,6 +27,13 @@ STRATEGIES = {
     "bias_magnitude": {"balance.bias_rate": 1e-3, "balance.bias_rule": "magnitude"},
     "bias_mult": {"balance.bias_rate": 1e-3, "model.bias_mode": "mul"},
     "bias_freeze": {"balance.bias_rate": 1e-3, "balance.bias_freeze_frac": 0.97},
+    # Quantile Balancing: the bias set each step (u = 1: replace) from batch quantiles.
+    "quantile": {"balance.bias_rule": "quantile", "balance.bias_rate": 1.0,
+                 "model.quantile_stats": True},
+    # Micro-batch counting (differs from the default global counting only with
+    # microbatches > 1, e.g. --override=microbatches=4).
+    "batch_aux_micro": {"balance.batch_aux_alpha": 1e-3, "balance.count_scope": "micro"},
+    "bias_micro": {"balance.bias_rate": 1e-3, "balance.count_scope": "micro"},
 }
 
 # LFB's 1B model: 9 MoE layers, 2 shared + 64 routed top-6, sigmoid gate, no group limit.

@@ -17,8 +17,19 @@ Strategy names (configs/ and experiments/balancing_ablation.py):
   bias_mult     LFB's multiplicative use: top-K of s_i * b_i, b starting at 1
                 (ModelConfig.bias_mode="mul"), updated by the same sign rule
   bias_freeze   V3's schedule: the sign rule, u = 0 for the last 3% of training
+  quantile      Quantile Balancing (Su; Megatron PR #5349): the bias is SET each step to
+                the per-expert quantile at which every expert would get its share
+                (moe.quantile_bias_target), b <- b + u (target - b), u = 1: replace
 For every loss f_i = E / (K T) * (tokens routed to i by plain top-K of the UNBIASED
-scores), so the losses see the router itself, not the bias's correction of it.
+scores), so the losses see the router itself, not the bias's correction of it. Every
+loss is summed over the routed layers (MTP blocks included): each layer adds its own
+alpha * L_layer, as Hugging Face's DeepSeek-V2 code and Megatron do.
+
+Counting scope with gradient accumulation (balance.count_scope, microbatches > 1):
+  global  the batch-level losses (aux, batch_aux) take f_i from the whole step's counts
+          (all microbatches; Qwen arXiv 2501.11873), the bias one update from the whole
+          step's loads (QB: the mean of the microbatches' targets, as Megatron)
+  micro   each microbatch's own f_i, and a bias update after every microbatch
 """
 
 from __future__ import annotations
@@ -28,7 +39,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.model.moe import MoEStats
 
-BIAS_RULES = ("sign", "magnitude")
+BIAS_RULES = ("sign", "magnitude", "quantile")
+COUNT_SCOPES = ("global", "micro")
 
 
 def _f(count_E, n_tokens, top_k):
@@ -37,53 +49,74 @@ def _f(count_E, n_tokens, top_k):
 
 
 def seq_aux_loss(stats: MoEStats, top_k: int):
-  """V3 eqs 17-20, averaged over sequences and layers (alpha not applied)."""
+  """V3 eqs 17-20 (alpha not applied): per layer the mean over sequences of
+  sum_i f_i P_i, SUMMED over the routed layers (each layer adds its own alpha * L, as
+  HF's DeepSeek-V2 code and Megatron do; SPEC 3). A layer that routed nothing adds 0."""
   n_LB = stats.n_tokens_B
   f_LBE = _f(stats.aux_count_BE, n_LB, top_k)
   p_LBE = stats.aux_prob_BE / jnp.maximum(n_LB, 1.0)[..., None]
   per_seq_LB = jnp.sum(f_LBE * p_LBE, axis=-1)
-  has_tokens = (n_LB > 0).astype(jnp.float32)
-  return jnp.sum(per_seq_LB * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
+  has_tokens_LB = (n_LB > 0).astype(jnp.float32)
+  per_layer_L = (jnp.sum(per_seq_LB * has_tokens_LB, axis=-1)
+                 / jnp.maximum(has_tokens_LB.sum(-1), 1.0))
+  return jnp.sum(per_layer_L)
 
 
-def batch_aux_loss(stats: MoEStats, top_k: int, raw_scores: bool = False):
-  """sum_i f_i P_i over the whole batch, averaged over layers (alpha not applied).
+def batch_counts(stats: MoEStats):
+  """(routing-map counts [L, E], valid tokens [L]) of the batch: what f_i is made of."""
+  return stats.aux_count_BE.sum(-2), stats.n_tokens_B.sum(-1)
+
+
+def batch_aux_loss(stats: MoEStats, top_k: int, raw_scores: bool = False, counts=None):
+  """sum_i f_i P_i over the whole batch per layer, SUMMED over the routed layers (alpha
+  not applied).
 
   raw_scores=False: P_i = mean normalised affinity (V3's batch-wise loss);
   raw_scores=True:  P_i = mean raw affinity s_i (the classic loss of the LFB baseline).
+  counts: (count_LE, n_L) to take f_i from instead of this batch's (the global batch's
+  counts under gradient accumulation; f carries no gradient either way).
   """
   n_L = stats.n_tokens_B.sum(-1)
-  f_LE = _f(stats.aux_count_BE.sum(-2), n_L, top_k)
+  count_LE, n_f_L = batch_counts(stats) if counts is None else counts
+  f_LE = _f(count_LE, n_f_L, top_k)
   prob_BE = stats.aux_score_BE if raw_scores else stats.aux_prob_BE
   p_LE = prob_BE.sum(-2) / jnp.maximum(n_L, 1.0)[..., None]
-  return jnp.mean(jnp.sum(f_LE * p_LE, axis=-1))
+  return jnp.sum(f_LE * p_LE)
 
 
 LOSSES = ("aux", "seq_aux", "batch_aux")
 
 
-def balance_terms(stats: MoEStats, top_k: int):
+def balance_terms(stats: MoEStats, top_k: int, counts=None):
   """The three balance losses WITHOUT their alphas: {"aux", "seq_aux", "batch_aux"}.
 
   All three are cheap, so the train step always computes them (every run logs what each
   loss would read) and weights them by runtime alphas: strategies differ in numbers
-  only, and share one compiled step.
+  only, and share one compiled step. counts: see batch_aux_loss.
   """
-  return {"aux": batch_aux_loss(stats, top_k, raw_scores=True),
+  return {"aux": batch_aux_loss(stats, top_k, raw_scores=True, counts=counts),
           "seq_aux": seq_aux_loss(stats, top_k),
-          "batch_aux": batch_aux_loss(stats, top_k)}
+          "batch_aux": batch_aux_loss(stats, top_k, counts=counts)}
 
 
-def update_bias(bias_LE, load_LE, rate, rule: str = "sign"):
+def update_bias(bias_LE, load_LE, rate, rule: str = "sign", target_LE=None):
   """One step of the aux-loss-free update from a step's GLOBAL per-expert loads.
 
   sign:       b_i += u * sign(mean_load - load_i)           (LFB Alg. 1, V3)
   magnitude:  b_i += u * (mean_load - load_i) / mean_load   (LFB's variant; the error is
               taken relative to the mean so u keeps its meaning at any batch size)
+  quantile:   b <- b + u * (target - b), re-centred         (QB; target_LE from MoEStats
+              .quantile_target_E; u = 1 replaces the bias, Megatron's default)
   A layer that routed nothing this step (e.g. MTP skipped) is left unchanged.
   """
   load_LE = load_LE.astype(jnp.float32)
   mean_L1 = jnp.mean(load_LE, axis=-1, keepdims=True)
+  if rule == "quantile":
+    if target_LE is None:
+      raise ValueError("balance.bias_rule='quantile' needs model.quantile_stats=True")
+    new_LE = bias_LE + rate * (target_LE.astype(jnp.float32) - bias_LE)
+    new_LE = new_LE - jnp.mean(new_LE, axis=-1, keepdims=True)
+    return jnp.where(mean_L1 > 0, new_LE, bias_LE).astype(jnp.float32)
   if rule == "sign":
     delta = jnp.sign(mean_L1 - load_LE)
   elif rule == "magnitude":

@@ -239,7 +239,11 @@ def moe(p, u_BTD, bias_E, cfg, valid_BT=None, capacity=None):
   u_XD, valid_X = u.reshape(B * T, D), valid.reshape(B * T)
   scores_XE = affinities(u_XD @ f64(p["w_router"]), cfg.score_func)
   chosen, gate = route(scores_XE, f64(bias_E), cfg)
-  plain, _ = route(scores_XE, np.zeros(E), cfg)
+  # The balance losses' routing map (V3 eq. 18): plain top-K of the unbiased scores over
+  # all experts, or inside the kept groups with cfg.aux_group_limited.
+  groups = (cfg.n_group, cfg.topk_group) if cfg.aux_group_limited else (1, 1)
+  plain = [select(scores_XE[x], np.zeros(E), *groups, cfg.top_k)
+           for x in range(len(scores_XE))]
 
   y = np.zeros((B * T, D))
   used = [0] * E
@@ -383,3 +387,21 @@ def lm_loss(logits_BTV, mtp_logits_DBTV, tokens_BT1, segments_BT1, mtp_lambda):
   ce = mean_ce(logits_BTV, 0)
   depth = [mean_ce(mtp_logits_DBTV[k - 1], k) for k in range(1, len(mtp_logits_DBTV) + 1)]
   return ce, depth, ce + mtp_lambda / len(depth) * sum(depth)
+
+
+# Quantile Balancing ----------------------------------------------------------------
+
+def quantile_target(scores_XE, bias_E, valid_X, top_k):
+  """QB's bias target, token by token and expert by expert (selection by s + b).
+
+  alpha_t: the (K+1)-th largest s_tj + b_j; expert j needs r_tj = alpha_t - s_tj to be
+  picked by token t; target_j: the (q+1)-th smallest r_tj over valid tokens,
+  q = floor(n_valid K / E); then centred."""
+  s = f64(scores_XE)
+  X, E = s.shape
+  rows = [x for x in range(X) if valid_X[x]]
+  q = int(math.floor(len(rows) * top_k / E))
+  alpha = {x: sorted((s[x, j] + float(bias_E[j]) for j in range(E)), reverse=True)[top_k]
+           for x in rows}
+  target = np.array([sorted(alpha[x] - s[x, j] for x in rows)[q] for j in range(E)])
+  return target - target.mean()

@@ -54,19 +54,22 @@ def _random_stats(rng, L=2, B=3, T=5, E=8, K=2):
 
 
 def _numpy_losses(scores, counts, K):
+  """Each layer's loss, SUMMED over layers (SPEC 3); seq_aux averages over sequences."""
   L, B, T, E = scores.shape
   seq, batch, aux = [], [], []
   for l in range(L):
+    per_seq = []
     for b in range(B):  # V3 eqs 17-20, per sequence
       f = E / (K * T) * counts[l, b]
       p = (scores[l, b] / scores[l, b].sum(-1, keepdims=True)).mean(0)
-      seq.append((f * p).sum())
+      per_seq.append((f * p).sum())
+    seq.append(np.mean(per_seq))
     f = E / (K * B * T) * counts[l].sum(0)
     p_norm = (scores[l] / scores[l].sum(-1, keepdims=True)).reshape(-1, E).mean(0)
     p_raw = scores[l].reshape(-1, E).mean(0)
     batch.append((f * p_norm).sum())
     aux.append((f * p_raw).sum())
-  return {"seq_aux": np.mean(seq), "batch_aux": np.mean(batch), "aux": np.mean(aux)}
+  return {"seq_aux": np.sum(seq), "batch_aux": np.sum(batch), "aux": np.sum(aux)}
 
 
 def _stats(scores, counts):
@@ -99,14 +102,64 @@ def test_balance_losses_and_gradients_against_numpy():
     np.testing.assert_allclose(g[idx], fd, rtol=1e-3, atol=1e-6)
 
 
-def test_balanced_routing_gives_loss_one():
-  # Perfectly uniform counts and scores: f_i = 1, P_i = 1/E, so sum_i f_i P_i = 1.
-  E, K, T = 4, 2, 8
-  scores = np.full((1, 1, T, E), 0.5)
-  counts = np.full((1, 1, E), T * K / E)
+def test_balanced_routing_gives_one_per_layer():
+  # Perfectly uniform counts and scores: f_i = 1, P_i = 1/E, so sum_i f_i P_i = 1 in
+  # each layer, and the losses sum the layers: 3 here.
+  E, K, T, L = 4, 2, 8, 3
+  scores = np.full((L, 1, T, E), 0.5)
+  counts = np.full((L, 1, E), T * K / E)
   got = balancing.balance_terms(_stats(scores, counts), K)
-  np.testing.assert_allclose(got["seq_aux"], 1.0, rtol=1e-6)
-  np.testing.assert_allclose(got["batch_aux"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(got["seq_aux"], 3.0, rtol=1e-6)
+  np.testing.assert_allclose(got["batch_aux"], 3.0, rtol=1e-6)
+
+
+def _numpy_layer_losses(stats_list, K, E):
+  """{loss: [per routed layer]} from the numpy model's routing stats: each layer's
+  f_i (plain top-K counts) and P_i, straight from the definitions."""
+  out = {"aux": [], "seq_aux": [], "batch_aux": []}
+  for s in stats_list:
+    n_B = s["n_tokens_B"]
+    f_BE = E / K * s["aux_count_BE"] / n_B[:, None]
+    out["seq_aux"].append(np.mean((f_BE * s["aux_prob_BE"] / n_B[:, None]).sum(-1)))
+    f_E = E / K * s["aux_count_BE"].sum(0) / n_B.sum()
+    out["batch_aux"].append((f_E * s["aux_prob_BE"].sum(0) / n_B.sum()).sum())
+    out["aux"].append((f_E * s["aux_score_BE"].sum(0) / n_B.sum()).sum())
+  return out
+
+
+def test_losses_sum_every_routed_layer_of_a_real_forward(tmp_path):
+  """The logged balance/* values are the SUM over routed layers (2 MoE layers + 2 MTP
+  MoE blocks here) of each layer's loss, the layers' routing taken from the numpy
+  model's forward of the same batch (not hand-built statistics)."""
+  import reference_numpy as ref
+  from deepseek_jax.model import config
+  cfg_model = config.tiny()          # 3 layers (1 dense), MTP depth 2, E = 8 top-3
+  cfg = tiny_run_config(tmp_path)
+  for k, v in cfg_model.to_dict().items():
+    cfg.model[k] = v
+  model = Transformer(cfg_model)
+  state = ts.init_state(model, ts.make_optimizer(cfg.optimizer, 10), jax.random.PRNGKey(3))
+  params = jax.tree.map(jnp.asarray, ref.randomize(jax.device_get(state.params), 3))
+  bias = jnp.asarray(np.random.default_rng(3).normal(0, 0.1, state.expert_bias.shape),
+                     jnp.float32)
+  rng = np.random.default_rng(4)
+  B, T = 2, 9
+  seg = np.broadcast_to(np.repeat([1, 2], [5, 4]), (B, T))
+  batch = {"tokens": jnp.asarray(rng.integers(0, 97, (B, T)), jnp.int32),
+           "segments": jnp.asarray(seg, jnp.int32),
+           "positions": jnp.asarray(np.broadcast_to(np.arange(T), (B, T)), jnp.int32)}
+  hp = jax.tree.map(jnp.float32, ts.balance_hparams(cfg))
+  _, (metrics, _) = jax.jit(lambda p, b: ts.forward_losses(model, p, b, batch, cfg, hp))(
+      params, bias)
+  stats = []
+  ref.transformer(jax.device_get(params), np.asarray(bias), np.asarray(batch["tokens"])[:, :-1],
+                  cfg_model, seg[:, :-1], stats)
+  assert len(stats) == cfg_model.n_routed_layers == 4
+  per_layer = _numpy_layer_losses(stats, cfg_model.top_k, cfg_model.n_routed_experts)
+  for name, values in per_layer.items():
+    assert min(values) > 0.5, (name, values)   # every layer contributes
+    np.testing.assert_allclose(metrics[f"balance/{name}"], np.sum(values), rtol=2e-4,
+                               err_msg=name)
 
 
 def _setup(tmp_path, mesh=None, **overrides):
@@ -262,3 +315,133 @@ def test_report_verdict_never_hides_a_loss_gap():
   assert "+0.0030 nats" in small and "agrees" not in small
   assert "does NOT reproduce" in say(4.0)
   assert "does NOT reproduce" in say(3.980, bias_vio=1.5)
+
+
+# Quantile Balancing -------------------------------------------------------------------
+
+def _skewed_scores(rng, X=512, E=16):
+  """Sigmoid affinities with a planted imbalance: expert j's logits shifted by 2 - 3j/E."""
+  logits = rng.normal(0, 0.7, (X, E)) + np.linspace(2.0, -1.0, E)
+  return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
+def _loads(scores, bias, K):
+  idx = np.argsort(-(scores + bias), axis=1)[:, :K]
+  return np.bincount(idx.ravel(), minlength=scores.shape[1]).astype(np.float64)
+
+
+def test_quantile_target_matches_numpy():
+  import reference_numpy as ref
+  from deepseek_jax.model import moe
+  rng = np.random.default_rng(0)
+  scores = _skewed_scores(rng, X=96, E=8)
+  bias = rng.normal(0, 0.05, 8).astype(np.float32)
+  valid = rng.uniform(size=96) > 0.2
+  for K in (1, 2, 3):
+    got = moe.quantile_bias_target(jnp.asarray(scores), jnp.asarray(bias), jnp.asarray(valid),
+                                   K)
+    np.testing.assert_allclose(got, ref.quantile_target(scores, bias, valid, K), atol=1e-6,
+                               err_msg=f"K={K}")
+    assert abs(float(jnp.mean(got))) < 1e-6
+
+
+def test_quantile_balancing_moves_loads_to_the_mean_on_a_planted_imbalance():
+  """Iterated on one skewed batch, the QB target balances it within a few updates,
+  where the sign rule at u = 1e-3 has barely moved."""
+  rng = np.random.default_rng(1)
+  scores, K = _skewed_scores(rng), 2
+  valid = jnp.ones((scores.shape[0],), bool)
+  mv = lambda b: float(balancing.max_violation(jnp.asarray(_loads(scores, b, K))[None])[0])
+  from deepseek_jax.model import moe
+  bias_q = jnp.zeros((1, 16))
+  bias_s = jnp.zeros((1, 16))
+  start = mv(np.zeros(16))
+  for _ in range(8):
+    target = moe.quantile_bias_target(jnp.asarray(scores), bias_q[0], valid, K)[None]
+    bias_q = balancing.update_bias(bias_q, jnp.asarray(_loads(scores, bias_q[0], K))[None],
+                                   1.0, "quantile", target)
+    bias_s = balancing.update_bias(bias_s, jnp.asarray(_loads(scores, bias_s[0], K))[None],
+                                   1e-3, "sign")
+  assert start > 2.0
+  assert mv(np.asarray(bias_q[0])) < 0.25 * start and mv(np.asarray(bias_q[0])) < 0.5
+  assert mv(np.asarray(bias_s[0])) > 0.8 * start
+  np.testing.assert_allclose(float(jnp.mean(bias_q)), 0.0, atol=1e-6)   # centred
+
+
+def test_quantile_update_rate_and_idle_layer():
+  bias = jnp.array([[0.3, -0.1, -0.2], [0.5, 0.0, -0.5]])
+  target = jnp.array([[0.0, 0.1, -0.1], [1.0, 1.0, -2.0]])
+  load = jnp.array([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]])   # layer 1 routed nothing
+  half = balancing.update_bias(bias, load, 0.5, "quantile", target)
+  want = 0.5 * (bias[0] + target[0])
+  np.testing.assert_allclose(half[0], want - want.mean(), atol=1e-7)
+  np.testing.assert_array_equal(half[1], bias[1])
+  np.testing.assert_array_equal(balancing.update_bias(bias, load, 0.0, "quantile", target)[0],
+                                bias[0] - bias[0].mean())
+  with pytest.raises(ValueError, match="quantile_stats"):
+    balancing.update_bias(bias, load, 1.0, "quantile")
+
+
+def test_quantile_strategy_sets_the_bias_to_the_steps_target(tmp_path):
+  """The train step with QB (u = 1) sets each layer's bias to the centred target of the
+  batch it routed, computed here by the numpy reference from that layer's scores."""
+  cfg, model, tx, state, batch, hp = _setup(
+      tmp_path, **{"balance.bias_rule": "quantile", "balance.bias_rate": 1.0,
+                   "model.quantile_stats": True})
+  out = model.apply(ts._variables(state.params, state.expert_bias), batch["tokens"][:, :-1],
+                    batch["positions"][:, :-1], batch["segments"][:, :-1])
+  new, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(
+      state, batch, hp)
+  np.testing.assert_allclose(new.expert_bias, out.moe.quantile_target_E, atol=1e-6)
+  assert float(jnp.abs(new.expert_bias).max()) > 1e-3
+  np.testing.assert_allclose(jnp.mean(new.expert_bias, -1), 0.0, atol=1e-6)
+
+
+def test_quantile_strategy_needs_the_model_stats(tmp_path):
+  from deepseek_jax.train import loop
+  cfg = tiny_run_config(tmp_path, **{"balance.bias_rule": "quantile"})
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  with pytest.raises(ValueError, match="quantile_stats"):
+    loop.validate_run_config(cfg, mesh)
+
+
+# Counting scope under gradient accumulation ---------------------------------------------
+
+def test_global_counting_with_microbatches_equals_one_batch(tmp_path):
+  """balance.count_scope="global": with 2 microbatches the batch-level loss takes f_i from
+  the whole step, so loss and gradients equal the 1-microbatch step's; "micro" counts each
+  microbatch alone and differs."""
+  over = {"balance.batch_aux_alpha": 1.0, "balance.aux_alpha": 1.0, "balance.bias_rate": 0.0,
+          "batch_size": 8}
+  results = {}
+  for name, extra in {"one": {"microbatches": 1},
+                      "global": {"microbatches": 2},
+                      "micro": {"microbatches": 2, "balance.count_scope": "micro"}}.items():
+    cfg, model, tx, state, batch, hp = _setup(tmp_path / name, **over, **extra)
+    results[name] = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx,
+                                                          cfg=cfg))(state, batch, hp)
+  (one, m1), (glob, mg), (micro, mm) = results["one"], results["global"], results["micro"]
+  for key in ("balance/aux", "balance/batch_aux"):
+    np.testing.assert_allclose(mg[key], m1[key], rtol=1e-5, err_msg=key)
+    assert abs(float(mm[key]) - float(m1[key])) > 1e-4, key
+  np.testing.assert_allclose(mg["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  np.testing.assert_allclose(glob.params["layer_1"]["moe"]["w_router"],
+                             one.params["layer_1"]["moe"]["w_router"], rtol=1e-4, atol=1e-7)
+
+
+def test_micro_counting_updates_the_bias_after_every_microbatch(tmp_path):
+  cfg, model, tx, state, batch, hp = _setup(
+      tmp_path, **{"microbatches": 2, "balance.count_scope": "micro"})
+  new, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(
+      state, batch, hp)
+  # Two sign steps of u = 0.01: a bias can move by 0.02 (global counting: at most 0.01).
+  assert float(jnp.abs(new.expert_bias).max()) == pytest.approx(0.02)
+
+
+def test_mtp_lambda_switches_at_the_configured_step(tmp_path):
+  cfg = tiny_run_config(tmp_path, **{"mtp_lambda_switch_step": 5})
+  hp = jax.tree.map(jnp.float32, ts.balance_hparams(cfg))
+  assert float(ts.mtp_lambda(hp, jnp.int32(4))) == pytest.approx(0.3)
+  assert float(ts.mtp_lambda(hp, jnp.int32(5))) == pytest.approx(0.1)
+  never = jax.tree.map(jnp.float32, ts.balance_hparams(tiny_run_config(tmp_path)))
+  assert float(ts.mtp_lambda(never, jnp.int32(10 ** 6))) == pytest.approx(0.3)

@@ -47,6 +47,14 @@ class ModelConfig:
   # the top-K of s_i * b_i with b initialised to 1 (LFB's multiplicative variant).
   # Gates always use the unbiased s_i.
   bias_mode: str = "add"
+  # The routing map f_i of the balance losses (MoEStats.aux_count_BE): plain top-K of the
+  # unbiased scores over ALL routed experts (False; V3 eq. 18 as written, Megatron), or
+  # top-K inside the topk_group best groups, the model's own routing minus the bias
+  # (True; this codebase's reading before the fix). Same when n_group == 1.
+  aux_group_limited: bool = False
+  # MoEStats also carry Quantile Balancing's per-expert bias target (balancing.py rule
+  # "quantile"): one sort of the [tokens, E] selection scores per routed layer.
+  quantile_stats: bool = False
   # Routed-expert dispatch (moe.py): "dropless" (tokens sorted by expert into
   # fixed-size blocks, one gathered weight per block: never drops, fast on XLA:CPU),
   # "capacity" (capacity-padded einsum, drops past capacity and counts them) or
@@ -186,6 +194,11 @@ def _validate(c: ModelConfig) -> None:
   if c.moe_block_size is not None and (not isinstance(c.moe_block_size, int)
                                        or c.moe_block_size <= 0):
     bad("moe_block_size", "must be a positive integer or None (automatic)")
+  for f in ("aux_group_limited", "quantile_stats"):
+    if not isinstance(getattr(c, f), bool):
+      bad(f, "must be True or False")
+  if c.quantile_stats and c.bias_mode != "add":
+    bad("quantile_stats", "Quantile Balancing sets an additive bias: needs bias_mode='add'")
   if not isinstance(c.route_limit_by_shard, bool):
     bad("route_limit_by_shard", "must be True or False")
   if c.route_limit_by_shard and c.n_group == 1:

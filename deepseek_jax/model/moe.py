@@ -33,7 +33,8 @@ class MoEStats:
 
   load_E        tokens sent to each expert by the real (biased) routing; valid tokens only.
   aux_count_BE  per sequence, tokens sent to each expert by PLAIN top-k of the unbiased
-                scores (no bias): the routing map f_i of the balance losses.
+                scores (no bias) over all experts (cfg.aux_group_limited: inside the
+                kept groups): the routing map f_i of the balance losses.
   aux_prob_BE   per sequence, sum over tokens of the normalised unbiased scores
                 s_i / sum_j s_j: the P_i of the balance losses (carries gradient).
   aux_score_BE  per sequence, sum over tokens of the raw affinities s_i (the classic
@@ -44,6 +45,8 @@ class MoEStats:
                         experts live on (1 without expert parallelism): the all-to-all
                         fan-out that node-limited routing bounds by topk_group.
   max_shards_per_token  its maximum over tokens.
+  quantile_target_E     cfg.quantile_stats only: Quantile Balancing's bias for this
+                        batch (quantile_bias_target), centred.
   Under expert parallelism (expert_parallel.py) every count is summed over all shards.
   """
   load_E: jax.Array
@@ -54,6 +57,7 @@ class MoEStats:
   dropped: jax.Array
   shards_per_token: jax.Array | None = None
   max_shards_per_token: jax.Array | None = None
+  quantile_target_E: jax.Array | None = None
 
 
 # Routing ---------------------------------------------------------------------
@@ -106,6 +110,30 @@ def shards_visited(idx_XK, n_experts: int, n_shards: int):
   shard_XK = idx_XK // (n_experts // n_shards)
   hit_XZ = jax.nn.one_hot(shard_XK, n_shards + 1, dtype=jnp.int32).max(axis=1)
   return hit_XZ[:, :n_shards].sum(-1)
+
+
+def quantile_bias_target(scores_XE, bias_E, valid_X, top_k: int):
+  """Quantile Balancing (Su, kexue.fm 11619; Megatron PR #5349), in V3's convention of
+  selection by s + b: the bias at which each expert would be picked by its share
+  q = floor(n K / E) of this batch's n valid tokens, the other experts' biases fixed.
+
+    alpha_t  = the (K+1)-th largest s_tj + b_j of token t (the score an expert must
+               beat to enter token t's top-K)
+    r_tj     = alpha_t - s_tj (the bias expert j needs to be picked by token t)
+    target_j = the (q+1)-th smallest r_tj over valid tokens, then centred (mean 0).
+
+  Megatron's rule with b = -beta (it selects by logits - beta); routing here is not
+  group-limited in the threshold (the ablation model has one group).
+  """
+  X, E = scores_XE.shape
+  choice_XE = scores_XE + bias_E.astype(jnp.float32)
+  alpha_X = jax.lax.top_k(choice_XE, min(top_k + 1, E))[0][:, -1]
+  r_XE = jnp.where(valid_X[:, None], alpha_X[:, None] - scores_XE, jnp.inf)
+  q = jnp.floor(jnp.sum(valid_X) * top_k / E).astype(jnp.int32)
+  q = jnp.clip(q, 0, X - 1)
+  target_E = jnp.sort(r_XE, axis=0)[q]
+  target_E = jnp.where(jnp.isfinite(target_E), target_E, 0.0)
+  return target_E - jnp.mean(target_E)
 
 
 def route(scores_XE, bias_E, cfg: ModelConfig):
@@ -162,11 +190,12 @@ class MoE(nn.Module):
       # n_s shared experts of width F are one SwiGLU of width n_s * F (HF stores them so).
       y_BTD = y_BTD + SwiGLU(cfg, cfg.n_shared_experts * F, name="shared")(x_BTD)
     return y_BTD, routing_stats(scores_XE, idx_XK, valid_X, (B, T), cfg, dropped,
-                                load_E=load_E, n_shards=n_shards)
+                                load_E=load_E, n_shards=n_shards,
+                                bias_E=jax.lax.stop_gradient(bias_E))
 
 
 def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, dropped,
-                  load_E=None, n_shards: int = 1):
+                  load_E=None, n_shards: int = 1, bias_E=None):
   """MoEStats of one layer; load_E when the dispatch already counted it (globally)."""
   B, T = shape_BT
   E = cfg.n_routed_experts
@@ -174,7 +203,9 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
   if load_E is None:
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
   shards_X = shards_visited(idx_XK, E, n_shards).astype(jnp.float32)
-  plain_XK = select_experts(scores_XE, None, cfg)
+  map_cfg = cfg if cfg.aux_group_limited else cfg.replace(n_group=1, topk_group=1,
+                                                          route_limit_by_shard=False)
+  plain_XK = select_experts(scores_XE, None, map_cfg)
   plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
   prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]
   return MoEStats(
@@ -185,4 +216,7 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
       n_tokens_B=valid.reshape(B, T).sum(1),
       dropped=dropped,
       shards_per_token=shards_X.sum() / jnp.maximum(valid.sum(), 1.0),
-      max_shards_per_token=shards_X.max())
+      max_shards_per_token=shards_X.max(),
+      quantile_target_E=(quantile_bias_target(jax.lax.stop_gradient(scores_XE), bias_E,
+                                              valid_X, cfg.top_k)
+                         if cfg.quantile_stats and bias_E is not None else None))

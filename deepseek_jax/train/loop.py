@@ -47,6 +47,13 @@ def validate_run_config(cfg, mesh):
       raise ValueError(f"config.{f} must be positive (got {cfg[f]})")
   if cfg.balance.bias_rule not in balancing.BIAS_RULES:
     raise ValueError(f"config.balance.bias_rule must be one of {balancing.BIAS_RULES}")
+  scope = cfg.balance.get("count_scope", "global")
+  if scope not in balancing.COUNT_SCOPES:
+    raise ValueError(f"config.balance.count_scope must be one of {balancing.COUNT_SCOPES}"
+                     f" (got {scope!r})")
+  if (cfg.balance.bias_rule == "quantile") != bool(cfg.model.quantile_stats):
+    raise ValueError("Quantile Balancing needs both config.balance.bias_rule='quantile' and "
+                     "config.model.quantile_stats=True (the model computes its targets)")
 
 
 def state_shardings(model, tx, mesh):

@@ -1,9 +1,11 @@
 """The train state, the optimizer, and ONE pure train step (plus the eval step).
 
 The step: gradient accumulation over microbatches (lax.scan), loss = cross-entropy +
-MTP loss + configured balance losses, AdamW update, then the aux-loss-free bias update
-from the step's GLOBAL expert loads (summed over microbatches; under jit the token sum
-runs over every data/expert shard, so it is the global count). It returns new state and
+MTP loss (V3's lambda schedule) + configured balance losses, AdamW update, then the
+aux-loss-free bias update from the step's GLOBAL expert loads (summed over microbatches;
+under jit the token sum runs over every data/expert shard, so it is the global count).
+balance.count_scope="micro" instead updates the bias after every microbatch and lets
+the batch-level losses count each microbatch alone (balancing.py). It returns new state and
 metrics; nothing leaves the device until the loop asks for it.
 """
 
@@ -77,36 +79,57 @@ def _variables(state_params, bias):
 
 
 def balance_hparams(cfg) -> dict:
-  """Runtime (traced) balancing coefficients: changing them does not recompile."""
+  """Runtime (traced) coefficients: changing them does not recompile."""
   b = cfg.balance
   return {"aux_alpha": b.aux_alpha, "seq_aux_alpha": b.seq_aux_alpha,
           "batch_aux_alpha": b.batch_aux_alpha, "bias_rate": b.bias_rate,
-          "bias_freeze_step": math.floor(b.bias_freeze_frac * cfg.total_steps)}
+          "bias_freeze_step": math.floor(b.bias_freeze_frac * cfg.total_steps),
+          "mtp_lambda": cfg.mtp_lambda,
+          "mtp_lambda_late": cfg.get("mtp_lambda_late", cfg.mtp_lambda),
+          "mtp_lambda_switch_step": cfg.get("mtp_lambda_switch_step", -1)}
 
 
-def forward_losses(model: Transformer, params, bias, batch, cfg, hparams):
-  """(total loss, (metrics, loads [L,E] or None, dropped [L] or None)) for one batch."""
+def mtp_lambda(hparams, step):
+  """V3's MTP weight schedule: lambda until mtp_lambda_switch_step, then the late value
+  (0.3 for the first 10T tokens, then 0.1); a negative switch step never switches."""
+  switch = hparams["mtp_lambda_switch_step"]
+  late = (switch >= 0) & (step >= switch)
+  return jnp.where(late, hparams["mtp_lambda_late"], hparams["mtp_lambda"])
+
+
+def _apply(model: Transformer, params, bias, batch, cfg):
   inputs = batch["tokens"][:, :-1]
   if cfg.data.doc_attention_mask:
     positions, segments = batch["positions"][:, :-1], batch["segments"][:, :-1]
   else:  # V3's packing: attention crosses documents, positions run along the row
     positions, segments = None, None
-  out = model.apply(_variables(params, bias), inputs, positions, segments)
+  return model.apply(_variables(params, bias), inputs, positions, segments)
+
+
+def forward_losses(model: Transformer, params, bias, batch, cfg, hparams, counts=None):
+  """(total loss, (metrics, routing)) for one batch; routing {"load" [L,E], "dropped"
+  [L], and "quantile_target" [L,E] with model.quantile_stats} or None without MoE.
+  counts: the global batch's routing-map counts for the batch-level losses (see
+  balancing.batch_aux_loss); None: this batch's own."""
+  out = _apply(model, params, bias, batch, cfg)
   # Targets never cross a document boundary, whatever the attention does.
-  m = lm_losses(out, batch["tokens"], batch["segments"], cfg.mtp_lambda)
+  m = lm_losses(out, batch["tokens"], batch["segments"], hparams["mtp_lambda"])
   total = m["loss"]
   metrics = {"ce": m["ce"], "n_tokens": m["n_tokens"]}
   if "mtp" in m:
     metrics["mtp"] = m["mtp"]
   if out.moe is not None:
-    for name, value in balancing.balance_terms(out.moe, model.cfg.top_k).items():
+    for name, value in balancing.balance_terms(out.moe, model.cfg.top_k, counts).items():
       metrics[f"balance/{name}"] = value          # unweighted, logged for every strategy
       total = total + hparams[f"{name}_alpha"] * value
   metrics["loss"] = total
   if out.moe is None:
-    return total, (metrics, None, None)
+    return total, (metrics, None)
   metrics["shards_per_token"] = out.moe.shards_per_token  # [L]; > 1 only expert-parallel
-  return total, (metrics, out.moe.load_E, out.moe.dropped)
+  routing = {"load": out.moe.load_E, "dropped": out.moe.dropped}
+  if out.moe.quantile_target_E is not None:
+    routing["quantile_target"] = out.moe.quantile_target_E
+  return total, (metrics, routing)
 
 
 def bias_rate(hparams, step):
@@ -114,46 +137,79 @@ def bias_rate(hparams, step):
   return jnp.where(step >= hparams["bias_freeze_step"], 0.0, hparams["bias_rate"])
 
 
+def _new_bias(bias, routing, rate, cfg, n_batches: int = 1):
+  """The balancing update from one batch's routing (QB's target: its mean over batches)."""
+  target = routing.get("quantile_target")
+  return balancing.update_bias(bias, routing["load"], rate, cfg.balance.bias_rule,
+                               None if target is None else target / n_batches)
+
+
+def _global_counts(model, params, bias, micro, cfg):
+  """The whole step's routing-map counts (forward only, one pass over the microbatches):
+  f_i of the batch-level losses over the GLOBAL batch (balance.count_scope "global")."""
+  def one(mb):
+    stats = _apply(model, jax.lax.stop_gradient(params), bias, mb, cfg).moe
+    return balancing.batch_counts(stats)
+  count_MLE, n_ML = jax.lax.map(one, micro)
+  return count_MLE.sum(0), n_ML.sum(0)
+
+
+def _uses_batch_losses(cfg) -> bool:
+  return bool(cfg.balance.aux_alpha or cfg.balance.batch_aux_alpha)
+
+
 def train_step(state: TrainState, batch, hparams, *, model: Transformer, tx, cfg):
   """One optimizer step on a global batch {"tokens", "segments", "positions"} [B, T+1];
   hparams: balance_hparams(cfg) as arrays."""
   M = cfg.microbatches
-  micro = jax.tree.map(lambda x: x.reshape((M, x.shape[0] // M) + x.shape[1:]), batch)
+  scope = cfg.balance.get("count_scope", "global")
+  hparams = {**hparams, "mtp_lambda": mtp_lambda(hparams, state.step)}
+  rate = bias_rate(hparams, state.step)
   grad_fn = jax.value_and_grad(forward_losses, argnums=1, has_aux=True)
 
-  def accumulate(carry, mb):
-    grads, metrics, load, dropped = carry
-    (_, (m, l, d)), g = grad_fn(model, state.params, state.expert_bias, mb, cfg, hparams)
-    add = lambda a, b: None if a is None else a + b
-    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m),
-            add(load, l), add(dropped, d)), None
-
   if M == 1:   # no accumulation loop: one plain gradient (the loop would add copies)
-    (_, (metrics, load_LE, dropped_L)), grads = grad_fn(
-        model, state.params, state.expert_bias, batch, cfg, hparams)
-    return _apply_update(state, grads, metrics, load_LE, dropped_L, tx, cfg, hparams)
+    (_, (metrics, routing)), grads = grad_fn(model, state.params, state.expert_bias, batch,
+                                             cfg, hparams)
+    bias = state.expert_bias
+    if bias is not None:
+      bias = _new_bias(bias, routing, rate, cfg)
+    return _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg)
+
+  micro = jax.tree.map(lambda x: x.reshape((M, x.shape[0] // M) + x.shape[1:]), batch)
+  counts = None
+  if scope == "global" and state.expert_bias is not None and _uses_batch_losses(cfg):
+    counts = _global_counts(model, state.params, state.expert_bias, micro, cfg)
+  per_micro = scope == "micro" and state.expert_bias is not None
+
+  def accumulate(carry, mb):
+    grads, metrics, routing, bias = carry
+    (_, (m, r)), g = grad_fn(model, state.params, bias, mb, cfg, hparams, counts)
+    if per_micro:   # each microbatch's own loads move the bias before the next one
+      bias = _new_bias(bias, r, rate, cfg)
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    return (add(grads, g), add(metrics, m), None if r is None else add(routing, r),
+            bias), None
+
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  shapes = jax.eval_shape(
-      lambda mb: grad_fn(model, state.params, state.expert_bias, mb, cfg, hparams),
+  (_, (m0, r0)), _ = jax.eval_shape(
+      lambda mb: grad_fn(model, state.params, state.expert_bias, mb, cfg, hparams, counts),
       jax.tree.map(lambda x: x[0], micro))
-  (_, (m0, l0, d0)), _ = shapes
-  init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0),
-          None if l0 is None else jnp.zeros(l0.shape, l0.dtype),
-          None if d0 is None else jnp.zeros(d0.shape, d0.dtype))
-  (grads, metrics, load_LE, dropped_L), _ = jax.lax.scan(accumulate, init, micro)
+  zeros_like = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  init = (zeros, zeros_like(m0), None if r0 is None else zeros_like(r0), state.expert_bias)
+  (grads, metrics, routing, bias), _ = jax.lax.scan(accumulate, init, micro)
   grads = jax.tree.map(lambda g: g / M, grads)
   metrics = {k: (v if k == "n_tokens" else v / M) for k, v in metrics.items()}
-  return _apply_update(state, grads, metrics, load_LE, dropped_L, tx, cfg, hparams)
+  if bias is not None and not per_micro:   # one update from the whole step's loads
+    bias = _new_bias(bias, routing, rate, cfg, n_batches=M)
+  return _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg)
 
 
-def _apply_update(state, grads, metrics, load_LE, dropped_L, tx, cfg, hparams):
-  """AdamW on the (accumulated) gradients, then the bias update from the step's loads."""
+def _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg):
+  """AdamW on the (accumulated) gradients; the new bias and the step's routing metrics."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  bias = state.expert_bias
-  if bias is not None:
-    rate = bias_rate(hparams, state.step)
-    bias = balancing.update_bias(bias, load_LE, rate, cfg.balance.bias_rule)
+  if routing is not None:
+    load_LE, dropped_L = routing["load"], routing["dropped"]
     metrics["load"] = load_LE
     metrics["maxvio"] = balancing.max_violation(load_LE)
     routed = jnp.maximum(load_LE.sum(-1) + dropped_L, 1.0)
@@ -170,15 +226,15 @@ def eval_step(state: TrainState, batch, *, model: Transformer, cfg):
   """Summed CE (main and MTP depths), token counts and expert loads; no state change
   (in particular no bias update: evaluation never balances)."""
   zeros = {k: 0.0 for k in ("aux_alpha", "seq_aux_alpha", "batch_aux_alpha")}
-  _, (m, load, dropped) = forward_losses(model, state.params, state.expert_bias, batch, cfg,
-                                         zeros)
+  _, (m, routing) = forward_losses(model, state.params, state.expert_bias, batch, cfg,
+                                   {**zeros, "mtp_lambda": cfg.mtp_lambda})
   n = m["n_tokens"]
   out = {"ce_sum": m["ce"] * n, "n_tokens": n}
   if "mtp" in m:
     out["mtp_sum"] = m["mtp"] * n
-  if load is not None:
-    out["load"] = load
-    out["dropped"] = dropped
+  if routing is not None:
+    out["load"] = routing["load"]
+    out["dropped"] = routing["dropped"]
   return out
 
 
