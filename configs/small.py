@@ -6,7 +6,8 @@
 Arguments (comma-separated key=value after the colon):
   strategy  a key of STRATEGIES (default bias)
   size      tiny (tests), small (default; the README's main job), medium
-  rate      overrides the bias update rate u (the --sweep=rate runs)
+  rate      overrides the bias update rate u (the --sweep=rate and pareto runs)
+  alpha     overrides the classic aux loss's alpha (the --sweep=pareto runs)
 """
 
 from configs import common
@@ -82,6 +83,8 @@ def get_config(arg=None):
   apply_strategy(c, args.get("strategy", "bias"))
   if "rate" in args:
     c.balance.bias_rate = float(args["rate"])
+  if "alpha" in args:
+    c.balance.aux_alpha = float(args["alpha"])
   return c
 
 

@@ -3,6 +3,8 @@
   python -m experiments.balancing_ablation --workdir=/tmp/ablation
   python -m experiments.balancing_ablation --workdir=DIR --strategies=aux,bias --steps=1000
   python -m experiments.balancing_ablation --workdir=DIR --sweep=rate
+  python -m experiments.balancing_ablation --workdir=DIR --sweep=pareto
+  python -m experiments.balancing_ablation --workdir=DIR --seeds=0,1,2   # intervals
   python -m experiments.balancing_ablation --workdir=DIR --size=medium --cpu_devices=8 \
       --override=mesh.data=8
 
@@ -23,9 +25,14 @@ _STRATEGIES = flags.DEFINE_list("strategies", ["none", "aux", "bias", "bias_seq_
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps per strategy (default: the "
                               "size's own).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed (same for every strategy).")
+_SEEDS = flags.DEFINE_list("seeds", None, "Several seeds (e.g. 0,1,2): every strategy on "
+                           "every seed; the report gives means, 95% intervals and paired "
+                           "differences against aux. Overrides --seed.")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "medium"], "Model size.")
-_SWEEP = flags.DEFINE_string("sweep", "", "'rate': the bias update rate sweep u in "
-                             "{1e-4, 1e-3, 1e-2} instead of --strategies.")
+_SWEEP = flags.DEFINE_string("sweep", "", "Instead of --strategies: 'rate' (the bias at u "
+                             "in {1e-4, 1e-3, 1e-2}) or 'pareto' (aux at alpha in {1e-4, "
+                             "1e-3, 1e-2, 1e-1}, the bias at u in {1e-4, 1e-3, 1e-2}, and "
+                             "none: validation loss against MaxVio_global).")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "Config overrides key=value "
                                       "(e.g. mesh.data=8), applied to every run.")
 _PEAK = flags.DEFINE_float("peak_flops", None, "Declared peak FLOP/s for MFU.")
@@ -47,12 +54,18 @@ def main(argv):
   launch.init_distributed()
   from configs import small
   from deepseek_jax.ablation import runner as ablation
-  runs = ablation.plan(_STRATEGIES.value, _SWEEP.value)
+  try:
+    runs = ablation.plan(_STRATEGIES.value, _SWEEP.value)
+    seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else [_SEED.value]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if len(set(seeds)) != len(seeds):
+    raise app.UsageError(f"--seeds has a repeated seed: {seeds}")
   for name, _ in runs:
     if not _SWEEP.value and name not in small.STRATEGIES:
       raise app.UsageError(f"unknown strategy {name!r}; known: {sorted(small.STRATEGIES)}")
   ablation.run(small.get_config, runs, _WORKDIR.value, size=_SIZE.value, steps=_STEPS.value,
-               seed=_SEED.value, peak_flops=_PEAK.value,
+               seeds=seeds, peak_flops=_PEAK.value,
                overrides=dict(_parse(kv) for kv in _OVERRIDE.value))
   print(open(f"{_WORKDIR.value}/report.md").read())
 

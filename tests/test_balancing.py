@@ -280,13 +280,13 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
   from deepseek_jax.ablation import runner as ablation
   runs = ablation.plan(["aux", "bias"], None)
   results = ablation.run(small.get_config, runs, str(tmp_path / "abl"), size="tiny", steps=6,
-                         seed=1, peak_flops=1e11,
+                         seeds=(1,), peak_flops=1e11,
                          overrides={"data.cache_dir": str(tmp_path / "cache"), "mesh.data": -1,
                                     "data.source": "files", "data.paths": _small_corpus(),
                                     "data.val_fraction": 0.25, "eval_batches": 1,
                                     "final_eval_batches": 2})
   with open(tmp_path / "abl" / "results.json") as fh:
-    saved = json.load(fh)
+    saved = json.load(fh)["runs"]
   assert set(saved) == {"aux", "bias"}
   for r in saved.values():
     for k in ("val_loss", "val_ppl", "maxvio_global", "maxvio_batch", "dropped_frac",
@@ -303,6 +303,77 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
   again = report.write_report({n: report.load_run(str(tmp_path / "abl" / n))
                                for n in ("aux", "bias")}, str(tmp_path / "again"))
   assert again["aux"]["val_loss"] == pytest.approx(saved["aux"]["val_loss"])
+
+
+def test_pareto_sweep_and_seeds_end_to_end_at_tiny_size(tmp_path, monkeypatch):
+  """--sweep=pareto with --seeds=0,1 (a shortened sweep: one alpha, one rate): every run
+  on every seed, the seed table with intervals, the Pareto table, its plot and a verdict
+  worded from the frontier."""
+  from configs import small
+  from deepseek_jax.ablation import runner as ablation
+  monkeypatch.setattr(ablation, "PARETO_ALPHAS", (1e-1,))
+  monkeypatch.setattr(ablation, "RATE_SWEEP", (1e-2,))
+  runs = ablation.plan([], "pareto")
+  assert [n for n, _ in runs] == ["none", "aux_a0.1", "bias_u0.01"]
+  out = tmp_path / "pareto"
+  ablation.run(small.get_config, runs, str(out), size="tiny", steps=3, seeds=(0, 1),
+               peak_flops=1e11,
+               overrides={"data.cache_dir": str(tmp_path / "cache"), "mesh.data": -1,
+                          "data.source": "files", "data.paths": _small_corpus(),
+                          "data.val_fraction": 0.25, "eval_batches": 1,
+                          "final_eval_batches": 1})
+  saved = json.loads((out / "results.json").read_text())
+  assert set(saved["runs"]) == {f"{n}_seed{s}" for n, _ in runs for s in (0, 1)}
+  assert saved["runs"]["aux_a0.1_seed1"]["balance"]["aux_alpha"] == 0.1
+  assert saved["runs"]["bias_u0.01_seed0"]["seed"] == 0
+  assert saved["seeds"]["aux_a0.1"]["val_loss"]["n"] == 2
+  assert np.isfinite(saved["seeds"]["aux_a0.1"]["val_loss"]["ci95"])
+  assert {p["family"] for p in saved["pareto"]} == {"none", "aux", "bias"}
+  report_md = (out / "report.md").read_text()
+  assert "Over seeds" in report_md and "± " in report_md
+  assert "Pareto frontier" in report_md and "| aux_a0.1 | aux | 0.1 |" in report_md
+  assert (out / "pareto.png").stat().st_size > 0
+
+
+def _summary(loss, vio, alpha=0.0, rate=0.0, seed=0):
+  return {"val_loss": loss, "maxvio_global": vio, "seed": seed,
+          "balance": {"aux_alpha": alpha, "bias_rate": rate, "seq_aux_alpha": 0.0,
+                      "batch_aux_alpha": 0.0, "bias_rule": "sign"}}
+
+
+def test_pareto_points_mark_the_dominated_runs():
+  from deepseek_jax.ablation import report
+  groups = report.group_by_strategy({
+      "none": _summary(3.99, 2.2), "aux_a0.001": _summary(3.98, 1.8, alpha=1e-3),
+      "aux_a0.1": _summary(4.05, 0.5, alpha=0.1), "bias_u0.001": _summary(3.97, 0.2, rate=1e-3),
+      "bias_u0.01": _summary(4.00, 0.1, rate=1e-2)})
+  pts = {p["name"]: p for p in report.pareto_points(groups)}
+  assert set(pts["aux_a0.1"]["dominated_by"]) == {"bias_u0.001", "bias_u0.01"}
+  assert set(pts["none"]["dominated_by"]) == {"aux_a0.001", "bias_u0.001"}
+  assert pts["bias_u0.01"]["dominated_by"] == [] and pts["bias_u0.001"]["dominated_by"] == []
+  words = " ".join(report.pareto_verdict(list(pts.values())))
+  assert "bias_u0.001, bias_u0.01" in words
+  assert "Aux runs dominated by a bias run: 2 of 2" in words
+  assert "No aux alpha reaches the bias's best balance" in words
+
+
+def test_seeded_verdict_is_worded_from_the_interval():
+  from deepseek_jax.ablation import report
+  runs = {}
+  for s, (a, b) in enumerate([(3.98, 3.99), (3.97, 3.985), (3.99, 4.0)]):
+    runs[f"aux_seed{s}"] = _summary(a, 1.8, alpha=1e-3, seed=s)
+    runs[f"bias_seed{s}"] = _summary(b, 0.2, rate=1e-3, seed=s)
+    runs[f"none_seed{s}"] = _summary(a + (0.01 if s == 0 else -0.01), 2.0, seed=s)
+  groups = report.group_by_strategy(runs)
+  lines = report.seeded_verdict(groups)
+  bias = next(l for l in lines if l.startswith("- **bias"))
+  none = next(l for l in lines if l.startswith("- **none"))
+  assert "validation loss is higher" in bias and "MaxVio_global is lower" in bias
+  assert "validation loss is indistinguishable" in none
+  iv = report.paired(groups, "aux", "bias", "val_loss")
+  np.testing.assert_allclose(iv["mean"], np.mean([0.01, 0.015, 0.01]))
+  np.testing.assert_allclose(iv["ci95"], 4.303 * np.std([0.01, 0.015, 0.01], ddof=1)
+                             / np.sqrt(3))
 
 
 def test_report_verdict_never_hides_a_loss_gap():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 
@@ -54,6 +55,7 @@ def summarize(run: dict) -> dict:
       "train_loss_last": float(np.mean([r["ce"] for r in train[-10:]])),
       "tokens_per_s": _tokens_per_s(cfg, train),
       "balance": cfg.get("balance", {}),
+      "seed": cfg.get("seed", 0),
   }
   if "maxvio_global_mean" in final:
     vio = [r["maxvio_mean"] for r in train if "maxvio_mean" in r]
@@ -147,6 +149,204 @@ def plot_load_heatmap(name: str, summary: dict, n_moe_layers: int, path: str):
   plt.close(fig)
 
 
+# Seeds: means, intervals, paired differences ---------------------------------------------
+
+_SEED_SUFFIX = re.compile(r"^(.*)_seed(\d+)$")
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (1.96 past 30).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+        16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t95(df: int) -> float:
+  if df <= 0:
+    return float("nan")
+  return _T95.get(df) or (1.96 if df > 30 else _T95[max(k for k in _T95 if k <= df)])
+
+
+def interval(values) -> dict:
+  """Mean, sample std and the 95% t-interval half-width of the mean (nan for one value)."""
+  v = np.asarray(values, np.float64)
+  n = len(v)
+  sd = float(v.std(ddof=1)) if n > 1 else float("nan")
+  return {"n": n, "mean": float(v.mean()), "std": sd,
+          "ci95": t95(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")}
+
+
+def group_by_strategy(results: dict) -> dict:
+  """{strategy: {seed: summary}} from {run name: summary}; `name_seedK` runs group."""
+  groups = {}
+  for name, r in results.items():
+    m = _SEED_SUFFIX.match(name)
+    strategy, seed = (m.group(1), int(m.group(2))) if m else (name, r.get("seed", 0))
+    groups.setdefault(strategy, {})[seed] = r
+  return groups
+
+
+def seed_table(groups: dict, keys=("val_loss", "maxvio_global")) -> dict:
+  """{strategy: {key: interval over seeds}} (runs without the key are left out)."""
+  return {s: {k: interval([r[k] for r in by_seed.values()]) for k in keys
+              if all(k in r for r in by_seed.values())} for s, by_seed in groups.items()}
+
+
+def paired(groups: dict, base: str, other: str, key: str) -> dict | None:
+  """other - base on the seeds both have: interval of the paired differences."""
+  if base not in groups or other not in groups:
+    return None
+  seeds = sorted(set(groups[base]) & set(groups[other]))
+  if not seeds or not all(key in groups[x][s] for x in (base, other) for s in seeds):
+    return None
+  return interval([groups[other][s][key] - groups[base][s][key] for s in seeds])
+
+
+def _pm(iv, spec=".4f"):
+  if iv["n"] == 1 or math.isnan(iv["ci95"]):
+    return format(iv["mean"], spec)
+  return f"{format(iv['mean'], spec)} ± {format(iv['ci95'], spec)}"
+
+
+def _compare(iv, what: str, unit: str, smaller_is_better=True) -> str:
+  """One clause worded from a paired interval, never from one seed."""
+  lo, hi = iv["mean"] - iv["ci95"], iv["mean"] + iv["ci95"]
+  rng = f"(mean {iv['mean']:+.4f}{unit}, 95% CI [{lo:+.4f}, {hi:+.4f}], {iv['n']} seeds)"
+  if iv["n"] < 2 or math.isnan(iv["ci95"]):
+    return f"{what}: {iv['mean']:+.4f}{unit} on one seed, no interval {rng}"
+  if hi < 0:
+    return f"{what} is lower {rng}" + (": better" if smaller_is_better else "")
+  if lo > 0:
+    return f"{what} is higher {rng}" + (": worse" if smaller_is_better else "")
+  return f"{what} is indistinguishable: the interval contains 0 {rng}"
+
+
+def seeded_verdict(groups: dict, base: str = "aux") -> list[str]:
+  out = []
+  for other in groups:
+    if other == base:
+      continue
+    loss = paired(groups, base, other, "val_loss")
+    vio = paired(groups, base, other, "maxvio_global")
+    if loss is None or loss["n"] < 2:
+      continue
+    line = f"- **{other} - {base}**: " + _compare(loss, "validation loss", " nats")
+    if vio is not None:
+      line += "; " + _compare(vio, "MaxVio_global", "")
+    out.append(line + ".")
+  return out
+
+
+# The Pareto view (LFB's aux-loss dilemma) --------------------------------------------------
+
+def family(balance: dict) -> tuple[str, float] | None:
+  """("aux", alpha) / ("bias", u) / ("none", 0) for the single-knob runs of a sweep."""
+  b = {k: balance.get(k, 0.0) for k in ("aux_alpha", "seq_aux_alpha", "batch_aux_alpha",
+                                        "bias_rate")}
+  sign = balance.get("bias_rule", "sign") == "sign"
+  if b["aux_alpha"] and not (b["seq_aux_alpha"] or b["batch_aux_alpha"] or b["bias_rate"]):
+    return "aux", b["aux_alpha"]
+  if b["bias_rate"] and sign and not (b["aux_alpha"] or b["seq_aux_alpha"]
+                                      or b["batch_aux_alpha"]):
+    return "bias", b["bias_rate"]
+  if not any(b.values()):
+    return "none", 0.0
+  return None
+
+
+def pareto_points(groups: dict) -> list[dict]:
+  """One point per strategy with MaxVio: its family, knob and (mean) loss and MaxVio."""
+  pts = []
+  for name, by_seed in groups.items():
+    rs = list(by_seed.values())
+    if not all("maxvio_global" in r for r in rs):
+      continue
+    fam = family(rs[0].get("balance", {}))
+    loss, vio = interval([r["val_loss"] for r in rs]), interval([r["maxvio_global"] for r in rs])
+    pts.append({"name": name, "family": fam[0] if fam else "other",
+                "knob": fam[1] if fam else float("nan"), "val_loss": loss["mean"],
+                "maxvio_global": vio["mean"], "val_loss_ci95": loss["ci95"],
+                "maxvio_global_ci95": vio["ci95"]})
+  for p in pts:   # dominated: another point is no worse on both and better on one
+    p["dominated_by"] = [q["name"] for q in pts if q is not p
+                         and q["val_loss"] <= p["val_loss"]
+                         and q["maxvio_global"] <= p["maxvio_global"]
+                         and (q["val_loss"] < p["val_loss"]
+                              or q["maxvio_global"] < p["maxvio_global"])]
+  return pts
+
+
+def plot_pareto(points: list[dict], path: str):
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  colors = {"aux": "tab:red", "bias": "tab:blue", "none": "black", "other": "tab:gray"}
+  for fam in ("aux", "bias", "none", "other"):
+    pts = sorted((p for p in points if p["family"] == fam), key=lambda p: p["knob"])
+    if not pts:
+      continue
+    x = [p["maxvio_global"] for p in pts]
+    y = [p["val_loss"] for p in pts]
+    ax.plot(x, y, "-" if fam in ("aux", "bias") else "", color=colors[fam], alpha=0.6)
+    for p in pts:
+      dominated = bool(p["dominated_by"])
+      ax.errorbar(p["maxvio_global"], p["val_loss"],
+                  xerr=None if math.isnan(p["maxvio_global_ci95"]) else p["maxvio_global_ci95"],
+                  yerr=None if math.isnan(p["val_loss_ci95"]) else p["val_loss_ci95"],
+                  fmt="o", ms=7, color=colors[fam], mfc="white" if dominated else colors[fam],
+                  capsize=2)
+      label = p["name"] if fam in ("none", "other") else f"{fam} {p['knob']:g}"
+      ax.annotate(label, (p["maxvio_global"], p["val_loss"]), textcoords="offset points",
+                  xytext=(5, 4), fontsize=7)
+  ax.set_xscale("log")
+  ax.set_xlabel("MaxVio_global (log; lower = better balanced)")
+  ax.set_ylabel("validation loss (nats/token)")
+  ax.set_title("Balance vs loss: aux alpha sweep, bias u sweep\n"
+               "(hollow: Pareto-dominated by another run)")
+  ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def pareto_verdict(points: list[dict]) -> list[str]:
+  """The frontier in words: who is on it, who dominates whom, the aux trade-off."""
+  by_fam = {f: sorted((p for p in points if p["family"] == f), key=lambda p: p["knob"])
+            for f in ("aux", "bias")}
+  if not by_fam["aux"] or not by_fam["bias"]:
+    return []
+  frontier = [p["name"] for p in points if not p["dominated_by"]]
+  out = [f"**Pareto frontier** (validation loss and MaxVio_global both lower is better): "
+         f"{', '.join(frontier)}."]
+  aux_dom = [p["name"] for p in by_fam["aux"]
+             if any(q in {b["name"] for b in by_fam["bias"]} for q in p["dominated_by"])]
+  bias_dom = [p["name"] for p in by_fam["bias"]
+              if any(q in {a["name"] for a in by_fam["aux"]} for q in p["dominated_by"])]
+  out.append(f"Aux runs dominated by a bias run: {len(aux_dom)} of {len(by_fam['aux'])}"
+             + (f" ({', '.join(aux_dom)})" if aux_dom else "")
+             + f"; bias runs dominated by an aux run: {len(bias_dom)} of "
+             f"{len(by_fam['bias'])}" + (f" ({', '.join(bias_dom)})" if bias_dom else "") + ".")
+  a = by_fam["aux"]
+  vio_falls = all(x["maxvio_global"] >= y["maxvio_global"] for x, y in zip(a, a[1:]))
+  loss_rises = all(x["val_loss"] <= y["val_loss"] for x, y in zip(a, a[1:]))
+  out.append(
+      f"Aux loss from alpha {a[0]['knob']:g} to {a[-1]['knob']:g}: MaxVio_global "
+      f"{a[0]['maxvio_global']:.3f} -> {a[-1]['maxvio_global']:.3f}, validation loss "
+      f"{a[0]['val_loss']:.4f} -> {a[-1]['val_loss']:.4f} ("
+      + ("the dilemma LFB describes: more balance costs loss at every step" if vio_falls
+         and loss_rises else "not a monotone trade-off at this scale")
+      + ").")
+  best_bias = min(by_fam["bias"], key=lambda p: p["maxvio_global"])
+  matched = [p for p in a if p["maxvio_global"] <= best_bias["maxvio_global"]]
+  if matched:
+    m = min(matched, key=lambda p: p["val_loss"])
+    out.append(f"An aux run reaches the best bias balance ({best_bias['name']}, "
+               f"{best_bias['maxvio_global']:.3f}): {m['name']} at loss "
+               f"{m['val_loss']:.4f} vs {best_bias['val_loss']:.4f}.")
+  else:
+    out.append(f"No aux alpha reaches the bias's best balance ({best_bias['name']}, "
+               f"MaxVio_global {best_bias['maxvio_global']:.3f}; the best aux run: "
+               f"{min(a, key=lambda p: p['maxvio_global'])['maxvio_global']:.3f}).")
+  return out
+
+
 # The report ----------------------------------------------------------------------------
 
 def _fmt(v, spec=".3f"):
@@ -154,17 +354,31 @@ def _fmt(v, spec=".3f"):
 
 
 def write_report(runs: dict, out_dir: str, title: str = "Balancing ablation") -> dict:
-  """runs: {name: load_run(...)}. Writes results.json, report.md and PNGs; returns results."""
+  """runs: {name: load_run(...)} (names `strategy_seedK` group by strategy). Writes
+  results.json, report.md and PNGs; returns {name: summary}."""
   os.makedirs(out_dir, exist_ok=True)
   results = {name: summarize(run) for name, run in runs.items()}
+  groups = group_by_strategy(results)
+  multi_seed = any(len(v) > 1 for v in groups.values())
+  points = pareto_points(groups)
+  pareto = len({p["family"] for p in points} & {"aux", "bias"}) == 2 and len(points) >= 3
+  summary = {n: {k: v for k, v in r.items() if k != "val_load"} for n, r in results.items()}
+  extra = {}
+  if multi_seed:
+    extra["seeds"] = seed_table(groups)
+    extra["paired_vs_aux"] = {s: {k: paired(groups, "aux", s, k)
+                                  for k in ("val_loss", "maxvio_global")}
+                              for s in groups if s != "aux" and "aux" in groups}
+  if pareto:
+    extra["pareto"] = points
   with open(os.path.join(out_dir, "results.json"), "w") as fh:
-    json.dump({n: {k: v for k, v in r.items() if k != "val_load"} for n, r in results.items()},
-              fh, indent=1)
+    json.dump({"runs": summary, **extra}, fh, indent=1)
   plot_val_loss(runs, os.path.join(out_dir, "val_loss.png"))
   plot_maxvio_batch(runs, os.path.join(out_dir, "maxvio_batch.png"))
   heatmaps = []
   for name, r in results.items():
-    if "val_load" in r:
+    m = _SEED_SUFFIX.match(name)
+    if "val_load" in r and (m is None or int(m.group(2)) == min(groups[m.group(1)])):
       n_moe = runs[name]["config"]["model"]["n_layers"] - runs[name]["config"]["model"][
           "first_k_dense"]
       f = f"load_{name}.png"
@@ -174,27 +388,49 @@ def write_report(runs: dict, out_dir: str, title: str = "Balancing ablation") ->
   lines = [f"# {title}", ""]
   any_run = next(iter(runs.values()))["config"]
   m = any_run["model"]
+  seeds = sorted({s for v in groups.values() for s in v})
   lines += [
       f"Model: d_model {m['d_model']}, {m['n_layers']} layers ({m['first_k_dense']} dense), "
       f"{m['n_shared_experts']} shared + {m['n_routed_experts']} routed experts, "
       f"top-{m['top_k']}, {m['score_func']} gate; {any_run['batch_size']} x "
-      f"{any_run['seq_len']} tokens per step, seed {any_run['seed']}. Data: "
+      f"{any_run['seq_len']} tokens per step, seed(s) {', '.join(map(str, seeds))}. Data: "
       f"{any_run['data']['source']} ({any_run['data']['tokenizer']} tokenizer).", "",
-      "| strategy | steps | val loss | val PPL | MaxVio_global | MaxVio_batch | "
+      "| run | steps | val loss | val PPL | MaxVio_global | MaxVio_batch | "
       "dropped | tokens/s | paper PPL / MaxVio_global (LFB 1B) |",
       "|---|---|---|---|---|---|---|---|---|"]
   for name, r in results.items():
     paper = PAPER_FOR.get(name)
     lines.append(
-        f"| {name} | {r['steps']} | {_fmt(r['val_loss'])} | {_fmt(r['val_ppl'], '.2f')} | "
+        f"| {name} | {r['steps']} | {_fmt(r['val_loss'], '.4f')} | {_fmt(r['val_ppl'], '.2f')} | "
         f"{_fmt(r.get('maxvio_global'))} | {_fmt(r.get('maxvio_batch'))} | "
         f"{_fmt(r.get('dropped_frac'), '.4f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
         f"{'%g / %g' % paper if paper else ''} |")
+  if multi_seed:
+    table = extra["seeds"]
+    lines += ["", f"Over seeds (mean ± 95% t-interval half-width; n seeds):", "",
+              "| strategy | n | val loss | MaxVio_global |", "|---|---|---|---|"]
+    for s, t in table.items():
+      lines.append(f"| {s} | {t['val_loss']['n']} | {_pm(t['val_loss'])} | "
+                   + (f"{_pm(t['maxvio_global'], '.3f')} |" if "maxvio_global" in t else "n/a |"))
+    pv = seeded_verdict(groups)
+    if pv:
+      lines += ["", "Paired differences against aux, seed by seed:", "", *pv]
+  if pareto:
+    lines += ["", "Pareto view (mean over seeds where several):", "",
+              "| run | family | knob | val loss | MaxVio_global | dominated by |",
+              "|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["family"], p["knob"])):
+      lines.append(f"| {p['name']} | {p['family']} | {p['knob']:g} | {p['val_loss']:.4f} | "
+                   f"{p['maxvio_global']:.3f} | {', '.join(p['dominated_by']) or '-'} |")
+    plot_pareto(points, os.path.join(out_dir, "pareto.png"))
+    lines += ["", *pareto_verdict(points), "", "![pareto](pareto.png)"]
   lines += ["", "LFB Table 2 (validation perplexity / MaxVio_global):", "",
             "| model | strategy | PPL | MaxVio_global |", "|---|---|---|---|"]
   lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PAPER_TABLE]
-  lines += ["", *verdict(results), "",
-            "![validation loss](val_loss.png)", "", "![MaxVio_batch](maxvio_batch.png)", ""]
+  if not multi_seed:
+    lines += ["", *verdict(results)]
+  lines += ["", "![validation loss](val_loss.png)", "", "![MaxVio_batch](maxvio_batch.png)",
+            ""]
   lines += [f"![{h}]({h})" for h in heatmaps]
   with open(os.path.join(out_dir, "report.md"), "w") as fh:
     fh.write("\n".join(lines) + "\n")
