@@ -258,7 +258,8 @@ def tiny_yarn() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-  """The ablation size (LFB-shaped, scaled down): 1 shared + 16 routed, top-4."""
+  """A small model with groups and MTP (the decode benchmark's drafter model): 1 shared +
+  16 routed, top-4 in 4 groups. The balancing ablation's model is configs/small.py's."""
   return ModelConfig(
       vocab_size=2048, d_model=128, n_layers=4, n_heads=4, q_lora_rank=64,
       kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
