@@ -34,6 +34,12 @@ def main(argv):
   del argv
   launch.quiet_console()
   from deepseek_jax.bench import train_speed as benchmark
+  if _SPEC_WORKDIR.value:
+    from deepseek_jax.inference import decoding
+    try:   # fail before the benchmarks, not after them
+      decoding.run_config_path(_SPEC_WORKDIR.value)
+    except FileNotFoundError as e:
+      raise app.UsageError(f"--spec_workdir: {e}") from None
   results = benchmark.run_all(_PARTS.value, hf=_HF.value, tiny=_TINY.value,
                               repeats=_REPEATS.value, spec_workdir=_SPEC_WORKDIR.value,
                               profile_dir=_PROFILE.value)

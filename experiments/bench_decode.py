@@ -48,7 +48,10 @@ def _speculative(bd):
   from deepseek_jax.inference import decoding
   if not _WORKDIR.value:
     raise app.UsageError("--part=speculative needs --workdir (a run with mtp_depth >= 1)")
-  model, variables, run_cfg, step = decoding.load_workdir(_WORKDIR.value)
+  try:
+    model, variables, run_cfg, step = decoding.load_workdir(_WORKDIR.value)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   if model.cfg.mtp_depth < 1:
     raise app.UsageError(f"{_WORKDIR.value} has no MTP modules")
   prompts = bd.validation_prompts(run_cfg, model.cfg.vocab_size, _N_PROMPTS.value,

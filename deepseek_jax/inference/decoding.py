@@ -201,22 +201,28 @@ def generate(model: Transformer, variables, prompts: Sequence[Sequence[int]],
 
 # Loading a model for inference ---------------------------------------------------------
 
-def load_workdir(workdir: str):
-  """(model, variables {"params", "balance"}, run config, step) from a training workdir:
-  the newest orbax checkpoint in DIR/checkpoints and the config in DIR/config.json."""
-  import ml_collections
-  from deepseek_jax.train.checkpoint import CONFIG_FILE, Checkpointer
-  from deepseek_jax.model.config import model_config_from
-  from deepseek_jax.model.transformer import BALANCE
-  from deepseek_jax.train.step import init_state, make_optimizer
-
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(config_path):
+def run_config_path(workdir: str) -> str:
+  """DIR/config.json of a training run; a clear FileNotFoundError where there is none."""
+  from deepseek_jax.train.checkpoint import CONFIG_FILE
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
     where = "does not exist" if not os.path.exists(workdir) else f"has no {CONFIG_FILE}"
     raise FileNotFoundError(
         f"no training run in {workdir} (the directory {where}): pass the --workdir of an "
         f"`experiments.train` or ablation run, or --hf_dir for a Hugging Face checkpoint")
-  with open(config_path) as fh:
+  return path
+
+
+def load_workdir(workdir: str):
+  """(model, variables {"params", "balance"}, run config, step) from a training workdir:
+  the newest orbax checkpoint in DIR/checkpoints and the config in DIR/config.json."""
+  import ml_collections
+  from deepseek_jax.train.checkpoint import Checkpointer
+  from deepseek_jax.model.config import model_config_from
+  from deepseek_jax.model.transformer import BALANCE
+  from deepseek_jax.train.step import init_state, make_optimizer
+
+  with open(run_config_path(workdir)) as fh:
     run_cfg = ml_collections.ConfigDict(json.load(fh))
   model = Transformer(model_config_from(run_cfg.model))
   # The optimizer state is restored too (the checkpoint holds one TrainState) and dropped.
