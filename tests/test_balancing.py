@@ -296,7 +296,9 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
   assert saved["bias"]["balance"]["bias_rate"] == 1e-3
   for f in ("report.md", "val_loss.png", "maxvio_batch.png", "load_aux.png", "load_bias.png"):
     assert os.path.getsize(tmp_path / "abl" / f) > 0, f
-  assert "| bias |" in (tmp_path / "abl" / "report.md").read_text()
+  report_md = (tmp_path / "abl" / "report.md").read_text()
+  assert "| bias |" in report_md
+  assert "Pareto" not in report_md    # one alpha and one rate make no sweep
   assert results["bias"]["steps"] == 6
   # The report rebuilds from the saved runs alone.
   from deepseek_jax.ablation import report
@@ -306,15 +308,15 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
 
 
 def test_pareto_sweep_and_seeds_end_to_end_at_tiny_size(tmp_path, monkeypatch):
-  """--sweep=pareto with --seeds=0,1 (a shortened sweep: one alpha, one rate): every run
+  """--sweep=pareto with --seeds=0,1 (a shortened sweep: two alphas, one rate): every run
   on every seed, the seed table with intervals, the Pareto table, its plot and a verdict
   worded from the frontier."""
   from configs import small
   from deepseek_jax.ablation import runner as ablation
-  monkeypatch.setattr(ablation, "PARETO_ALPHAS", (1e-1,))
+  monkeypatch.setattr(ablation, "PARETO_ALPHAS", (1e-3, 1e-1))
   monkeypatch.setattr(ablation, "RATE_SWEEP", (1e-2,))
   runs = ablation.plan([], "pareto")
-  assert [n for n, _ in runs] == ["none", "aux_a0.1", "bias_u0.01"]
+  assert [n for n, _ in runs] == ["none", "aux_a0.001", "aux_a0.1", "bias_u0.01"]
   out = tmp_path / "pareto"
   ablation.run(small.get_config, runs, str(out), size="tiny", steps=3, seeds=(0, 1),
                peak_flops=1e11,
@@ -332,6 +334,7 @@ def test_pareto_sweep_and_seeds_end_to_end_at_tiny_size(tmp_path, monkeypatch):
   report_md = (out / "report.md").read_text()
   assert "Over seeds" in report_md and "± " in report_md
   assert "Pareto frontier" in report_md and "| aux_a0.1 | aux | 0.1 |" in report_md
+  assert "Aux loss from alpha 0.001 to 0.1" in report_md
   assert (out / "pareto.png").stat().st_size > 0
 
 
