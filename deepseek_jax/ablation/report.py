@@ -94,12 +94,32 @@ def _plt():
   return plt
 
 
+def _styles(names):
+  """{run name: (color, label or None)}: one color per strategy, its seeds sharing it and
+  one legend entry."""
+  strategies = []
+  for n in names:
+    m = re.match(r"^(.*)_seed\d+$", n)
+    s = m.group(1) if m else n
+    if s not in strategies:
+      strategies.append(s)
+  out, seen = {}, set()
+  for n in names:
+    m = re.match(r"^(.*)_seed\d+$", n)
+    s = m.group(1) if m else n
+    out[n] = (f"C{strategies.index(s) % 10}", None if s in seen else s)
+    seen.add(s)
+  return out
+
+
 def plot_val_loss(runs: dict, path: str):
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
+  styles = _styles(list(runs))
   for name, run in runs.items():
     x, y = series(run, "val_loss")
-    ax.plot(x, y, marker="o", ms=3, label=name)
+    color, label = styles[name]
+    ax.plot(x, y, marker="o", ms=3, color=color, label=label)
   ax.set_xlabel("step")
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title("Validation loss")
@@ -113,13 +133,15 @@ def plot_val_loss(runs: dict, path: str):
 def plot_maxvio_batch(runs: dict, path: str, window: int = 10):
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
+  styles = _styles(list(runs))
   for name, run in runs.items():
     x, y = series(run, "maxvio_mean")
     if not y:
       continue
     y = np.asarray(y)
     smooth = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
-    line, = ax.plot(x[len(x) - len(smooth):], smooth, label=name)
+    color, label = styles[name]
+    line, = ax.plot(x[len(x) - len(smooth):], smooth, color=color, label=label)
     ax.plot(x, y, color=line.get_color(), alpha=0.15, lw=0.8)
   ax.set_yscale("log")
   ax.set_xlabel("step")
