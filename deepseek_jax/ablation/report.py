@@ -306,7 +306,10 @@ def plot_pareto(points: list[dict], path: str):
       continue
     x = [p["maxvio_global"] for p in pts]
     y = [p["val_loss"] for p in pts]
-    ax.plot(x, y, "-" if fam in ("aux", "bias") else "", color=colors[fam], alpha=0.6)
+    names = {"aux": "aux loss (alpha)", "bias": "sign-rule bias (u)", "none": "none",
+             "other": "other strategies"}
+    ax.plot(x, y, "-" if fam in ("aux", "bias") else "", color=colors[fam], alpha=0.6,
+            label=names[fam])
     for p in pts:
       dominated = bool(p["dominated_by"])
       ax.errorbar(p["maxvio_global"], p["val_loss"],
@@ -318,6 +321,7 @@ def plot_pareto(points: list[dict], path: str):
       ax.annotate(label, (p["maxvio_global"], p["val_loss"]), textcoords="offset points",
                   xytext=(5, 4), fontsize=7)
   ax.set_xscale("log")
+  ax.legend(fontsize=8)
   ax.set_xlabel("MaxVio_global (log; lower = better balanced)")
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title("Balance vs loss: aux alpha sweep, bias u sweep\n"
