@@ -458,7 +458,8 @@ def test_quantile_update_rate_and_idle_layer():
 
 def test_quantile_strategy_sets_the_bias_to_the_steps_target(tmp_path):
   """The train step with QB (u = 1) sets each layer's bias to the centred target of the
-  batch it routed, computed here by the numpy reference from that layer's scores."""
+  batch it routed (the model's own target of that batch, which
+  test_quantile_target_matches_numpy checks against the numpy reference)."""
   cfg, model, tx, state, batch, hp = _setup(
       tmp_path, **{"balance.bias_rule": "quantile", "balance.bias_rate": 1.0,
                    "model.quantile_stats": True})

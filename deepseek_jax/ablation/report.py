@@ -97,17 +97,12 @@ def _plt():
 def _styles(names):
   """{run name: (color, label or None)}: one color per strategy, its seeds sharing it and
   one legend entry."""
-  strategies = []
-  for n in names:
-    m = re.match(r"^(.*)_seed\d+$", n)
-    s = m.group(1) if m else n
-    if s not in strategies:
-      strategies.append(s)
+  strategy = {n: (m.group(1) if (m := _SEED_SUFFIX.match(n)) else n) for n in names}
+  order = list(dict.fromkeys(strategy.values()))
   out, seen = {}, set()
   for n in names:
-    m = re.match(r"^(.*)_seed\d+$", n)
-    s = m.group(1) if m else n
-    out[n] = (f"C{strategies.index(s) % 10}", None if s in seen else s)
+    s = strategy[n]
+    out[n] = (f"C{order.index(s) % 10}", None if s in seen else s)
     seen.add(s)
   return out
 
