@@ -12,6 +12,7 @@ from ml_collections import config_dict
 from deepseek_jax.model.config import ModelConfig
 
 _OPTIONAL_INT = ("q_lora_rank", "moe_block_size")
+_OPTIONAL_FLOAT = ("ep_capacity_factor",)
 
 
 def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
@@ -19,6 +20,9 @@ def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
   for k in _OPTIONAL_INT:
     if d[k] is None:
       d[k] = config_dict.placeholder(int)
+  for k in _OPTIONAL_FLOAT:
+    if d[k] is None:
+      d[k] = config_dict.placeholder(float)
   return ml_collections.ConfigDict(d)
 
 

@@ -13,7 +13,10 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
-_DISPATCHES = ("dropless", "capacity", "reference")
+_DISPATCHES = ("dropless", "capacity", "ragged", "reference")
+_ATTENTION_IMPLS = ("plain", "blockwise")
+# jax.checkpoint policies by name (layers.remat_policy): what a rematerialised block keeps.
+REMAT_POLICIES = ("nothing", "dots", "dots_no_batch", "everything")
 _BIAS_MODES = ("add", "mul")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,8 +60,10 @@ class ModelConfig:
   quantile_stats: bool = False
   # Routed-expert dispatch (moe.py): "dropless" (tokens sorted by expert into
   # fixed-size blocks, one gathered weight per block: never drops, fast on XLA:CPU),
-  # "capacity" (capacity-padded einsum, drops past capacity and counts them) or
-  # "reference" (every expert on every token; slow, obviously correct).
+  # "capacity" (capacity-padded einsum, drops past capacity and counts them), "ragged"
+  # (rows sorted by expert, one grouped matmul jax.lax.ragged_dot per projection: reads
+  # each expert's weights once; the TPU/GPU path, slow on XLA:CPU) or "reference"
+  # (every expert on every token; slow, obviously correct).
   moe_dispatch: str = "dropless"
   # "capacity" only: slots per expert = ceil(capacity_factor * tokens * K / E).
   capacity_factor: float = 1.25
@@ -71,6 +76,12 @@ class ModelConfig:
   # that the mesh keep each routing group on one shard (n_group a multiple of
   # mesh.expert), so each token visits at most topk_group shards (V3's node limit M).
   route_limit_by_shard: bool = False
+  # Expert-parallel buffers at scale: None keeps the rule above (dropless, C = tokens,
+  # unless moe_dispatch == "capacity"). A number f sizes every buffer by tokens x K /
+  # shards instead, whatever the local dispatch: C = ceil(f * tokens * fanout / Z) send
+  # rows per destination shard, and with moe_dispatch "ragged" ceil(f * tokens * K)
+  # local expert rows on the receiving shard; what does not fit is dropped and counted.
+  ep_capacity_factor: float | None = None
   rope_theta: float = 10000.0
   # YaRN (V3 4.3). rope_factor 1.0 switches it off.
   rope_factor: float = 1.0
@@ -93,6 +104,20 @@ class ModelConfig:
   dtype: str = "float32"                # compute dtype
   param_dtype: str = "float32"
   remat: bool = False                   # rematerialise each block in the backward pass
+  # What a rematerialised block saves for its backward (REMAT_POLICIES): "nothing"
+  # (only the block's input; recompute everything), "dots" (every matmul output),
+  # "dots_no_batch" (matmuls without batch dims: the weight products, not attention's),
+  # "everything" (no recompute; remat then only changes scheduling).
+  remat_policy: str = "nothing"
+  # Stack the dense and the MoE blocks and run each stack with one flax scan (the
+  # parameters get a leading layer dim): compile time and program size independent of
+  # depth. Inference and HF interop convert (transformer.unstack_layers).
+  scan_layers: bool = False
+  # Training attention: "plain" materialises the [B, N, T, S] scores; "blockwise" is an
+  # online-softmax over key blocks inside rematerialised query blocks of
+  # attention_block tokens (no score tensor beyond [B, N, block, block]).
+  attention_impl: str = "plain"
+  attention_block: int = 512
 
   def __post_init__(self):
     _validate(self)
@@ -191,6 +216,8 @@ def _validate(c: ModelConfig) -> None:
     bad("moe_dispatch", f"must be one of {_DISPATCHES}")
   if not c.capacity_factor > 0:
     bad("capacity_factor", "must be positive")
+  if c.ep_capacity_factor is not None and not c.ep_capacity_factor > 0:
+    bad("ep_capacity_factor", "must be positive or None (the dispatch's own rule)")
   if c.moe_block_size is not None and (not isinstance(c.moe_block_size, int)
                                        or c.moe_block_size <= 0):
     bad("moe_block_size", "must be a positive integer or None (automatic)")
@@ -206,6 +233,14 @@ def _validate(c: ModelConfig) -> None:
         "onto expert-axis shards")
   if c.rope_factor < 1.0:
     bad("rope_factor", "must be >= 1 (1 switches YaRN off)")
+  if c.remat_policy not in REMAT_POLICIES:
+    bad("remat_policy", f"must be one of {REMAT_POLICIES}")
+  if c.attention_impl not in _ATTENTION_IMPLS:
+    bad("attention_impl", f"must be one of {_ATTENTION_IMPLS}")
+  if not isinstance(c.attention_block, int) or c.attention_block <= 0:
+    bad("attention_block", "must be a positive integer")
+  if not isinstance(c.scan_layers, bool):
+    bad("scan_layers", "must be True or False")
   for f in ("dtype", "param_dtype"):
     if getattr(c, f) not in _DTYPES:
       bad(f, f"must be one of {_DTYPES}")
