@@ -29,5 +29,7 @@ setup(
         # The Hugging Face reference for the parity tests. torch is pinned to the CPU
         # wheel: an unpinned torch pulls a multi-GB CUDA build.
         "parity": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
+        # TPU compilation on any host (experiments.compile): libtpu at the pinned jax.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

@@ -70,6 +70,22 @@ def state_shardings(model, tx, mesh):
                     expert_bias=rep if has_bias else None)
 
 
+def build_steps(cfg, model_cfg, mesh):
+  """The model, optimizer, shardings and jitted steps of a run on `mesh`: what train()
+  runs, and what experiments.compile compiles for a TPU topology.
+
+  Returns (model, tx, state_shardings, batch_sharding, train_fn, eval_fn, init_fn)."""
+  model = Transformer(model_cfg)
+  tx = make_optimizer(cfg.optimizer, cfg.total_steps)
+  state_sh = state_shardings(model, tx, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  train_fn, eval_fn = jit_steps(model, tx, cfg, state_sh, batch_sh)
+  # Steps trace under the mesh: MoE layers go expert-parallel when mesh.expert > 1.
+  train_fn, eval_fn = sharding.with_mesh(mesh, train_fn), sharding.with_mesh(mesh, eval_fn)
+  init_fn = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=state_sh)
+  return model, tx, state_sh, batch_sh, train_fn, eval_fn, init_fn
+
+
 class _Preemption:
   """SIGTERM (preemption) asks the loop to save and exit cleanly."""
 
@@ -154,14 +170,7 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   logging.info("data: %s", data.describe(corpus))
 
   # Model and shardings ------------------------------------------------------------------
-  model = Transformer(model_cfg)
-  tx = make_optimizer(cfg.optimizer, cfg.total_steps)
-  state_sh = state_shardings(model, tx, mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  train_fn, eval_fn = jit_steps(model, tx, cfg, state_sh, batch_sh)
-  # Steps trace under the mesh: MoE layers go expert-parallel when mesh.expert > 1.
-  train_fn, eval_fn = sharding.with_mesh(mesh, train_fn), sharding.with_mesh(mesh, eval_fn)
-  init_fn = jax.jit(lambda rng: init_state(model, tx, rng), out_shardings=state_sh)
+  model, tx, state_sh, batch_sh, train_fn, eval_fn, init_fn = build_steps(cfg, model_cfg, mesh)
 
   ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir, cfg.total_steps, enabled=is_main and not quiet)

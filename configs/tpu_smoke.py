@@ -1,0 +1,29 @@
+"""A 2-layer model shaped like V3 (q-LoRA MLA, 1 dense + 1 MoE layer with expert groups,
+MTP depth 1, bf16 compute over fp32 weights) on a data x fsdp x expert mesh: the TPU
+compile path in seconds, and the model the compile tests use.
+
+  python -m experiments.compile --config=configs/tpu_smoke.py --topology=v5p:2x2x1
+  python -m experiments.train --config=configs/tpu_smoke.py --workdir=/tmp/tpu_smoke \
+      --cpu_devices=4
+"""
+
+from configs import common
+from deepseek_jax.model.config import ModelConfig
+
+
+def get_config(arg=None):
+  del arg
+  model = ModelConfig(
+      vocab_size=512, d_model=128, n_layers=2, n_heads=4, q_lora_rank=64, kv_lora_rank=32,
+      qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, ffn_dim=256,
+      moe_ffn_dim=64, first_k_dense=1, n_shared_experts=1, n_routed_experts=8, top_k=2,
+      n_group=4, topk_group=2, routed_scaling_factor=2.5, mtp_depth=1,
+      dtype="bfloat16", param_dtype="float32")
+  c = common.base_config(model)
+  c.total_steps = 20
+  c.batch_size, c.seq_len = 8, 64
+  c.balance.bias_rate = 1e-3
+  c.data.tokenizer = "bytes"
+  c.model.vocab_size = 257
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 2, 2
+  return c
