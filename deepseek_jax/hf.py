@@ -33,7 +33,8 @@ except ImportError as e:  # the "parity" extra
   raise ImportError("deepseek_jax.hf needs safetensors: pip install -e '.[parity]'") from e
 
 from deepseek_jax.model.config import ModelConfig, yarn_mscale
-from deepseek_jax.model.transformer import Transformer, init_variables
+from deepseek_jax.model.transformer import (Transformer, init_variables, stack_layers,
+                                             unstack_layers)
 
 BIAS = "balance/expert_bias"
 
@@ -382,6 +383,7 @@ def load_checkpoint(path, dtype: str = "float32", *, mtp: bool | None = None, **
   hf_config = json.loads((path / "config.json").read_text())
   where = _tensor_files(path)
   cfg = config_from_hf(hf_config)
+  scan = bool(overrides.pop("scan_layers", False))   # HF's layout is the unrolled one
   depth = _mtp_depth(cfg, where, mtp)
   dropped = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(depth, cfg.mtp_depth))
   cfg = cfg.replace(**{"mtp_depth": depth, "dtype": dtype, "param_dtype": dtype, **overrides})
@@ -434,7 +436,12 @@ def load_checkpoint(path, dtype: str = "float32", *, mtp: bool | None = None, **
     raise ValueError(f"mapping table mismatch: no tensor for "
                      f"{_names(expected.keys() - flat.keys())}; not in the model: "
                      f"{_names(flat.keys() - expected.keys())}")
-  return model, _unflatten(flat, cfg.n_routed_layers)
+  variables = _unflatten(flat, cfg.n_routed_layers)
+  if scan:
+    cfg = cfg.replace(scan_layers=True)
+    variables["params"] = stack_layers(variables["params"], cfg)
+    model = Transformer(cfg)
+  return model, variables
 
 
 # Saving --------------------------------------------------------------------------
@@ -447,7 +454,11 @@ def save_checkpoint(path, cfg: ModelConfig, variables, fused_experts: bool = Tru
                     "DeepSeek's own code reads it", cfg.score_func)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  flat = _flatten(jax.tree.map(np.asarray, nn.unbox(variables)))
+  variables = nn.unbox(variables)
+  if cfg.scan_layers:   # HF's layout is the unrolled one
+    variables = {**variables, "params": unstack_layers(variables["params"], cfg)}
+    cfg = cfg.replace(scan_layers=False)
+  flat = _flatten(jax.tree.map(np.asarray, variables))
   rules = _rules(cfg, fused=lambda hf: fused_experts, rope_interleave=True)
   needed = {o for r in rules for o in r.ours}
   if needed != flat.keys():

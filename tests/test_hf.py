@@ -374,3 +374,16 @@ def test_mtp_h0_convention_matches_hf(mtp_pair):
   _close(raw.mtp_logits[0][:, :-1], _hf_mtp_logits(mtp, raw.hidden, tokens))
   gap = np.abs(np.asarray(raw.mtp_logits[0]) - np.asarray(out.mtp_logits[0])).max()
   assert gap > 1e-2 * np.abs(np.asarray(out.mtp_logits[0])).max()
+
+
+def test_scanned_layout_loads_matches_hf_and_exports_unrolled(saved, tmp_path):
+  """scan_layers=True: the HF tensors stacked per kind, the same logits, and an export
+  that is the HF (unrolled) layout again."""
+  folder, tokens, theirs = saved("lora-default-interleave")
+  model, variables = hf.load_checkpoint(folder, scan_layers=True)
+  assert model.cfg.scan_layers and "layer_0" not in variables["params"]
+  _close(_apply(model.cfg)(variables, tokens).logits, theirs)
+  hf.save_checkpoint(tmp_path, model.cfg, variables)
+  model2, variables2 = hf.load_checkpoint(tmp_path)
+  assert not model2.cfg.scan_layers and "layer_0" in variables2["params"]
+  _close(_apply(model2.cfg)(variables2, tokens).logits, theirs)

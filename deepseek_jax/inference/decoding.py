@@ -23,7 +23,7 @@ from flax import struct
 
 from deepseek_jax.model import kv_cache
 from deepseek_jax.model.kv_cache import KVCache
-from deepseek_jax.model.transformer import Transformer
+from deepseek_jax.model.transformer import Transformer, unstack_layers
 from deepseek_jax.inference.sampling import Sampling, sample
 
 PAD_MULTIPLE = 16   # prompt lengths are bucketed so few prefill shapes get compiled
@@ -239,7 +239,11 @@ def load_workdir(workdir: str):
                             f"restores in {ckpt.directory}: train it first (rerun "
                             f"`experiments.train` with this --workdir)")
   state, _, step = restored
-  variables = {"params": state.params}
+  params = state.params
+  if model.cfg.scan_layers:   # cached decoding runs the unrolled layout
+    params = unstack_layers(params, model.cfg)
+    model = Transformer(model.cfg.replace(scan_layers=False))
+  variables = {"params": params}
   if state.expert_bias is not None:
     variables[BALANCE] = {"expert_bias": state.expert_bias}
   return model, variables, run_cfg, step

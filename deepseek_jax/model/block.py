@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import flax.linen as nn
 
 from deepseek_jax.model.attention import MLA
@@ -9,6 +10,24 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache
 from deepseek_jax.model.layers import RMSNorm, SwiGLU
 from deepseek_jax.model.moe import MoE
+
+
+_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_block(cfg: ModelConfig):
+  """Block, or Block rematerialised with cfg.remat_policy when cfg.remat (the blocks of a
+  flax scan and the MTP blocks alike)."""
+  if not cfg.remat:
+    return Block
+  # prevent_cse=False: inside a scan XLA cannot merge the recomputation away anyway, and
+  # the CSE barriers only cost (the flax/JAX advice for scanned remat).
+  return nn.remat(Block, policy=_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
 
 
 class Block(nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import flax.linen as nn
 
-from deepseek_jax.model.block import Block
+from deepseek_jax.model.block import remat_block
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import RMSNorm, param
 
@@ -38,7 +38,7 @@ class MTPModule(nn.Module):
     self.hnorm = RMSNorm(cfg)
     self.w_proj = param(self, "w_proj", (2 * cfg.d_model, cfg.d_model),
                         ("mtp_concat", "embed"), cfg)
-    self.block = (nn.remat(Block) if cfg.remat else Block)(cfg, moe=cfg.mtp_is_moe)
+    self.block = remat_block(cfg)(cfg, moe=cfg.mtp_is_moe)
     self.final_norm = RMSNorm(cfg)
 
   def _input(self, h_prev_BTD, emb_next_BTD):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 from absl import logging
 from jax.sharding import Mesh, PartitionSpec as PS
 
@@ -38,6 +39,7 @@ RULES = (
     ("head_dim", None),
     ("norm", None),
     ("mtp_concat", None),
+    ("layers", None),          # the leading dim of scanned (stacked) block parameters
 )
 
 
@@ -60,3 +62,14 @@ def logical_to_spec(axes, shape, mesh: Mesh) -> PS:
     else:
       spec.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
   return PS(*spec)
+
+
+def constrain(x, axes):
+  """x pinned to the sharding of its logical `axes` under the context mesh (jax.set_mesh),
+  as activations between layers need: without it, GSPMD may follow a weight's sharding
+  into the activations (e.g. the whole batch with d_model split over fsdp). A no-op
+  outside a mesh or on one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))

@@ -9,6 +9,13 @@ MoEStats the model returns (stacked the same way, leading dim L).
 Inference (kv_cache.py, decoding.py, speculative.py) uses two more methods on the same
 parameters: `extend` runs a chunk of tokens against a latent KV cache (prefill, decode,
 verification), `mtp_extend` runs one MTP module against its own cache (drafting).
+
+Layer layout. By default every block has its own parameters, "layer_0" .. "layer_{n-1}".
+With cfg.scan_layers the dense blocks and the MoE blocks form two stacks,
+"dense_layers/block" and "moe_layers/block", each parameter with a leading layer dim
+(logical axis "layers"), run by one flax scan each: the program holds one block of each
+kind whatever the depth. stack_layers / unstack_layers convert between the two layouts
+(HF import/export and the cached decode use the unrolled one).
 """
 
 from __future__ import annotations
@@ -18,14 +25,19 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from deepseek_jax.model.block import Block
+from deepseek_jax.model.block import Block, remat_block
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache
 from deepseek_jax.model.layers import RMSNorm, param
 from deepseek_jax.model.moe import MoEStats
+from deepseek_jax.model.partitioning import constrain
 from deepseek_jax.model.mtp import MTPModule, shift_left
 
 BALANCE = "balance"
+STACKS = ("dense_layers", "moe_layers")   # the scanned layout's two stacks
+# The residual stream between blocks: split over every batch axis, whole in length and
+# width, so propagation never follows the fsdp-sharded weights into the activations.
+RESIDUAL = ("batch", None, None)
 
 
 @struct.dataclass
@@ -42,11 +54,61 @@ class DecodeOutput:
   hidden: jax.Array    # [B, T, D] what the next MTP module reads (cfg.mtp_feed_normed)
 
 
-def _stack(stats):
-  stats = [s for s in stats if s is not None]
+def _leading(stats):
+  return jax.tree.map(lambda a: a[None], stats)
+
+
+def _concat(stats):
+  """One MoEStats with leading dim L from pieces with leading dims (a scan's [n] or [1])."""
   if not stats:
     return None
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats)
+
+
+class _ScanBlock(nn.Module):
+  """A block as a scan body: (x, bias_E) -> (x, MoEStats | None); the rest broadcast."""
+  cfg: ModelConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x_BTD, bias_E, pos_BT, segment_ids_BT, valid_BT):
+    x_BTD, stats = remat_block(self.cfg)(self.cfg, moe=self.moe, name="block")(
+        x_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E)
+    return constrain(x_BTD, RESIDUAL), stats
+
+
+def _stack_of(cfg: ModelConfig, moe: bool, n: int):
+  """n blocks of one kind as ONE scanned module: parameters [n, ...] on logical axis
+  "layers"; the MoE stack scans over the bias rows [n, E] and stacks its MoEStats."""
+  scanned = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(0 if moe else nn.broadcast, nn.broadcast, nn.broadcast,
+                             nn.broadcast),
+                    length=n, metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(cfg, moe, name=STACKS[int(moe)])
+
+
+def stack_layers(params, cfg: ModelConfig):
+  """Unrolled params ("layer_i") -> the scanned layout (STACKS, leading layer dim)."""
+  params = dict(params)
+  layers = [params.pop(f"layer_{i}") for i in range(cfg.n_layers)]
+  groups = (layers[:cfg.first_k_dense], layers[cfg.first_k_dense:])
+  for name, group in zip(STACKS, groups):
+    if group:
+      params[name] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *group)}
+  return params
+
+
+def unstack_layers(params, cfg: ModelConfig):
+  """The scanned layout -> unrolled params ("layer_i"), the inverse of stack_layers."""
+  params = dict(params)
+  i = 0
+  for name, n in zip(STACKS, (cfg.first_k_dense, cfg.n_moe_layers)):
+    if n:
+      stacked = params.pop(name)["block"]
+      for j in range(n):
+        params[f"layer_{i}"] = jax.tree.map(lambda x, j=j: x[j], stacked)
+        i += 1
+  return params
 
 
 class Transformer(nn.Module):
@@ -55,9 +117,14 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
-    block_cls = nn.remat(Block) if cfg.remat else Block
-    self.blocks = [block_cls(cfg, moe=cfg.is_moe_layer(i), name=f"layer_{i}")
-                   for i in range(cfg.n_layers)]
+    if cfg.scan_layers:
+      n_dense = cfg.first_k_dense
+      self.dense_layers = _stack_of(cfg, False, n_dense) if n_dense else None
+      self.moe_layers = _stack_of(cfg, True, cfg.n_moe_layers) if cfg.n_moe_layers else None
+    else:
+      block_cls = remat_block(cfg)
+      self.blocks = [block_cls(cfg, moe=cfg.is_moe_layer(i), name=f"layer_{i}")
+                     for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_embeddings:
       self.head = param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -73,8 +140,11 @@ class Transformer(nn.Module):
 
   def logits(self, normed_BTD):
     w_DV = self.embed.T if self.cfg.tie_embeddings else self.head
-    return jnp.einsum("BTD,DV->BTV", normed_BTD, w_DV.astype(self.cfg.jnp_dtype),
-                      preferred_element_type=jnp.float32)
+    logits_BTV = jnp.einsum("BTD,DV->BTV", normed_BTD, w_DV.astype(self.cfg.jnp_dtype),
+                            preferred_element_type=jnp.float32)
+    # Batch over the batch axes, the vocabulary over "tensor": no chip holds a whole
+    # [tokens, V] row of logits when the mesh has a tensor axis.
+    return constrain(logits_BTV, ("batch", None, "vocab"))
 
   def _bias(self, row):
     if not self.cfg.n_routed_layers:
@@ -91,13 +161,23 @@ class Transformer(nn.Module):
     valid_BT = (jnp.ones((B, T), bool) if segment_ids_BT is None else segment_ids_BT != 0)
 
     x_BTD = self.embed_tokens(tokens_BT)
+    x_BTD = constrain(x_BTD, RESIDUAL)
     stats, row = [], 0
-    for i, block in enumerate(self.blocks):
-      x_BTD, s = block(x_BTD, positions_BT, segment_ids_BT, valid_BT,
-                       self._bias(row) if cfg.is_moe_layer(i) else None)
-      if s is not None:
-        stats.append(s)
-        row += 1
+    if cfg.scan_layers:
+      if self.dense_layers is not None:
+        x_BTD, _ = self.dense_layers(x_BTD, None, positions_BT, segment_ids_BT, valid_BT)
+      if self.moe_layers is not None:
+        bias_LE = self.expert_bias.value[:cfg.n_moe_layers]
+        x_BTD, stats_L = self.moe_layers(x_BTD, bias_LE, positions_BT, segment_ids_BT,
+                                         valid_BT)
+        stats, row = [stats_L], cfg.n_moe_layers
+    else:
+      for i, block in enumerate(self.blocks):
+        x_BTD, s = block(x_BTD, positions_BT, segment_ids_BT, valid_BT,
+                         self._bias(row) if cfg.is_moe_layer(i) else None)
+        if s is not None:
+          stats.append(_leading(s))
+          row += 1
     logits_BTV = self.logits(self.final_norm(x_BTD))
 
     mtp_logits = None
@@ -115,15 +195,16 @@ class Transformer(nn.Module):
         if cfg.mtp_feed_normed:
           h_BTD = normed_BTD
         if s is not None:
-          stats.append(s)
+          stats.append(_leading(s))
           row += 1
         depth_logits.append(self.logits(normed_BTD))
       mtp_logits = jnp.stack(depth_logits)
     elif cfg.mtp_is_moe and cfg.mtp_depth and stats:
       # Keep the stats' L dim equal to the bias rows; skipped MTP layers route nothing.
-      zero = jax.tree.map(jnp.zeros_like, stats[-1])
-      stats.extend([zero] * cfg.mtp_depth)
-    return ModelOutput(logits=logits_BTV, mtp_logits=mtp_logits, moe=_stack(stats),
+      zero = jax.tree.map(lambda a: jnp.zeros((cfg.mtp_depth,) + a.shape[1:], a.dtype),
+                          stats[-1])
+      stats.append(zero)
+    return ModelOutput(logits=logits_BTV, mtp_logits=mtp_logits, moe=_concat(stats),
                        hidden=x_BTD)
 
   # Inference ------------------------------------------------------------------------
@@ -137,6 +218,7 @@ class Transformer(nn.Module):
     The logits equal those of __call__ on the whole sequence at the same positions.
     """
     cfg = self.cfg
+    _unrolled_only(cfg)
     B, T = tokens_BT.shape
     if n_new_B is None:
       n_new_B = jnp.full((B,), T, jnp.int32)
@@ -169,6 +251,13 @@ class Transformer(nn.Module):
     out = DecodeOutput(logits=self.logits(normed_BTD),
                        hidden=normed_BTD if cfg.mtp_feed_normed else h_BTD)
     return out, cache
+
+
+def _unrolled_only(cfg: ModelConfig):
+  if cfg.scan_layers:
+    raise ValueError("cached decoding runs the unrolled layout: convert the params with "
+                     "unstack_layers and use cfg.replace(scan_layers=False) "
+                     "(inference.decoding.load_workdir does this)")
 
 
 def init_variables(model: Transformer, rng, batch=1, seq=8):
