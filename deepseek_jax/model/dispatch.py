@@ -11,6 +11,9 @@ their gates [X, K] and the stacked expert weights, and returns (y [X, D], droppe
   experts_dropless   assignments sorted by expert into blocks of `b` rows, each block
                      padded within its expert; one gathered weight per block. Never
                      drops; at most (A/b + E) blocks of work for A = tokens*K assignments.
+  experts_ragged     assignments sorted by expert into one buffer of R rows (R = A unless
+                     capped); three grouped matmuls (jax.lax.ragged_dot) read each
+                     expert's weights once. Assignments past row R are dropped and counted.
 
 Rows move by gathers (whose gradient is a scatter-add), never by scattering activations.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -130,3 +134,40 @@ def experts_dropless(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, b
                             w_down_EFD[block_expert_n], "n")
   return (combine(out_nbD.reshape(n_blocks * block, -1), row_A, gates_XK),
           jnp.zeros((), jnp.float32))
+
+
+def experts_ragged(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, n_rows=None):
+  """Grouped-matmul dispatch: assignments in expert order, one ragged_dot per weight.
+
+  n_rows (static) caps the sorted buffer at R rows; None: R = A = X*K, never drops.
+  Past the cap the END of the expert order is dropped: the highest expert ids lose
+  first, and the expert straddling row R loses its latest tokens. One global cap cannot
+  give every expert its earliest tokens; this rule is deterministic and counted.
+
+  XLA:CPU has no grouped matmul: jax lowers ragged_dot there as a dense [E, R, D]
+  masked product (E times the work), so on CPU this path is for testing."""
+  X, K = idx_XK.shape
+  E = w_gate_EDF.shape[0]
+  A = X * K
+  R = A if n_rows is None else min(n_rows, A)
+  e_A = idx_XK.reshape(-1)
+  order_A = jnp.argsort(e_A, stable=True)  # sorted position -> assignment; sentinel E last
+  pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+  counts_E = jnp.zeros((E + 1,), jnp.int32).at[e_A].add(1)[:E]
+  n_real = jnp.sum(counts_E)
+  n_kept = jnp.minimum(n_real, R)
+  # Rows [start_e, start_e + size_e) hold expert e; sizes sum to n_kept <= R.
+  start_E = jnp.cumsum(counts_E) - counts_E
+  size_E = jnp.clip(R - start_E, 0, counts_E).astype(jnp.int32)
+  live_R = jnp.arange(R) < n_kept
+  row_A = jnp.where(pos_A < n_kept, pos_A, R)  # R: dropped or no expert
+  buf_RD = take_rows(x_XD, order_A[:R] // K)
+  buf_RD = jnp.where(live_R[:, None], buf_RD, jnp.zeros((), x_XD.dtype))
+  dot = lambda a, w: jax.lax.ragged_dot(a, w, size_E)
+  h_RF = nn.silu(dot(buf_RD, w_gate_EDF)) * dot(buf_RD, w_up_EDF)
+  # ragged_dot leaves rows past sum(size_E) out of every group: jax's CPU lowering gives
+  # them 0, a TPU/GPU kernel need not write them at all. Masking here (and the buffer
+  # above) keeps whatever they hold out of y and, via `where`'s select, out of dx.
+  out_RD = jnp.where(live_R[:, None], dot(h_RF, w_down_EFD), jnp.zeros((), x_XD.dtype))
+  dropped = (n_real - n_kept).astype(jnp.float32)
+  return combine(out_RD, row_A, gates_XK), dropped

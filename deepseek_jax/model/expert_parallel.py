@@ -16,15 +16,20 @@ GSPMD; only the routed experts run here. Per shard, X tokens:
                 expert ids (E_l: none) and gates of that token there, [Z, C, J].
                 Pairs past C are dropped and their assignments counted.
   2. all_to_all over "expert": block z of dim 0 goes to shard z.
-  3. compute    the W = Z * C received rows through the local experts with dispatch.py's
-                block-grouped dropless path (J assignments a row, gate-weighted sum).
+  3. compute    the W = Z * C received rows through the local experts (J assignments a
+                row, gate-weighted sum) with dispatch.py's block-grouped dropless path,
+                or its grouped-matmul path for moe_dispatch "ragged", whose W * J
+                assignment rows are capped as below; what is cut is counted too.
   4. all_to_all back; y_x = sum over the shards x went to of their partial sums.
 
-Capacity C per destination shard (in tokens): dropless unless cfg.moe_dispatch ==
-"capacity", where C = ceil(capacity_factor * X * fanout / Z), fanout the most shards a
-token can reach (min(K, Z), or topk_group when groups sit on shards). Dropless is C = X:
-static shapes cannot be ragged (`ragged_all_to_all` would be, but XLA:CPU does not
-implement it).
+Capacity C per destination shard (in tokens): C = ceil(f * X * fanout / Z), fanout the
+most shards a token can reach (min(K, Z), or topk_group when groups sit on shards), with
+f = cfg.ep_capacity_factor whenever it is set, else capacity_factor for moe_dispatch
+"capacity"; otherwise dropless, C = X: static shapes cannot be ragged
+(`ragged_all_to_all` would be, but XLA:CPU does not implement it). Dropless buffers grow
+as W = Z * X rows a shard, so at pod scale ep_capacity_factor sizes them by tokens x K
+instead: C as above, and the ragged local buffer ceil(f * X * K) rows (the mean a shard
+receives is X * K).
 
 Node-limited routing (V3 2.1.2, M = topk_group nodes): with contiguous expert sharding,
 routing group g (E/G experts) lives on shard g * Z / G whenever G is a multiple of Z, so
@@ -70,10 +75,22 @@ def max_fanout(cfg: ModelConfig, n_shards: int) -> int:
 
 def shard_capacity(n_tokens: int, cfg: ModelConfig, n_shards: int) -> int:
   """Send-buffer rows per destination shard for one shard's n_tokens tokens."""
-  if cfg.moe_dispatch != "capacity":
+  if cfg.ep_capacity_factor is not None:
+    factor = cfg.ep_capacity_factor
+  elif cfg.moe_dispatch == "capacity":
+    factor = cfg.capacity_factor
+  else:
     return n_tokens
-  c = math.ceil(cfg.capacity_factor * n_tokens * max_fanout(cfg, n_shards) / n_shards)
+  c = math.ceil(factor * n_tokens * max_fanout(cfg, n_shards) / n_shards)
   return max(1, min(c, n_tokens))
+
+
+def local_rows(n_tokens: int, cfg: ModelConfig, n_assignments: int) -> int | None:
+  """Rows of the ragged local buffer on a shard whose senders hold n_tokens tokens each:
+  ceil(f * n_tokens * K), at most the n_assignments = W * J received; None: all."""
+  if cfg.ep_capacity_factor is None:
+    return None
+  return min(math.ceil(cfg.ep_capacity_factor * n_tokens * cfg.top_k), n_assignments)
 
 
 def check_mesh(cfg: ModelConfig, mesh, batch: int) -> None:
@@ -131,13 +148,19 @@ def _to_rows(values_U, row_U, n_rows: int, fill):
   return jnp.where(valid, rows, jnp.asarray(fill, values_U.dtype))
 
 
-def _local_experts(x_WD, ids_WJ, gates_WJ, w_gate, w_up, w_down, cfg: ModelConfig):
-  """Gate-weighted sum of each received row's local experts (id E_l: no expert)."""
+def _local_experts(x_WD, ids_WJ, gates_WJ, w_gate, w_up, w_down, cfg: ModelConfig,
+                   n_tokens: int):
+  """Gate-weighted sum of each received row's local experts (id E_l: no expert), and the
+  assignments dropped here (only the capped ragged buffer drops)."""
+  ws = (w_gate, w_up, w_down)
   if cfg.moe_dispatch == "reference":
-    return dispatch.experts_reference(x_WD, ids_WJ, gates_WJ, w_gate, w_up, w_down)[0]
+    return dispatch.experts_reference(x_WD, ids_WJ, gates_WJ, *ws)
+  if cfg.moe_dispatch == "ragged":
+    return dispatch.experts_ragged(x_WD, ids_WJ, gates_WJ, *ws,
+                                   local_rows(n_tokens, cfg, ids_WJ.size))
   E_l = w_gate.shape[0]
   block = cfg.moe_block_size or dispatch.dropless_block_size(ids_WJ.size, E_l)
-  return dispatch.experts_dropless(x_WD, ids_WJ, gates_WJ, w_gate, w_up, w_down, block)[0]
+  return dispatch.experts_dropless(x_WD, ids_WJ, gates_WJ, *ws, block)
 
 
 def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
@@ -164,13 +187,15 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     a2a = lambda v: jax.lax.all_to_all(v, EXPERT, 0, 0)
     recv_ZCD, recv_ids_ZCJ, recv_gates_ZCJ = a2a(send_ZCD), a2a(send_ids_ZCJ), a2a(
         send_gates_ZCJ)
-    out_WD = _local_experts(recv_ZCD.reshape(Z * C, D), recv_ids_ZCJ.reshape(Z * C, J),
-                            recv_gates_ZCJ.reshape(Z * C, J), w_gate, w_up, w_down, cfg)
+    out_WD, local_dropped = _local_experts(
+        recv_ZCD.reshape(Z * C, D), recv_ids_ZCJ.reshape(Z * C, J),
+        recv_gates_ZCJ.reshape(Z * C, J), w_gate, w_up, w_down, cfg, X)
     back_ZCD = a2a(out_WD.reshape(Z, C, D))
     # Each token's partial sums from the shards it went to (row Z*C: not sent, 0).
     y_XD = dispatch.combine(back_ZCD.reshape(Z * C, D), row_U, jnp.ones((X, Z), jnp.float32))
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
-    dropped = jnp.sum(dropped_XZ).astype(jnp.float32)
+    # Refused by a full destination here, or cut from this shard's local buffer.
+    dropped = jnp.sum(dropped_XZ).astype(jnp.float32) + local_dropped
     # Tokens are split over every batch axis and replicated over "tensor": sum over the
     # batch axes only.
     out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, BATCH), jax.lax.psum(dropped, BATCH))

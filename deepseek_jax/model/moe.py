@@ -9,7 +9,8 @@ the unbiased s, normalised over the picked experts, times routed_scaling_factor.
 The layer returns (output, MoEStats): the balancing code never reaches into the module.
 
 The routed experts run through one of dispatch.py's paths (cfg.moe_dispatch:
-reference, capacity or dropless), all equal up to float error when nothing is dropped.
+reference, capacity, dropless or ragged), all equal up to float error when nothing is
+dropped.
 Under a mesh whose "expert" axis is > 1 (jax.set_mesh) they instead run expert-parallel
 (expert_parallel.py: all-to-all inside shard_map); the router, the shared experts and the
 statistics stay here, data-parallel.
@@ -40,7 +41,8 @@ class MoEStats:
   aux_score_BE  per sequence, sum over tokens of the raw affinities s_i (the classic
                 auxiliary loss's P_i; carries gradient).
   n_tokens_B    valid tokens per sequence.
-  dropped       routed assignments dropped for lack of capacity (0 unless "capacity").
+  dropped       routed assignments dropped for lack of capacity (0 unless a capacity:
+                "capacity" dispatch, or ep_capacity_factor under expert parallelism).
   shards_per_token      mean over valid tokens of the distinct expert-axis shards its
                         experts live on (1 without expert parallelism): the all-to-all
                         fan-out that node-limited routing bounds by topk_group.
@@ -182,6 +184,8 @@ class MoE(nn.Module):
     elif cfg.moe_dispatch == "capacity":
       y_XD, dropped = dispatch.experts_capacity(x_XD, idx_XK, gates_XK, *ws,
                                                 dispatch.capacity(B * T, cfg))
+    elif cfg.moe_dispatch == "ragged":
+      y_XD, dropped = dispatch.experts_ragged(x_XD, idx_XK, gates_XK, *ws)
     else:
       block = cfg.moe_block_size or dispatch.dropless_block_size(B * T * cfg.top_k, E)
       y_XD, dropped = dispatch.experts_dropless(x_XD, idx_XK, gates_XK, *ws, block)

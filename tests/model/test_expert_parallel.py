@@ -1,6 +1,7 @@
 """Expert parallelism on 8 simulated CPU devices: the all-to-all layer equals the
-single-device layer (outputs, gradients, statistics, bias update), node-limited routing
-keeps every token on at most topk_group shards, and capacity drops match a numpy count.
+single-device layer (outputs, gradients, statistics, bias update) with the dropless and
+the ragged local dispatch, node-limited routing keeps every token on at most topk_group
+shards, and capacity drops (send buffers, capped ragged buffers) match a numpy count.
 (Training on a data=2 x expert=4 mesh against one device: tests/test_train.py.)"""
 
 import functools
@@ -62,13 +63,10 @@ def _run(cfg, mesh, seed=0):
     return _loss_and_grads(cfg)(*args)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=d, expert=e) for d, e in MESHES]
-                         + [dict(data=1, fsdp=2, expert=2, tensor=2)])
-def test_matches_single_device(mesh):
-  # The last mesh: expert weights gathered over fsdp and tensor, tokens replicated over
-  # tensor (the counts must not be summed over it).
-  (_, (y0, s0)), g0 = _run(CFG, None)
-  (_, (y1, s1)), g1 = _run(CFG, _mesh(**mesh))
+def _assert_matches_single_device(cfg_one, cfg, mesh):
+  """cfg on the mesh gives cfg_one's outputs, gradients and statistics on one device."""
+  (_, (y0, s0)), g0 = _run(cfg_one, None)
+  (_, (y1, s1)), g1 = _run(cfg, mesh)
   np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
   # Gradients wrt the inputs and every weight (routed experts, router, shared experts).
   flat0, flat1 = jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)
@@ -80,7 +78,30 @@ def test_matches_single_device(mesh):
                                err_msg=name)
   assert float(s1.dropped) == 0.0
   assert float(s0.shards_per_token) == 1.0
-  assert 1.0 < float(s1.shards_per_token) <= float(s1.max_shards_per_token) <= CFG.top_k
+  assert 1.0 < float(s1.shards_per_token) <= float(s1.max_shards_per_token) <= cfg.top_k
+
+
+@pytest.mark.parametrize("mesh", [dict(data=d, expert=e) for d, e in MESHES]
+                         + [dict(data=1, fsdp=2, expert=2, tensor=2)])
+def test_matches_single_device(mesh):
+  # The last mesh: expert weights gathered over fsdp and tensor, tokens replicated over
+  # tensor (the counts must not be summed over it).
+  _assert_matches_single_device(CFG, CFG, _mesh(**mesh))
+
+
+@pytest.mark.parametrize("data,expert,factor", [(1, 8, None), (2, 4, 2.0)])
+def test_ragged_matches_single_device_reference(data, expert, factor):
+  """The grouped-matmul local path, against the one-device reference path. None: no
+  cap (and one expert a shard, J = 1). 2.0: full send buffers (C = X) but a live local
+  cap, ceil(2 X K) = 24 of W J = 32 rows, that this routing happens to fit."""
+  cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=factor)
+  X = B * T // 8
+  if factor is not None:
+    C = expert_parallel.shard_capacity(X, cfg, expert)
+    J = min(cfg.top_k, cfg.n_routed_experts // expert)
+    assert C == X and expert_parallel.local_rows(X, cfg, expert * C * J) == 24 < expert * C * J
+  _assert_matches_single_device(CFG.replace(moe_dispatch="reference"), cfg,
+                                _mesh(data, expert))
 
 
 def test_bias_update_is_global():
@@ -148,42 +169,74 @@ def test_route_limit_rejects_a_mesh_that_splits_groups():
     _run(cfg, _mesh(1, 8))
 
 
-def test_capacity_drops_match_numpy_count():
-  data, Z = 2, 4
-  cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=1.0)
-  p, (u, bias) = _params(cfg, seed=5), _inputs(cfg, seed=5)
-  (_, (y, stats)), _ = _run(cfg, _mesh(data, Z), seed=5)
+def _numpy_expert_parallel(cfg, p, u, bias, Z, C, n_rows=None):
+  """(y [X, D], send drops, local drops) of the layer on a (8 / Z) x Z data x expert mesh.
 
-  # numpy: a token goes once to each shard holding any of its experts; each shard (one
-  # sequence here) has C slots per destination, taken in token order; a token refused
-  # by a full destination loses all its experts there.
+  A token goes once to each shard holding any of its experts; each source shard has C
+  slots per destination, taken in token order; a token refused by a full destination
+  loses all its experts there. Shard (d, z) receives from (d, 0..Z-1) in that order,
+  each source's rows in slot order. With n_rows, it then keeps the first n_rows of those
+  assignments stably sorted by expert; the rest is dropped."""
   pn = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   u_XD = np.asarray(u, np.float64).reshape(-1, cfg.d_model)
   scores = ref.affinities(u_XD @ pn["w_router"], cfg.score_func)
   chosen, gates = ref.route(scores, bias, cfg)
   X_shard, per = B * T // 8, cfg.n_routed_experts // Z
-  fanout = cfg.topk_group  # 4 groups on 4 shards: node-limited
-  C = math.ceil(cfg.capacity_factor * X_shard * fanout / Z)
-  y_want = np.zeros_like(u_XD)
-  dropped = 0
+  sh = pn["shared"]
+  y = np.stack([ref.swiglu(u_D, sh["w_gate"], sh["w_up"], sh["w_down"]) for u_D in u_XD])
+  received = {}  # (d, z) -> [(expert, token, gate)] in receive-buffer order
+  send_dropped = 0
   for src in range(8):
     used = np.zeros(Z, int)
     for x in range(src * X_shard, (src + 1) * X_shard):
-      sh = pn["shared"]
-      y_want[x] += ref.swiglu(u_XD[x], sh["w_gate"], sh["w_up"], sh["w_down"])
       if not VALID.reshape(-1)[x]:
         continue
       for z in sorted({e // per for e in chosen[x]}):
+        there = [(e, x, g) for e, g in zip(chosen[x], gates[x]) if e // per == z]
         used[z] += 1
-        for e, g in zip(chosen[x], gates[x]):
-          if e // per != z:
-            continue
-          if used[z] > C:
-            dropped += 1
-          else:
-            y_want[x] += g * ref.swiglu(u_XD[x], pn["w_gate"][e], pn["w_up"][e],
-                                        pn["w_down"][e])
+        if used[z] > C:
+          send_dropped += len(there)
+        else:
+          received.setdefault((src // Z, z), []).extend(there)
+  local_dropped = 0
+  for rows in received.values():
+    rows = sorted(rows, key=lambda r: r[0])  # stable
+    keep = len(rows) if n_rows is None else n_rows
+    local_dropped += len(rows[keep:])
+    for e, x, g in rows[:keep]:
+      y[x] += g * ref.swiglu(u_XD[x], pn["w_gate"][e], pn["w_up"][e], pn["w_down"][e])
+  return y, send_dropped, local_dropped
+
+
+def test_capacity_drops_match_numpy_count():
+  data, Z = 2, 4
+  cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=1.0)
+  p, (u, bias) = _params(cfg, seed=5), _inputs(cfg, seed=5)
+  (_, (y, stats)), _ = _run(cfg, _mesh(data, Z), seed=5)
+  fanout = cfg.topk_group  # 4 groups on 4 shards: node-limited
+  C = math.ceil(cfg.capacity_factor * (B * T // 8) * fanout / Z)
+  y_want, dropped, _ = _numpy_expert_parallel(cfg, p, u, bias, Z, C)
   assert dropped > 0
   assert float(stats.dropped) == dropped
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model), y_want, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_ragged_capacity_drops_match_numpy_count():
+  """ep_capacity_factor f caps both buffers: C = ceil(f X fanout / Z) send rows per
+  destination and ceil(f X K) local rows; both kinds of drop are summed in `dropped`."""
+  data, Z, f = 2, 4, 0.75
+  cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=f)
+  p, (u, bias) = _params(cfg, seed=5), _inputs(cfg, seed=5)
+  (_, (y, stats)), _ = _run(cfg, _mesh(data, Z), seed=5)
+  X = B * T // 8
+  C = math.ceil(f * X * cfg.topk_group / Z)
+  n_rows = math.ceil(f * X * cfg.top_k)
+  assert (C, n_rows) == (2, 9)
+  assert expert_parallel.shard_capacity(X, cfg, Z) == C
+  assert expert_parallel.local_rows(X, cfg, Z * C * 2) == n_rows
+  y_want, send_dropped, local_dropped = _numpy_expert_parallel(cfg, p, u, bias, Z, C, n_rows)
+  assert send_dropped > 0 and local_dropped > 0
+  assert float(stats.dropped) == send_dropped + local_dropped
   np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model), y_want, rtol=1e-5,
                              atol=1e-5)

@@ -1,4 +1,4 @@
-"""DeepSeekMoE: routing, the three dispatch paths, capacity drops and MoEStats, against
+"""DeepSeekMoE: routing, the dispatch paths, capacity drops and MoEStats, against
 numpy loops over tokens and their chosen experts."""
 
 import functools
@@ -27,6 +27,7 @@ DISPATCHES = {
     "capacity": dict(moe_dispatch="capacity", capacity_factor=100.0),
     "dropless": dict(moe_dispatch="dropless"),
     "dropless_b2": dict(moe_dispatch="dropless", moe_block_size=2),
+    "ragged": dict(moe_dispatch="ragged"),
 }
 
 
@@ -238,6 +239,62 @@ def test_dispatch_paths_have_equal_gradients():
                                  err_msg=f"{name} {key}")
 
 
+# The ragged path against the reference, below the layer -------------------------
+
+def _expert_problem(seed, X=12, K=3, E=6, D=8, F=5):
+  """Distinct top-K ids per token from experts 0..E-2 (E-1 gets no token), two padding
+  tokens and one padding slot (sentinel E), random gates and weights."""
+  rng = np.random.default_rng(seed)
+  idx_XK = np.stack([rng.permutation(E - 1)[:K] for _ in range(X)])
+  idx_XK[[0, 5]] = E
+  idx_XK[2, 1] = E
+  gates_XK = rng.random((X, K)).astype(np.float32)
+  x_XD = rng.standard_normal((X, D)).astype(np.float32)
+  ws = [(0.3 * rng.standard_normal(s)).astype(np.float32)
+        for s in [(E, D, F), (E, D, F), (E, F, D)]]
+  ct_XD = rng.standard_normal((X, D)).astype(np.float32)
+  return x_XD, idx_XK, gates_XK, ws, ct_XD
+
+
+def _value_and_grads(fn, x_XD, idx_XK, gates_XK, ws, ct_XD):
+  """(y, dropped) and the gradients of sum(y * ct) wrt x, gates and the three weights."""
+  def loss(x, gates, *ws):
+    y, dropped = fn(x, idx_XK, gates, *ws)
+    return jnp.sum(y * ct_XD), (y, dropped)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+      x_XD, gates_XK, *ws)
+  return out, grads
+
+
+@pytest.mark.parametrize("n_rows", [None, 20, 1, 50])
+def test_ragged_matches_reference_on_kept_assignments(n_rows):
+  """A cap of R rows keeps the first R assignments of the stable sort by expert id (the
+  end of that order, the highest experts, loses); the kept ones give exactly the
+  reference's output and gradients, the rest are counted."""
+  x_XD, idx_XK, gates_XK, ws, ct_XD = _expert_problem(seed=12)
+  X, K = idx_XK.shape
+  E = ws[0].shape[0]
+  e_A = idx_XK.reshape(-1)
+  kept_A = np.zeros(X * K, bool)
+  kept_A[np.argsort(e_A, kind="stable")[:n_rows]] = True  # [:None]: all
+  kept_A &= e_A < E
+  n_real = int((e_A < E).sum())
+  assert n_real == 36 - 7 and not (e_A == E - 1).any()  # 7 padding slots, 1 idle expert
+  assert int(kept_A.sum()) == min(n_real, n_rows or X * K)
+  ragged = functools.partial(dispatch.experts_ragged, n_rows=n_rows)
+  (y, dropped), grads = _value_and_grads(ragged, x_XD, idx_XK, gates_XK, ws, ct_XD)
+  kept_XK = np.where(kept_A.reshape(X, K), idx_XK, E)
+  (y_ref, _), grads_ref = _value_and_grads(dispatch.experts_reference, x_XD, kept_XK,
+                                           gates_XK, ws, ct_XD)
+  assert float(dropped) == n_real - kept_A.sum()
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  for name, g, g_ref in zip(["x", "gates", "w_gate", "w_up", "w_down"], grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6, err_msg=name)
+  # Padding and dropped assignments get no gradient; an unused expert neither.
+  np.testing.assert_array_equal(np.asarray(grads[1]).reshape(-1)[~kept_A], 0.0)
+  np.testing.assert_array_equal(grads[2][E - 1], 0.0)
+
+
 def _capacity(cfg):
   return max(1, min(math.ceil(cfg.capacity_factor * X * cfg.top_k / cfg.n_routed_experts), X))
 
@@ -265,8 +322,9 @@ def test_dropless_never_drops_skewed_routing():
   p = _params(CFG, seed=9)
   y_ref, stats_ref = ref.moe(_np(p), u, bias, CFG, VALID)
   np.testing.assert_array_equal(stats_ref["load_E"], [VALID.sum()] * 3 + [0] * 5)
-  for kw in (dict(), dict(moe_block_size=2), dict(moe_block_size=3)):
-    cfg = CFG.replace(moe_dispatch="dropless", **kw)
+  for kw in (dict(moe_dispatch="dropless"), dict(moe_dispatch="dropless", moe_block_size=2),
+             dict(moe_dispatch="dropless", moe_block_size=3), dict(moe_dispatch="ragged")):
+    cfg = CFG.replace(**kw)
     y, stats = _apply(cfg)(p, u, bias, VALID)
     assert float(stats.dropped) == 0.0
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
