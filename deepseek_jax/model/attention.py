@@ -11,12 +11,18 @@ Cached decode (`decode`) attends over the latent cache in one of two ways:
             Per step O(S N (R + P)): no per-key up-projection, K and V never exist.
   expanded  re-expands K and V for every cached key each step (O(S R N (H + O))), as a
             cache that saves memory but not compute does; kept for comparison.
+
+Training (`__call__`) expands K and V and attends either "plain" (the [B, N, T, S] scores
+in one piece) or "blockwise" (`blockwise_attention`: online softmax, at most one query
+block's scores at a time, forward and backward). K = H + P is the qk head dim here. In
+blockwise_attention, I counts query blocks and J key blocks; T and S are then block lengths.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import flax.linen as nn
 
 from deepseek_jax.model.config import ModelConfig
@@ -38,6 +44,94 @@ def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None):
   if q_seg_BT is not None:
     mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
   return mask[:, None]
+
+
+def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=None,
+                        k_seg_BS=None, *, block: int):
+  """softmax(q . k, masked as attention_mask) . v [B,T,N,O] without the [B,N,T,S] scores.
+
+  q carries the softmax scale already. Same masking as the plain path: causal on index,
+  same document when segments are given, and a fully masked row uniform over the S keys
+  (what a softmax over all-NEG_INF scores gives). Query blocks run under jax.checkpoint,
+  so the backward holds the residuals of one query block ([B, N, block, S]) at a time,
+  never those of all of them. T and S need not be multiples of `block`: the last blocks
+  are padded (block is capped at T and at S, so short sequences are one block). Key
+  blocks wholly above the causal diagonal for every row are skipped by a lax.cond inside
+  a fixed-length scan, which stays reverse-differentiable. Returns v's dtype; scores, the
+  running max and sum, and the output accumulate in float32.
+  """
+  B, T, N, _ = q_BTNK.shape
+  S, O = k_BSNK.shape[1], v_BSNO.shape[-1]
+  bt, bs = min(block, T), min(block, S)
+  I, J = -(-T // bt), -(-S // bs)
+  f32, i32 = jnp.float32, jnp.int32
+  if (q_seg_BT is None) != (k_seg_BS is None):
+    raise ValueError("give segment ids for both queries and keys, or for neither")
+  if q_seg_BT is None:  # no documents: one segment for all
+    q_seg_BT, k_seg_BS = jnp.zeros((B, T), i32), jnp.zeros((B, S), i32)
+  # Padded keys get an index no query reaches (never visible); padded queries one that
+  # reaches no key (their rows are dropped). Real indices must lie strictly between.
+  lo, hi = jnp.iinfo(i32).min, jnp.iinfo(i32).max
+
+  def blocks(x, n, size, fill=0):
+    """[B, n*size, ...] -> [n, B, size, ...], padding the sequence dim with `fill`."""
+    pad = [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad, constant_values=fill)
+    return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+
+  q_IBTNK = blocks(q_BTNK, I, bt)
+  q_idx_IBT = blocks(q_idx_BT.astype(i32), I, bt, lo)
+  q_seg_IBT = blocks(q_seg_BT.astype(i32), I, bt)
+  k_JBSNK, v_JBSNO = blocks(k_BSNK, J, bs), blocks(v_BSNO, J, bs)
+  k_idx_JBS = blocks(k_idx_BS.astype(i32), J, bs, hi)
+  k_seg_JBS = blocks(k_seg_BS.astype(i32), J, bs)
+  # A (query, key) block pair is live when some row has a causally visible pair in it;
+  # one reduction over B, outside the loops (under data parallelism: one all-reduce).
+  live_IJ = jnp.any(q_idx_IBT.max(-1)[:, None] >= k_idx_JBS.min(-1)[None], axis=-1)
+  # The plain path's answer for a fully masked row: the mean of all S values.
+  v_mean_BNO = v_BSNO.astype(f32).mean(axis=1)
+
+  @jax.checkpoint
+  def query_block(q_BTNK, q_idx_BT, q_seg_BT, live_J, k_JBSNK, v_JBSNO, k_idx_JBS,
+                  k_seg_JBS):
+    def key_block(carry, xs):
+      k_BSNK, v_BSNO, k_idx_BS, k_seg_BS, live = xs
+
+      def update(carry):
+        m_BNT, l_BNT, acc_BNTO = carry
+        s_BNTS = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK, preferred_element_type=f32)
+        mask_BTS = ((q_idx_BT[:, :, None] >= k_idx_BS[:, None, :])
+                    & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]))
+        s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, NEG_INF)
+        # The running max only shifts exponents (it cancels in acc / l): no gradient, so
+        # the backward keeps no argmax mask. Starting at NEG_INF, masked scores give
+        # exp(0) = 1 until a real key arrives, whose exp(NEG_INF - m) = 0 then clears them.
+        m_new = jnp.maximum(m_BNT, lax.stop_gradient(s_BNTS.max(axis=-1)))
+        p_BNTS = jnp.exp(s_BNTS - m_new[..., None])
+        alpha_BNT = jnp.exp(m_BNT - m_new)
+        pv_BNTO = jnp.einsum("BNTS,BSNO->BNTO", p_BNTS.astype(v_BSNO.dtype), v_BSNO,
+                             preferred_element_type=f32)
+        return (m_new, alpha_BNT * l_BNT + p_BNTS.sum(axis=-1),
+                alpha_BNT[..., None] * acc_BNTO + pv_BNTO)
+
+      return lax.cond(live, update, lambda c: c, carry), None
+
+    init = (jnp.full((B, N, bt), NEG_INF, f32), jnp.zeros((B, N, bt), f32),
+            jnp.zeros((B, N, bt, O), f32))
+    (m_BNT, l_BNT, acc_BNTO), _ = lax.scan(
+        key_block, init, (k_JBSNK, v_JBSNO, k_idx_JBS, k_seg_JBS, live_J))
+    # m still NEG_INF: no visible key. Such a row got exp(0) per masked key of the blocks
+    # run but none of those skipped, so its uniform average is taken here instead.
+    empty_BNT = m_BNT == NEG_INF
+    o_BNTO = acc_BNTO / jnp.where(empty_BNT, 1.0, l_BNT)[..., None]
+    o_BNTO = jnp.where(empty_BNT[..., None], v_mean_BNO[:, :, None], o_BNTO)
+    return o_BNTO.astype(v_JBSNO.dtype)
+
+  o_IBNTO = lax.map(
+      lambda xs: query_block(*xs, k_JBSNK, v_JBSNO, k_idx_JBS, k_seg_JBS),
+      (q_IBTNK, q_idx_IBT, q_seg_IBT, live_IJ))
+  o_BTNO = jnp.transpose(o_IBNTO, (1, 0, 3, 2, 4)).reshape(B, I * bt, N, O)
+  return o_BTNO[:, :T]
 
 
 class MLA(nn.Module):
@@ -85,8 +179,8 @@ class MLA(nn.Module):
     k_rope = apply_rope(jnp.einsum("BTD,DP->BTP", x, self._w(self.w_kr)), pos_BT, self.cfg)
     return c_kv, k_rope
 
-  def attend_expanded(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, mask_B1TS):
-    """Attention with K and V re-expanded from the latent (training and naive decode)."""
+  def expand(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP):
+    """q [B,T,N,K] (scaled), k [B,S,N,K] and v [B,S,N,O]: K and V re-expanded from c_kv."""
     k_nope_BSNH = jnp.einsum("BSR,RNH->BSNH", c_kv_BSR, self._w(self.w_uk))
     v_BSNO = jnp.einsum("BSR,RNO->BSNO", c_kv_BSR, self._w(self.w_uv))
     # One score product over [nope | rope] (K = H + P), the shared rope key broadcast to
@@ -96,6 +190,11 @@ class MLA(nn.Module):
     # The softmax scale goes on the query ([B,T,N,K]) rather than on the scores.
     q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * softmax_scale(self.cfg)
     k_BSNK = jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(k_nope_BSNH.dtype)], axis=-1)
+    return q_BTNK, k_BSNK, v_BSNO
+
+  def attend_expanded(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, mask_B1TS):
+    """Attention with K and V re-expanded from the latent (training and naive decode)."""
+    q_BTNK, k_BSNK, v_BSNO = self.expand(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP)
     # Head-major operands: the batched products then run over leading [B, N] dims.
     q_BNTK = q_BTNK.transpose(0, 2, 1, 3)
     k_BNSK = k_BSNK.transpose(0, 2, 1, 3)
@@ -114,6 +213,11 @@ class MLA(nn.Module):
     q_nope, q_rope = self.queries(x_BTD, pos_BT)
     c_kv, k_rope = self.latents(x_BTD, pos_BT)
     idx_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
+    if self.cfg.attention_impl == "blockwise":
+      q_BTNK, k_BSNK, v_BSNO = self.expand(q_nope, q_rope, c_kv, k_rope)
+      o_BTNO = blockwise_attention(q_BTNK, k_BSNK, v_BSNO, idx_BT, idx_BT, segment_ids_BT,
+                                   segment_ids_BT, block=self.cfg.attention_block)
+      return jnp.einsum("BTNO,NOD->BTD", o_BTNO, self._w(self.w_o))
     mask = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
     return self.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
 

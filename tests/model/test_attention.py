@@ -1,5 +1,6 @@
 """Multi-head latent attention against naive numpy loops, and its masking properties."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 import reference_numpy as ref
 from deepseek_jax.model import config
-from deepseek_jax.model.attention import MLA
+from deepseek_jax.model.attention import MLA, NEG_INF, attention_mask, blockwise_attention
 
 B, T = 2, 7
 
@@ -144,3 +145,145 @@ def test_softmax_runs_in_float32_under_bf16():
       assert seen[prim] == {jnp.dtype(jnp.float32)}, (prim, seen)
   # The one downcast of a [B, N, T, S] array: the probabilities, for the value einsum.
   assert casts == {(jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))}, casts
+
+
+# Blockwise (online-softmax) training attention against the plain path -----------------
+
+def _seg(T):
+  """Two rows of packed documents: row 0 ends in padding (segment 0, which attends only to
+  itself, as in the plain path); row 1's documents start at 4 and T - 3."""
+  row0 = np.zeros(T, np.int32)
+  row0[:T // 3], row0[T // 3:T - 2] = 1, 2
+  row1 = np.ones(T, np.int32)
+  row1[4:], row1[T - 3:] = 2, 3
+  return np.stack([row0, row1])
+
+
+# The gradient programs' loops take seconds to compile on XLA:CPU; its backend
+# optimisations buy nothing at these sizes and cost about a third of that.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+
+def _close(got, want, err_msg=""):
+  """rtol 1e-5, and an atol of 1e-6 of the largest entry: the blockwise sums run in another
+  order, so entries that cancel to near zero differ by float32 noise of the big ones."""
+  want = np.asarray(want)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(),
+                             err_msg=err_msg)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grads(cfg):
+  """MLA output and the gradients of <output, ct> w.r.t. params and input, jitted."""
+  def f(p, x, pos, seg, ct):
+    out, vjp = jax.vjp(lambda p, x: MLA(cfg).apply({"params": p}, x, pos, seg), p, x)
+    return out, vjp(ct)
+  return jax.jit(f, compiler_options=_FAST_COMPILE)
+
+
+# T = 12 throughout: the plain reference compiles once per config and segment choice.
+@pytest.mark.parametrize("name,block,segments", [
+    ("qlora", 4, True),             # T a multiple of the block
+    ("qlora", 5, True),             # ragged last block
+    ("qlora", 16, True),            # block >= T: one block
+    ("plain_q_yarn", 5, False),     # no segment ids: causal only
+])
+def test_blockwise_matches_plain(name, block, segments):
+  """Blockwise == plain MLA: the output and its gradients w.r.t. weights and input."""
+  T = 12
+  plain = CFGS[name]
+  blockwise = plain.replace(attention_impl="blockwise", attention_block=block)
+  p = _params(plain, seed=5)
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((B, T, plain.d_model)).astype(np.float32)
+  pos = np.stack([np.arange(T), np.arange(T) * 2 + 1]).astype(np.int32)
+  seg = _seg(T) if segments else None
+  ct = rng.standard_normal((B, T, plain.d_model)).astype(np.float32)
+  want_out, (want_dp, want_dx) = _value_and_grads(plain)(p, x, pos, seg, ct)
+  got_out, (got_dp, got_dx) = _value_and_grads(blockwise)(p, x, pos, seg, ct)
+  _close(got_out, want_out)
+  _close(got_dx, want_dx)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_dp),
+                               jax.tree.leaves(got_dp)):
+    assert np.abs(want).max() > 1e-3, path  # every weight gets a real gradient
+    _close(got, want, jax.tree_util.keystr(path))
+
+
+def _plain_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS):
+  mask_B1TS = attention_mask(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS)
+  s_BNTS = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK)
+  p_BNTS = jax.nn.softmax(jnp.where(mask_B1TS, s_BNTS, NEG_INF), axis=-1)
+  return jnp.einsum("BNTS,BSNO->BTNO", p_BNTS, v_BSNO)
+
+
+def test_blockwise_attention_general_masks():
+  """T != S, queries offset from the keys, a query document no key has (rows with no
+  visible key: uniform over all keys, as plain), a ragged key block, skipped key blocks;
+  the value and all three gradients."""
+  rng = np.random.default_rng(6)
+  T, S, N, K, O = 10, 11, 2, 5, 3
+  q, k = (jnp.asarray(rng.standard_normal((B, L, N, K)), jnp.float32) for L in (T, S))
+  v = jnp.asarray(rng.standard_normal((B, S, N, O)), jnp.float32)
+  q_idx = np.stack([np.arange(T) - 3, np.arange(T) + 1]).astype(np.int32)
+  k_idx = np.stack([np.arange(S), np.arange(S)]).astype(np.int32)
+  q_seg = np.array([[1] * 4 + [2] * 6, [5] * 5 + [7] * 5], np.int32)
+  k_seg = np.array([[1] * 5 + [2] * 6, [7] * 11], np.int32)
+  visible = np.asarray(attention_mask(q_idx, k_idx, q_seg, k_seg)).any(-1)
+  assert not visible[0, 0, :3].any() and not visible[1, 0, :5].any()
+  assert visible.sum() >= 8
+  ct = jnp.asarray(rng.standard_normal((B, T, N, O)), jnp.float32)
+
+  def value_and_grads(attend):
+    def run(q, k, v, ct):
+      masked = lambda q, k, v: attend(q, k, v, q_idx, k_idx, q_seg, k_seg)
+      out, vjp = jax.vjp(masked, q, k, v)
+      return out, vjp(ct)
+    return jax.jit(run, compiler_options=_FAST_COMPILE)(q, k, v, ct)
+
+  want, want_grads = value_and_grads(_plain_attention)
+  got, got_grads = value_and_grads(functools.partial(blockwise_attention, block=4))
+  _close(got, want)
+  for g, w in zip(got_grads, want_grads):
+    _close(g, w)
+
+
+def test_blockwise_attention_under_bf16():
+  """bfloat16 in, bfloat16 out, near the float32 answer; every exp runs in float32."""
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.standard_normal((B, 9, 2, 4)), jnp.float32) for _ in range(3))
+  idx = np.broadcast_to(np.arange(9), (B, 9))
+  want = _plain_attention(q, k, v, idx, idx, None, None)
+  bf16 = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  attend = lambda q, k, v: blockwise_attention(q, k, v, idx, idx, block=4)
+  got = jax.jit(attend)(*bf16)
+  assert got.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(got, np.float32) - want).max() < 0.03
+  exps = {jnp.dtype(v.aval.dtype) for eqn in _eqns(jax.make_jaxpr(attend)(*bf16).jaxpr)
+          if eqn.primitive.name == "exp" for v in eqn.outvars}
+  assert exps == {jnp.dtype(jnp.float32)}, exps
+
+
+def test_blockwise_gradient_has_no_full_score_tensor():
+  """The backward of the blockwise MLA (T = 48, blocks of 8) holds nothing [.., T, .., S]
+  and nothing bigger than the layer's activations (x, q, k, v): no scores, no residuals
+  of all query blocks at once (what dropping the jax.checkpoint gives), no per-query-block
+  copy of K. The plain path fails the same check (its [B, N, T, S] scores)."""
+  T = 48
+  assert T not in dataclasses.astuple(CFGS["qlora"])  # no other size is mistaken for T
+  x = jnp.zeros((B, T, CFGS["qlora"].d_model), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  p = _params(CFGS["qlora"])
+
+  def offenders(cfg):
+    loss = lambda p, x: MLA(cfg).apply({"params": p}, x, pos, pos % 5).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(p, x).jaxpr
+    biggest = B * T * max(cfg.d_model, cfg.n_heads * cfg.qk_head_dim,
+                          cfg.n_heads * cfg.v_head_dim)
+    return {tuple(v.aval.shape) for eqn in _eqns(jaxpr) for v in eqn.outvars
+            if list(getattr(v.aval, "shape", ())).count(T) >= 2
+            or np.prod(getattr(v.aval, "shape", ())) > biggest}
+
+  plain = CFGS["qlora"]
+  assert (B, plain.n_heads, T, T) in offenders(plain)
+  assert offenders(plain.replace(attention_impl="blockwise", attention_block=8)) == set()
