@@ -53,7 +53,7 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.batch_size = 16            # global sequences per step
   c.seq_len = 256
-  c.microbatches = 1           # gradient accumulation
+  c.microbatches = 1           # gradient accumulation; -1: one sequence per batch shard
   c.mtp_lambda = 0.3           # MTP loss weight (V3: 0.3 for the first 10T tokens,
   c.mtp_lambda_late = 0.1      # then 0.1); it switches at this step (-1: never)
   c.mtp_lambda_switch_step = -1

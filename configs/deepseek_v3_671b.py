@@ -1,8 +1,24 @@
-"""DeepSeek-V3 671B (37B activated) as released: the layout for a pod, not run here.
+"""DeepSeek-V3 671B (37B activated) pre-training at V3's scale: the layout for a TPU pod.
 
   python -m experiments.param_count --config=configs/deepseek_v3_671b.py
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x16x16
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8
   python -m experiments.train --config=configs/deepseek_v3_671b.py --workdir=gs://... \
-      --config.mesh.data=16 --config.mesh.expert=64   # e.g. 1024 chips
+      --distributed
+  python -m experiments.train --config=configs/deepseek_v3_671b.py:cpu --workdir=/tmp/v3cpu \
+      --cpu_devices=8      # the same layout and code paths cut down for a laptop
+The mesh takes its size from the slice (fsdp = -1), so one file serves 512, 1,024 and
+2,048 chips. Why this layout (BUILD_NOTES.md has the compiler's numbers):
+  tensor=2   15,360 sequences do not split over 2,048 chips; with heads, FFN widths and
+             the vocabulary over 2 chips (and the MoE's tokens split over them by
+             sequence), the batch splits over 256 / 512 / 1,024 shards: 60 / 30 / 15
+             sequences each.
+  expert=64  4 routed experts per chip; V3's 8 routing groups then span 8 shards each.
+  fsdp=-1    every weight and its AdamW moments are sharded over fsdp x expert
+             (routed experts over expert x fsdp), gathered per layer.
+  microbatches=-1: one sequence per batch shard per microbatch (60 / 30 / 15 of them).
+Plain RoPE: V3 pre-trains at 4K without YaRN and extends the context afterwards; the
+released model's YaRN (the preset, HF import) belongs to the extension stages.
 """
 
 from configs import common
@@ -10,10 +26,19 @@ from deepseek_jax.model import config as model_config
 
 
 def get_config(arg=None):
-  del arg
-  c = common.base_config(model_config.deepseek_v3_671b())
+  """arg "cpu": the same config (scan, remat, blockwise attention, ragged experts, EP
+  capacity, a tensor axis) with every size cut so that it trains on 8 CPU devices."""
+  model = model_config.deepseek_v3_671b().replace(
+      rope_factor=1.0,             # pre-training: plain RoPE at 4K (YaRN comes later)
+      scan_layers=True,            # compile time and program size independent of depth
+      remat=True, remat_policy="nothing",
+      attention_impl="blockwise", attention_block=512,
+      moe_dispatch="ragged",       # grouped matmul: each expert's weights read once
+      ep_capacity_factor=1.25)     # all-to-all buffers ~ tokens x K / shards
+  c = common.base_config(model)
   c.batch_size = 15360
   c.seq_len = 4096
+  c.microbatches = -1          # one sequence per batch shard per microbatch
   c.total_steps = 14_800_000_000_000 // (15360 * 4096)
   c.mtp_lambda = 0.3
   c.mtp_lambda_late = 0.1
@@ -22,6 +47,30 @@ def get_config(arg=None):
   c.balance.bias_rate = 0.001
   c.balance.bias_freeze_frac = 0.97
   c.balance.seq_aux_alpha = 0.0001
-  c.mesh.data = 16
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
   c.mesh.expert = 64
+  c.mesh.tensor = 2
+  if arg == "cpu":
+    _cut_down(c)
+  elif arg:
+    raise ValueError(f"deepseek_v3_671b: unknown variant {arg!r} (known: cpu)")
   return c
+
+
+def _cut_down(c):
+  """V3's structure at toy sizes: 3 dense + 2 MoE layers, groups, MTP, the byte
+  tokenizer; mesh fsdp=-1 x expert=2 x tensor=2 (2 x 2 x 2 on 8 CPU devices)."""
+  sizes = dict(vocab_size=257, d_model=64, n_layers=5, n_heads=4, q_lora_rank=32,
+               kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+               ffn_dim=128, moe_ffn_dim=32, n_routed_experts=16, top_k=4, n_group=4,
+               topk_group=2, attention_block=16, init_std=0.02)
+  for k, v in sizes.items():
+    c.model[k] = v
+  c.data.tokenizer = "bytes"
+  c.batch_size, c.seq_len, c.microbatches = 16, 64, 2
+  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 40, 5, 20, 20
+  c.eval_batches = 2
+  c.mtp_lambda_switch_step = 30
+  c.optimizer.peak_lr, c.optimizer.warmup_steps = 3e-3, 5
+  c.mesh.expert = 2

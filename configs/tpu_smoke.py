@@ -1,6 +1,7 @@
 """A 2-layer model shaped like V3 (q-LoRA MLA, 1 dense + 1 MoE layer with expert groups,
-MTP depth 1, bf16 compute over fp32 weights) on a data x fsdp x expert mesh: the TPU
-compile path in seconds, and the model the compile tests use.
+MTP depth 1, bf16 compute over fp32 weights) with the 671B config's code paths (scanned
+layers, remat, blockwise attention, grouped-matmul experts, EP capacity) on a data x
+fsdp x expert mesh: the TPU compile path in seconds, and the model the compile tests use.
 
   python -m experiments.compile --config=configs/tpu_smoke.py --topology=v5p:2x2x1
   python -m experiments.train --config=configs/tpu_smoke.py --workdir=/tmp/tpu_smoke \
@@ -18,7 +19,10 @@ def get_config(arg=None):
       qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, ffn_dim=256,
       moe_ffn_dim=64, first_k_dense=1, n_shared_experts=1, n_routed_experts=8, top_k=2,
       n_group=4, topk_group=2, routed_scaling_factor=2.5, mtp_depth=1,
-      dtype="bfloat16", param_dtype="float32")
+      dtype="bfloat16", param_dtype="float32",
+      # the 671B config's code paths (configs/deepseek_v3_671b.py)
+      scan_layers=True, remat=True, remat_policy="nothing", attention_impl="blockwise",
+      attention_block=32, moe_dispatch="ragged", ep_capacity_factor=1.25)
   c = common.base_config(model)
   c.total_steps = 20
   c.batch_size, c.seq_len = 8, 64

@@ -267,13 +267,17 @@ def deepseek_v3_671b() -> ModelConfig:
 
 
 def deepseek_v2_lite() -> ModelConfig:
-  """V2-Lite sizes (SPEC 6): no query compression, 2 shared + 64 routed, top-6, softmax."""
+  """V2-Lite as released (SPEC 6, HF config.json): no query compression, 2 shared + 64
+  routed, top-6, softmax; YaRN factor 40 over a 4K original context with mscale =
+  mscale_all_dim = 0.707 (its attention factor on cos/sin is then 1)."""
   return ModelConfig(
       vocab_size=102400, d_model=2048, n_layers=27, n_heads=16, q_lora_rank=None,
       kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
       ffn_dim=10944, moe_ffn_dim=1408, first_k_dense=1, n_shared_experts=2,
       n_routed_experts=64, top_k=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-      score_func="softmax", norm_topk_prob=False, rope_theta=10000.0, mtp_depth=0)
+      score_func="softmax", norm_topk_prob=False, rope_theta=10000.0, rope_factor=40.0,
+      rope_original_max_len=4096, beta_fast=32.0, beta_slow=1.0, mscale=0.707,
+      mscale_all_dim=0.707, rms_eps=1e-6, mtp_depth=0, init_std=0.006)
 
 
 def tiny() -> ModelConfig:

@@ -55,6 +55,7 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.partitioning import BATCH
 
 EXPERT = "expert"
+TENSOR = "tensor"
 
 
 def expert_mesh():
@@ -170,6 +171,13 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
   traffic=True also a dict of all-to-all bytes summed over shards (see the benchmark)."""
   check_mesh(cfg, mesh, x_BTD.shape[0])
   E, Z = cfg.n_routed_experts, mesh.shape[EXPERT]
+  # Tokens are split over every batch axis; under a "tensor" axis (which shards heads
+  # and FFN widths, not tokens) the sequence is split over it too, so the tensor shards
+  # route different tokens instead of repeating the same work. Counts are summed over
+  # every axis that splits tokens.
+  seq_axis = (TENSOR if TENSOR in mesh.axis_names and mesh.shape[TENSOR] > 1
+              and x_BTD.shape[1] % mesh.shape[TENSOR] == 0 else None)
+  token_axes = BATCH + ((seq_axis,) if seq_axis else ())
 
   def per_shard(x_BTD, idx_BTK, gates_BTK, w_gate, w_up, w_down):
     B, T, D = x_BTD.shape
@@ -196,9 +204,8 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
     # Refused by a full destination here, or cut from this shard's local buffer.
     dropped = jnp.sum(dropped_XZ).astype(jnp.float32) + local_dropped
-    # Tokens are split over every batch axis and replicated over "tensor": sum over the
-    # batch axes only.
-    out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, BATCH), jax.lax.psum(dropped, BATCH))
+    out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
+           jax.lax.psum(dropped, token_axes))
     if not traffic:
       return out
     me = jax.lax.axis_index(EXPERT)
@@ -211,9 +218,9 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
         "wire_bytes": jnp.float32((Z - 1) * C * (
             2 * D * send_ZCD.dtype.itemsize + J * (4 + send_gates_ZCJ.dtype.itemsize))),
     }
-    return out + (jax.tree.map(lambda v: jax.lax.psum(v, BATCH), counts),)
+    return out + (jax.tree.map(lambda v: jax.lax.psum(v, token_axes), counts),)
 
-  tokens = PS(BATCH, None, None)
+  tokens = PS(BATCH, seq_axis, None)
   experts = PS(EXPERT, None, None)
   out_specs = (tokens, PS(), PS()) + (({"payload_rows": PS(), "wire_bytes": PS()},)
                                       if traffic else ())

@@ -4,7 +4,8 @@ mapping logical axes to mesh axes.
 
 Mesh axes:
   data    pure data parallelism (params replicated)
-  fsdp    data parallelism with params sharded along "embed" (ZeRO-3 style)
+  fsdp    data parallelism with params sharded along "embed" (ZeRO-3 style, together
+          with the expert axis for the weights that are not routed experts)
   expert  routed experts sharded; the batch is split along it too, so non-expert
           compute stays data-parallel on those devices (as in DeepSpeed-MoE and MaxText).
           When it is > 1, tokens reach their experts by all-to-all inside shard_map
@@ -30,12 +31,18 @@ BATCH = ("data", "fsdp", "expert")
 RULES = (
     ("batch", BATCH),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # FSDP: every weight's model dim is split over fsdp AND expert (the expert axis is
+    # data parallelism for everything but the routed experts, so it shares their
+    # storage); an expert weight, whose E takes "expert", keeps "fsdp" alone.
+    ("embed", ("fsdp", "expert")),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("expert", "expert"),
-    ("q_lora", None),
-    ("kv_lora", None),
+    # MLA's latent dims: the up-projections [Q|R, N, H] would otherwise be split only by
+    # heads over "tensor"; FSDP shards them too (the down-projections [D, Q|R] already
+    # take fsdp x expert on D, so their latent dim stays whole).
+    ("q_lora", ("fsdp", "expert")),
+    ("kv_lora", ("fsdp", "expert")),
     ("head_dim", None),
     ("norm", None),
     ("mtp_concat", None),
@@ -47,21 +54,42 @@ RULES = (
 def logical_to_spec(axes, shape, mesh: Mesh) -> PS:
   """PartitionSpec of one array; a dim the mesh axis does not divide is replicated."""
   rules = dict(RULES)
-  spec = []
+  spec, used = [], set()
   for name, dim in zip(axes, shape):
     mesh_axes = rules.get(name) if name is not None else None
     if mesh_axes is None:
       spec.append(None)
       continue
+    # A mesh axis shards one dim only: an expert weight [E, D, F] takes "expert" for E,
+    # so its "embed" dim keeps just "fsdp".
     mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-    size = math.prod(mesh.shape[a] for a in mesh_axes)
-    if dim % size:
-      logging.log_first_n(logging.WARNING, "replicating dim %d of logical axis %r: "
-                          "not divisible by mesh axes %s (%d)", 20, dim, name, mesh_axes, size)
+    mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used)
+    if not mesh_axes:
+      spec.append(None)
+      continue
+    fits = _largest_dividing(mesh_axes, dim, mesh)
+    if fits != mesh_axes:
+      logging.log_first_n(logging.WARNING, "dim %d of logical axis %r is not divisible by "
+                          "mesh axes %s: sharded over %s", 20, dim, name, mesh_axes,
+                          fits or "nothing (replicated)")
+    if not fits:
       spec.append(None)
     else:
-      spec.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
+      used.update(fits)
+      spec.append(fits if len(fits) > 1 else fits[0])
   return PS(*spec)
+
+
+def _largest_dividing(mesh_axes, dim, mesh):
+  """The subset of mesh_axes (in order) with the largest size that divides dim: e.g. a
+  1536-wide q-latent on fsdp=16 x expert=64 takes expert alone rather than nothing."""
+  best, best_size = (), 1
+  for mask in range(1, 2 ** len(mesh_axes)):
+    subset = tuple(a for i, a in enumerate(mesh_axes) if mask >> i & 1)
+    size = math.prod(mesh.shape[a] for a in subset)
+    if dim % size == 0 and (size > best_size or (size == best_size and len(subset) > len(best))):
+      best, best_size = subset, size
+  return best
 
 
 def constrain(x, axes):

@@ -241,6 +241,7 @@ def compile_train_step(cfg, devices):
   """(compiled, mesh, compile seconds) of cfg's train step on `devices`; raises the
   compiler's RESOURCE_EXHAUSTED as is."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
+  cfg = loop.resolve_microbatches(cfg, mesh)
   loop.validate_run_config(cfg, mesh)
   model_cfg = model_config_from(cfg.model)
   _, _, state_sh, batch_sh, train_fn, _, init_fn = loop.build_steps(cfg, model_cfg, mesh)
@@ -267,6 +268,7 @@ def report(cfg, topology: str) -> dict:
   model_cfg = model_config_from(cfg.model)
   sizes = sharding.mesh_shape(cfg.mesh, len(devices))
   model_flops = train_flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+  cfg = loop.resolve_microbatches(cfg, sharding.make_mesh(cfg.mesh, devices))
   out = {"topology": topology, "n_chips": len(devices), "mesh": sizes,
          "batch": [cfg.batch_size, cfg.seq_len], "microbatches": int(cfg.microbatches),
          "n_layers": model_cfg.n_layers, "hbm_bytes_per_chip": chip.hbm_bytes,

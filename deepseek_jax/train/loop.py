@@ -33,6 +33,21 @@ class NonFiniteLoss(FloatingPointError):
   pass
 
 
+def resolve_microbatches(cfg, mesh):
+  """cfg with `microbatches: -1` resolved to one sequence per batch shard per
+  microbatch (batch_size / batch shards), so one config accumulates right on any slice
+  size; cfg itself when it names a number."""
+  if cfg.microbatches != -1:
+    return cfg
+  shards = sharding.batch_divisor(mesh)
+  if cfg.batch_size % shards:
+    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {shards} batch "
+                     f"shards of the mesh {dict(mesh.shape)} (microbatches=-1)")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.microbatches = cfg.batch_size // shards
+  return cfg
+
+
 def validate_run_config(cfg, mesh):
   div = sharding.batch_divisor(mesh) * cfg.microbatches
   if cfg.batch_size % div:
@@ -156,6 +171,7 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   """
   # Mesh ---------------------------------------------------------------------------
   mesh = sharding.make_mesh(cfg.mesh, devices)
+  cfg = resolve_microbatches(cfg, mesh)
   validate_run_config(cfg, mesh)
   model_cfg = model_config_from(cfg.model)
   resuming = check_workdir_config(workdir, cfg.to_dict())

@@ -16,6 +16,7 @@ import math
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as PS
 import flax.linen as nn
 
@@ -47,8 +48,14 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  # On a TPU torus each mesh axis should be a product of whole physical axes (the
+  # contiguous rings collectives like); where the sizes cannot be (fsdp=4 x expert=64 x
+  # tensor=2 on 8x8x8) a physical axis is split rather than refusing the mesh.
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (NotImplementedError, ValueError):
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def param_shardings(boxed_abstract, mesh: Mesh):

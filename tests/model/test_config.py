@@ -106,9 +106,12 @@ def test_deepseek_v3_sizes():
   assert counts["total"] == _hand_count(config.deepseek_v3_671b())[0]
 
 
-def test_671b_layout_shards_abstractly_on_a_pod_mesh():
+@pytest.mark.parametrize("n_chips", [512, 2048])
+def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips):
   """The pod config's model builds abstractly and every weight gets a valid sharding on
-  its 16 x 64 (data x expert) mesh, without allocating anything."""
+  its mesh (fsdp = -1 filled by the slice), without allocating anything; FSDP leaves no
+  large weight replicated: a chip holds at most ~1.1x its 1/n share of the parameters."""
+  import math
   import jax
   import flax.linen as nn
   from jax.sharding import AbstractMesh, AxisType
@@ -116,18 +119,23 @@ def test_671b_layout_shards_abstractly_on_a_pod_mesh():
   from deepseek_jax.model.transformer import Transformer, abstract_variables
   c = _load(os.path.join(REPO, "configs", "deepseek_v3_671b.py"))
   cfg = config.model_config_from(c.model)
-  shape = tuple(c.mesh[a] for a in sharding.MESH_AXES)
+  sizes = sharding.mesh_shape(c.mesh, n_chips)
+  shape = tuple(sizes[a] for a in sharding.MESH_AXES)
   mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
   boxed = abstract_variables(Transformer(cfg))["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  experts_sharded = 0
+  experts_sharded, total, per_chip = 0, 0, 0.0
   for leaf in leaves:
     spec = sharding.logical_to_spec(leaf.names, leaf.value.shape, mesh)
+    ways = 1
     for dim, axes in zip(leaf.value.shape, spec):
       if axes is not None:
-        size = 1
-        for a in (axes if isinstance(axes, tuple) else (axes,)):
-          size *= mesh.shape[a]
+        size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
         assert dim % size == 0
+        ways *= size
+    total += leaf.value.size
+    per_chip += leaf.value.size / ways
     experts_sharded += "expert" in [a for a in spec if isinstance(a, str)]
-  assert experts_sharded >= 3 * cfg.n_moe_layers   # gate, up, down of every MoE layer
+  assert experts_sharded >= 3 * (1 + cfg.mtp_depth)   # the MoE stack's and the MTP's
+  assert total > 6.7e11
+  assert per_chip < 1.1 * total / n_chips, (per_chip, total / n_chips)

@@ -61,10 +61,20 @@ SHORT = {"total_steps": 4, "checkpoint_every": 100, "eval_every": 100}
 
 @pytest.fixture(scope="module")
 def short_single_run(reference_run, tmp_path_factory):
+  """model overrides -> the records of a 4-step run of that model on one device (a
+  scanned model initialises its stacked params from other random draws, so each model
+  layout has its own single-device reference)."""
   ref_tmp, _ = reference_run
-  work = tmp_path_factory.mktemp("single") / "run"
-  _train(tiny_run_config(ref_tmp, **SHORT), work, devices=jax.devices()[:1])
-  return _records(work)
+  runs = {}
+
+  def get(model):
+    key = tuple(sorted(model.items()))
+    if key not in runs:
+      work = tmp_path_factory.mktemp("single") / "run"
+      _train(tiny_run_config(ref_tmp, **SHORT, **model), work, devices=jax.devices()[:1])
+      runs[key] = _records(work)
+    return runs[key]
+  return get
 
 
 def _records(workdir):
@@ -73,13 +83,25 @@ def _records(workdir):
     return [r for r in map(json.loads, fh) if "loss" in r]
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, expert=4),
-                                  dict(fsdp=2, data=2, tensor=2)])
-def test_sharded_run_matches_single_device(reference_run, short_single_run, tmp_path, mesh):
+# The 671B config's code paths: scanned + rematerialised blocks, blockwise attention,
+# grouped-matmul experts with capacity-sized EP buffers (large enough not to drop).
+POD_PATHS = {"model.scan_layers": True, "model.remat": True, "model.attention_impl":
+             "blockwise", "model.attention_block": 8, "model.moe_dispatch": "ragged",
+             "model.ep_capacity_factor": 8.0,
+             # one routing group, so that tokens can fan out to both expert shards
+             "model.n_group": 1, "model.topk_group": 1}
+
+
+@pytest.mark.parametrize("mesh, model", [
+    (dict(data=8), {}), (dict(data=2, expert=4), {}),
+    (dict(fsdp=2, expert=2, tensor=2), POD_PATHS)], ids=["data", "expert", "pod_paths"])
+def test_sharded_run_matches_single_device(reference_run, short_single_run, tmp_path, mesh,
+                                           model):
   ref_tmp, _ = reference_run
-  cfg = tiny_run_config(ref_tmp, **SHORT, **{f"mesh.{k}": v for k, v in mesh.items()})
+  cfg = tiny_run_config(ref_tmp, **SHORT, **{f"mesh.{k}": v for k, v in mesh.items()},
+                        **model)
   _train(cfg, tmp_path / "run")
-  got, want = _records(tmp_path / "run"), short_single_run
+  got, want = _records(tmp_path / "run"), short_single_run(model)
   assert len(got) == len(want) == 4
   np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=2e-5)
   np.testing.assert_allclose(got[-1]["val_loss"], want[-1]["val_loss"], rtol=2e-5)
