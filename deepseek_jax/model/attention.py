@@ -28,6 +28,7 @@ import flax.linen as nn
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache, cache_mask
 from deepseek_jax.model.layers import RMSNorm, apply_rope, param, softmax_scale
+from deepseek_jax.model.partitioning import constrain
 
 # The latent norms use a fixed 1e-6 in DeepSeek's code and in HF, whatever rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -79,10 +80,15 @@ def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=Non
     x = jnp.pad(x, pad, constant_values=fill)
     return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
 
-  q_IBTNK = blocks(q_BTNK, I, bt)
+  # Blocks stay split like the activations they come from (batch over the batch axes,
+  # heads over "tensor"): a loop that slices a block must never find the block dim
+  # sharded, or every iteration would all-gather all of K and V.
+  heads = (None, "batch", None, "heads", None)
+  q_IBTNK = constrain(blocks(q_BTNK, I, bt), heads)
   q_idx_IBT = blocks(q_idx_BT.astype(i32), I, bt, lo)
   q_seg_IBT = blocks(q_seg_BT.astype(i32), I, bt)
-  k_JBSNK, v_JBSNO = blocks(k_BSNK, J, bs), blocks(v_BSNO, J, bs)
+  k_JBSNK = constrain(blocks(k_BSNK, J, bs), heads)
+  v_JBSNO = constrain(blocks(v_BSNO, J, bs), heads)
   k_idx_JBS = blocks(k_idx_BS.astype(i32), J, bs, hi)
   k_seg_JBS = blocks(k_seg_BS.astype(i32), J, bs)
   # A (query, key) block pair is live when some row has a causally visible pair in it;

@@ -21,6 +21,7 @@ from flax import struct
 
 from deepseek_jax import balancing
 from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.partitioning import constrain
 from deepseek_jax.train.losses import lm_losses
 from deepseek_jax.model.transformer import BALANCE, Transformer
 
@@ -158,6 +159,17 @@ def _uses_batch_losses(cfg) -> bool:
   return bool(cfg.balance.aux_alpha or cfg.balance.batch_aux_alpha)
 
 
+def split_microbatches(batch, M: int):
+  """[B, ...] -> [M, B/M, ...] with STRIDED microbatches: microbatch m holds rows m,
+  M+m, 2M+m, ... With the batch split in contiguous chunks over the batch shards, every
+  shard then holds its equal part of every microbatch (contiguous microbatches would
+  live on a few shards each and be resharded inside the loop)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // M, M) + x.shape[1:]).swapaxes(0, 1)
+    return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
 def train_step(state: TrainState, batch, hparams, *, model: Transformer, tx, cfg):
   """One optimizer step on a global batch {"tokens", "segments", "positions"} [B, T+1];
   hparams: balance_hparams(cfg) as arrays."""
@@ -175,7 +187,7 @@ def train_step(state: TrainState, batch, hparams, *, model: Transformer, tx, cfg
       bias = _new_bias(bias, routing, rate, cfg)
     return _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg)
 
-  micro = jax.tree.map(lambda x: x.reshape((M, x.shape[0] // M) + x.shape[1:]), batch)
+  micro = split_microbatches(batch, M)
   counts = None
   if scope == "global" and state.expert_bias is not None and _uses_batch_losses(cfg):
     counts = _global_counts(model, state.params, state.expert_bias, micro, cfg)
