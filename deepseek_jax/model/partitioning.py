@@ -68,10 +68,12 @@ def logical_to_spec(axes, shape, mesh: Mesh) -> PS:
       spec.append(None)
       continue
     fits = _largest_dividing(mesh_axes, dim, mesh)
-    if fits != mesh_axes:
-      logging.log_first_n(logging.WARNING, "dim %d of logical axis %r is not divisible by "
-                          "mesh axes %s: sharded over %s", 20, dim, name, mesh_axes,
-                          fits or "nothing (replicated)")
+    if not fits:
+      logging.log_first_n(logging.WARNING, "replicating dim %d of logical axis %r: not "
+                          "divisible by mesh axes %s", 20, dim, name, mesh_axes)
+    elif fits != mesh_axes:
+      logging.log_first_n(logging.INFO, "dim %d of logical axis %r: not divisible by mesh "
+                          "axes %s, sharded over %s", 5, dim, name, mesh_axes, fits)
     if not fits:
       spec.append(None)
     else:

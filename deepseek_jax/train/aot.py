@@ -238,8 +238,8 @@ def abstract_inputs(cfg, mesh, state_sh, batch_sh, init_fn):
 
 
 def compile_train_step(cfg, devices):
-  """(compiled, mesh, compile seconds) of cfg's train step on `devices`; raises the
-  compiler's RESOURCE_EXHAUSTED as is."""
+  """(compiled, abstract train state, compile seconds) of cfg's train step on `devices`;
+  raises the compiler's RESOURCE_EXHAUSTED as is."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   cfg = loop.resolve_microbatches(cfg, mesh)
   loop.validate_run_config(cfg, mesh)
@@ -250,7 +250,13 @@ def compile_train_step(cfg, devices):
   jitted = train_fn.__wrapped__   # loop.build_steps wraps the jitted step in with_mesh
   with jax.set_mesh(mesh):
     compiled = jitted.lower(*args).compile()
-  return compiled, mesh, time.perf_counter() - t0
+  return compiled, args[0], time.perf_counter() - t0
+
+
+def _per_chip(tree) -> int:
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (its shard shapes)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def _remat_factor(model_cfg) -> float:
@@ -275,7 +281,7 @@ def report(cfg, topology: str) -> dict:
          "model_flops_per_step": model_flops, "chip_source": chip.source}
   t0 = time.perf_counter()
   try:
-    compiled, _, compile_s = compile_train_step(cfg, devices)
+    compiled, state, compile_s = compile_train_step(cfg, devices)
   except Exception as e:  # the TPU compiler's out-of-memory is an XlaRuntimeError
     msg = str(e)
     if "RESOURCE_EXHAUSTED" not in msg:
@@ -299,7 +305,10 @@ def report(cfg, topology: str) -> dict:
   est = max(compute_s, ici_s)
   out.update(
       per_chip_bytes={"arguments": args, "temporaries": temps, "outputs": outs,
-                      "aliased": alias, "total": total},
+                      "aliased": alias, "total": total,
+                      # the arguments' two big parts, from the state's shardings
+                      "params": _per_chip(state.params),
+                      "optimizer": _per_chip(state.opt_state)},
       fits_hbm=bool(total <= chip.hbm_bytes), compile_s=compile_s,
       flops_per_chip=float(cost.get("flops", 0.0)),
       bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
@@ -337,7 +346,8 @@ def format_report(r: dict) -> str:
            f"| {r['n_layers']} layers",
            f"compile_s: {r['compile_s']:.1f}"]
   b = r.get("per_chip_bytes", {})
-  for k in ("arguments", "temporaries", "outputs", "aliased", "total"):
+  for k in ("params", "optimizer", "arguments", "temporaries", "outputs", "aliased",
+            "total"):
     if k in b:
       lines.append(f"  per-chip {k:<12}{gib(b[k])}")
   lines.append(f"  HBM per chip          {gib(r['hbm_bytes_per_chip'])}")

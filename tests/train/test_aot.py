@@ -80,6 +80,9 @@ def test_compile_v3_shaped_model_for_a_v5p_host(tmp_path):
   assert r["n_chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
   b = r["per_chip_bytes"]
   assert b["total"] == b["arguments"] + b["temporaries"] + b["outputs"] - b["aliased"]
+  # AdamW: two fp32 moments per fp32 parameter, sharded alike.
+  assert b["optimizer"] == pytest.approx(2 * b["params"], rel=0.01)
+  assert b["params"] + b["optimizer"] <= b["arguments"]
   assert 0 < b["total"] < r["hbm_bytes_per_chip"]
   assert set(r["collective_bytes"]) == set(aot.COLLECTIVES)
   # Expert parallelism moves tokens by all-to-all; fsdp gathers weights.
