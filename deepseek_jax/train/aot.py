@@ -16,7 +16,7 @@ compiler. What comes back is the compiler's word, not an estimate:
                     layers, microbatches), so these are per-iteration lower bounds
 
 The step time and MFU are a roofline ESTIMATE from a table of public chip constants:
-compute = analytic model FLOPs (x 4/3 with rematerialisation) / peak, ICI = collective
+compute = analytic model FLOPs (x 4/3 when blocks recompute everything) / peak, ICI = collective
 bytes / ICI bandwidth, estimate = the larger (perfect overlap, no HBM term).
 """
 
@@ -260,9 +260,12 @@ def _per_chip(tree) -> int:
 
 
 def _remat_factor(model_cfg) -> float:
-  """Forward passes per step over 3 (the analytic count's fwd + 2 x bwd): 4/3 when every
-  block recomputes its forward in the backward."""
-  return 4.0 / 3.0 if model_cfg.remat and model_cfg.remat_policy != "everything" else 1.0
+  """Forward passes per step over the analytic count's 3 (fwd + 2 x bwd): 4/3 when every
+  block recomputes its forward (remat policy "nothing"); 1 when the matmul outputs are
+  saved ("dots", "dots_no_batch": what is recomputed is elementwise, plus attention's
+  batched products under the latter, which the analytic count leaves out) or nothing is
+  recomputed."""
+  return 4.0 / 3.0 if model_cfg.remat and model_cfg.remat_policy == "nothing" else 1.0
 
 
 def report(cfg, topology: str) -> dict:
