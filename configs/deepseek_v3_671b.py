@@ -62,8 +62,9 @@ def get_config(arg=None):
 
 def _cut_down(c):
   """V3's structure at toy sizes: 3 dense + 2 MoE layers, groups, MTP, the byte
-  tokenizer; mesh fsdp=-1 x expert=2 x tensor=2 (2 x 2 x 2 on 8 CPU devices)."""
-  sizes = dict(vocab_size=257, d_model=64, n_layers=5, n_heads=4, q_lora_rank=32,
+  tokenizer (vocab 258: its 257 tokens, rounded up to split over tensor=2); mesh
+  fsdp=-1 x expert=2 x tensor=2 (2 x 2 x 2 on 8 CPU devices)."""
+  sizes = dict(vocab_size=258, d_model=64, n_layers=5, n_heads=4, q_lora_rank=32,
                kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                ffn_dim=128, moe_ffn_dim=32, n_routed_experts=16, top_k=4, n_group=4,
                topk_group=2, attention_block=16, init_std=0.02)

@@ -16,8 +16,10 @@ compiler. What comes back is the compiler's word, not an estimate:
                     layers, microbatches), so these are per-iteration lower bounds
 
 The step time and MFU are a roofline ESTIMATE from a table of public chip constants:
-compute = analytic model FLOPs (x 4/3 when blocks recompute everything) / peak, ICI = collective
-bytes / ICI bandwidth, estimate = the larger (perfect overlap, no HBM term).
+compute = analytic model FLOPs (x 4/3 when blocks recompute everything) / peak, ICI =
+collective bytes / ICI bandwidth, step = the larger (perfect overlap at peak, no HBM
+term): a lower bound on the step and an upper bound on MFU. Its use is the ratio of
+the two terms: how far a layout is from being communication-bound.
 """
 
 from __future__ import annotations
@@ -320,8 +322,9 @@ def report(cfg, topology: str) -> dict:
       collective_bytes=coll,
       est_compute_s=compute_s, est_ici_s=ici_s, est_step_s=est,
       est_mfu=model_flops / (len(devices) * chip.peak_flops * est) if est > 0 else 0.0,
-      estimate_note="roofline estimate: max(analytic FLOPs / peak, collective bytes / "
-                    "ICI bandwidth); not a measurement")
+      estimate_note="roofline bound: step >= max(analytic FLOPs / peak, collective "
+                    "bytes / ICI bandwidth), MFU <= model FLOPs / (chips x peak x step); "
+                    "not a measurement")
   return out
 
 
@@ -368,7 +371,7 @@ def format_report(r: dict) -> str:
   lines.append(f"XLA cost analysis per chip: {r['flops_per_chip']:.3e} FLOPs, "
                f"{r['bytes_accessed_per_chip']:.3e} bytes ({r['cost_analysis_note']})")
   lines.append(f"model FLOPs per step (analytic): {r['model_flops_per_step']:.3e}")
-  lines.append(f"ESTIMATE (roofline, not measured): step {r['est_step_s']:.2f} s "
-               f"(compute {r['est_compute_s']:.2f} s, ICI {r['est_ici_s']:.2f} s), "
-               f"MFU {r['est_mfu']:.3f}")
+  lines.append(f"ESTIMATE (roofline bound, not measured): step >= {r['est_step_s']:.2f} s "
+               f"(compute {r['est_compute_s']:.2f} s at peak, ICI {r['est_ici_s']:.2f} s), "
+               f"MFU <= {r['est_mfu']:.3f}")
   return "\n".join(lines)
