@@ -71,14 +71,13 @@ def logical_to_spec(axes, shape, mesh: Mesh) -> PS:
     if not fits:
       logging.log_first_n(logging.WARNING, "replicating dim %d of logical axis %r: not "
                           "divisible by mesh axes %s", 20, dim, name, mesh_axes)
-    elif fits != mesh_axes:
+      spec.append(None)
+      continue
+    if fits != mesh_axes:
       logging.log_first_n(logging.INFO, "dim %d of logical axis %r: not divisible by mesh "
                           "axes %s, sharded over %s", 5, dim, name, mesh_axes, fits)
-    if not fits:
-      spec.append(None)
-    else:
-      used.update(fits)
-      spec.append(fits if len(fits) > 1 else fits[0])
+    used.update(fits)
+    spec.append(fits if len(fits) > 1 else fits[0])
   return PS(*spec)
 
 

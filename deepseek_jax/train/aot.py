@@ -45,7 +45,6 @@ GIB = 2 ** 30
 class Chip:
   peak_flops: float      # bf16 FLOP/s
   hbm_bytes: float
-  hbm_bw: float          # bytes/s
   ici_bw: float          # bytes/s per chip, bidirectional
   source: str
 
@@ -53,17 +52,17 @@ class Chip:
 # Public per-chip numbers (Cloud TPU system architecture pages, read 2026-12).
 CHIPS = {
     # HBM: the 95.74 GiB the TPU compiler reports available (the page says 95 GiB).
-    "v5p": Chip(459e12, 95.74 * GIB, 2765e9, 1200e9,
+    "v5p": Chip(459e12, 95.74 * GIB, 1200e9,
                 "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at "
                 "2765 GB/s (95.74 GiB available per the TPU compiler), 1200 GB/s "
                 "bidirectional ICI per chip"),
-    "v6e": Chip(918e12, 32e9, 1638e9, 800e9,
+    "v6e": Chip(918e12, 32e9, 800e9,
                 "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1638 GB/s, "
                 "800 GB/s bidirectional ICI per chip"),
-    "v5e": Chip(197e12, 16e9, 819e9, 400e9,
+    "v5e": Chip(197e12, 16e9, 400e9,
                 "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, "
                 "400 GB/s bidirectional ICI per chip"),
-    "v4": Chip(275e12, 32 * GIB, 1200e9, 1.1e15 / 4096,
+    "v4": Chip(275e12, 32 * GIB, 1.1e15 / 4096,
                "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s; "
                "ICI per chip taken as the pod's 1.1 PB/s all-reduce bandwidth / 4096 chips"),
 }
@@ -159,9 +158,17 @@ def _computations(hlo: str):
   return comps, entry
 
 
-def loop_multipliers(hlo: str) -> tuple[dict[str, int], list[int]]:
-  """How many times each computation runs per step: the product of the known trip
-  counts of the while loops around it (1 for the entry); and the trip counts seen."""
+@dataclasses.dataclass(frozen=True)
+class Hlo:
+  """Compiled HLO text read once: its computations ({name: lines}), how many times each
+  runs per step (mult: the product of the trip counts of the while loops around it, 1
+  for the entry) and the trip counts seen."""
+  comps: dict
+  mult: dict
+  trips: list
+
+
+def read_hlo(hlo: str) -> Hlo:
   comps, entry = _computations(hlo)
   edges = {name: [] for name in comps}
   trips = []
@@ -189,19 +196,17 @@ def loop_multipliers(hlo: str) -> tuple[dict[str, int], list[int]]:
       visit(callee, factor * trip)
   if entry is not None:
     visit(entry, 1)
-  return mult, trips
+  return Hlo(comps, mult, trips)
 
 
-def collective_bytes(hlo: str) -> dict[str, float]:
-  """Bytes per chip per step of each collective kind in compiled HLO text: the result
-  buffer of each op (reduce-scatter: its operand), times the loop trip counts around
-  it. Async pairs are counted at their -start op (whose result tuple also carries the
-  operands: the larger half is taken as the result)."""
-  comps, _ = _computations(hlo)
-  mult, _ = loop_multipliers(hlo)
+def collective_bytes(hlo: Hlo) -> dict[str, float]:
+  """Bytes per chip per step of each collective kind: the result buffer of each op
+  (reduce-scatter: its operand), times the loop trip counts around it. Async pairs are
+  counted at their -start op (whose result tuple also carries the operands: the larger
+  half is taken as the result)."""
   totals = {k: 0.0 for k in COLLECTIVES}
-  for name, lines in comps.items():
-    factor = mult.get(name, 0)
+  for name, lines in hlo.comps.items():
+    factor = hlo.mult.get(name, 0)
     if not factor:
       continue
     for line in lines:
@@ -239,11 +244,9 @@ def abstract_inputs(cfg, mesh, state_sh, batch_sh, init_fn):
   return state, batch, hparams
 
 
-def compile_train_step(cfg, devices):
-  """(compiled, abstract train state, compile seconds) of cfg's train step on `devices`;
-  raises the compiler's RESOURCE_EXHAUSTED as is."""
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  cfg = loop.resolve_microbatches(cfg, mesh)
+def compile_train_step(cfg, mesh):
+  """(compiled, abstract train state, compile seconds) of cfg's train step on `mesh`
+  (cfg's microbatches resolved for it); raises the compiler's RESOURCE_EXHAUSTED as is."""
   loop.validate_run_config(cfg, mesh)
   model_cfg = model_config_from(cfg.model)
   _, _, state_sh, batch_sh, train_fn, _, init_fn = loop.build_steps(cfg, model_cfg, mesh)
@@ -277,16 +280,16 @@ def report(cfg, topology: str) -> dict:
   chip = CHIPS[kind]
   devices = topology_devices(topology)
   model_cfg = model_config_from(cfg.model)
-  sizes = sharding.mesh_shape(cfg.mesh, len(devices))
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  cfg = loop.resolve_microbatches(cfg, mesh)
   model_flops = train_flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
-  cfg = loop.resolve_microbatches(cfg, sharding.make_mesh(cfg.mesh, devices))
-  out = {"topology": topology, "n_chips": len(devices), "mesh": sizes,
+  out = {"topology": topology, "n_chips": len(devices), "mesh": dict(mesh.shape),
          "batch": [cfg.batch_size, cfg.seq_len], "microbatches": int(cfg.microbatches),
          "n_layers": model_cfg.n_layers, "hbm_bytes_per_chip": chip.hbm_bytes,
          "model_flops_per_step": model_flops, "chip_source": chip.source}
   t0 = time.perf_counter()
   try:
-    compiled, state, compile_s = compile_train_step(cfg, devices)
+    compiled, state, compile_s = compile_train_step(cfg, mesh)
   except Exception as e:  # the TPU compiler's out-of-memory is an XlaRuntimeError
     msg = str(e)
     if "RESOURCE_EXHAUSTED" not in msg:
@@ -302,9 +305,8 @@ def report(cfg, topology: str) -> dict:
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):
     cost = cost[0]
-  hlo = compiled.as_text()
+  hlo = read_hlo(compiled.as_text())
   coll = collective_bytes(hlo)
-  _, trips = loop_multipliers(hlo)
   compute_s = model_flops * _remat_factor(model_cfg) / len(devices) / chip.peak_flops
   ici_s = sum(coll.values()) / chip.ici_bw
   est = max(compute_s, ici_s)
@@ -318,7 +320,7 @@ def report(cfg, topology: str) -> dict:
       flops_per_chip=float(cost.get("flops", 0.0)),
       bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
       cost_analysis_note="XLA's cost analysis counts each loop body once "
-                         f"(loop trip counts in this program: {sorted(set(trips))})",
+                         f"(loop trip counts in this program: {sorted(set(hlo.trips))})",
       collective_bytes=coll,
       est_compute_s=compute_s, est_ici_s=ici_s, est_step_s=est,
       est_mfu=model_flops / (len(devices) * chip.peak_flops * est) if est > 0 else 0.0,

@@ -39,12 +39,9 @@ def resolve_microbatches(cfg, mesh):
   size; cfg itself when it names a number."""
   if cfg.microbatches != -1:
     return cfg
-  shards = sharding.batch_divisor(mesh)
-  if cfg.batch_size % shards:
-    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {shards} batch "
-                     f"shards of the mesh {dict(mesh.shape)} (microbatches=-1)")
   cfg = cfg.copy_and_resolve_references()
-  cfg.microbatches = cfg.batch_size // shards
+  # A batch that does not split over the shards is validate_run_config's error.
+  cfg.microbatches = max(cfg.batch_size // sharding.batch_divisor(mesh), 1)
   return cfg
 
 
