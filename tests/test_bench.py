@@ -38,6 +38,7 @@ def test_bench_smoke_run(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   for key in ("train_tokens_per_s", "mfu", "matmul_peak_flops", "compile_s",
+              "xla_ceiling_mfu", "mfu_vs_xla_ceiling",
               "dropped_frac", "moe_time_ratio_256_vs_8",
               "decode_speedup_absorbed_vs_naive_4k", "speculative_speedup",
               "speculative_acceptance", "peak_host_memory_bytes"):

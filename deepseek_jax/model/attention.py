@@ -27,7 +27,7 @@ import flax.linen as nn
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache, cache_mask
-from deepseek_jax.model.layers import RMSNorm, apply_rope, param, softmax_scale
+from deepseek_jax.model.layers import RMSNorm, apply_rope, linear, param, softmax_scale
 from deepseek_jax.model.partitioning import constrain
 
 # The latent norms use a fixed 1e-6 in DeepSeek's code and in HF, whatever rms_norm_eps.
@@ -170,25 +170,25 @@ class MLA(nn.Module):
     """(q_nope [B,T,N,H], q_rope [B,T,N,P] after RoPE)."""
     x = x_BTD.astype(self.cfg.jnp_dtype)
     if self.cfg.q_lora_rank is None:
-      q_nope = jnp.einsum("BTD,DNH->BTNH", x, self._w(self.w_q_nope))
-      q_rope = jnp.einsum("BTD,DNP->BTNP", x, self._w(self.w_q_rope))
+      q_nope = linear(x, self._w(self.w_q_nope))   # [B,T,N,H]
+      q_rope = linear(x, self._w(self.w_q_rope))   # [B,T,N,P]
     else:
-      c_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, self._w(self.w_dq)))
-      q_nope = jnp.einsum("BTQ,QNH->BTNH", c_BTQ, self._w(self.w_uq))
-      q_rope = jnp.einsum("BTQ,QNP->BTNP", c_BTQ, self._w(self.w_qr))
+      c_BTQ = self.q_norm(linear(x, self._w(self.w_dq)))
+      q_nope = linear(c_BTQ, self._w(self.w_uq))   # [B,T,N,H]
+      q_rope = linear(c_BTQ, self._w(self.w_qr))   # [B,T,N,P]
     return q_nope, apply_rope(q_rope, pos_BT, self.cfg)
 
   def latents(self, x_BTD, pos_BT):
     """What a KV cache holds: (normalised c_kv [B,T,R], roped shared key k_R [B,T,P])."""
     x = x_BTD.astype(self.cfg.jnp_dtype)
-    c_kv = self.kv_norm(jnp.einsum("BTD,DR->BTR", x, self._w(self.w_dkv)))
-    k_rope = apply_rope(jnp.einsum("BTD,DP->BTP", x, self._w(self.w_kr)), pos_BT, self.cfg)
+    c_kv = self.kv_norm(linear(x, self._w(self.w_dkv)))                      # [B,T,R]
+    k_rope = apply_rope(linear(x, self._w(self.w_kr)), pos_BT, self.cfg)    # [B,T,P]
     return c_kv, k_rope
 
   def expand(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP):
     """q [B,T,N,K] (scaled), k [B,S,N,K] and v [B,S,N,O]: K and V re-expanded from c_kv."""
-    k_nope_BSNH = jnp.einsum("BSR,RNH->BSNH", c_kv_BSR, self._w(self.w_uk))
-    v_BSNO = jnp.einsum("BSR,RNO->BSNO", c_kv_BSR, self._w(self.w_uv))
+    k_nope_BSNH = linear(c_kv_BSR, self._w(self.w_uk))
+    v_BSNO = linear(c_kv_BSR, self._w(self.w_uv))
     # One score product over [nope | rope] (K = H + P), the shared rope key broadcast to
     # every head: a single [B,N,T,S] output instead of two summed ones.
     B, S, N, _ = k_nope_BSNH.shape
@@ -208,7 +208,11 @@ class MLA(nn.Module):
     scores = jnp.einsum("BNTK,BNSK->BNTS", q_BNTK, k_BNSK, preferred_element_type=jnp.float32)
     probs = self._softmax(scores, mask_B1TS, scale=1.0).astype(v_BSNO.dtype)
     o_BNTO = jnp.einsum("BNTS,BNSO->BNTO", probs, v_BNSO)
-    return jnp.einsum("BNTO,NOD->BTD", o_BNTO, self._w(self.w_o))
+    return self.output(o_BNTO.transpose(0, 2, 1, 3))
+
+  def output(self, o_BTNO):
+    """W_O over heads and head dims: [B,T,N,O] -> [B,T,D]."""
+    return linear(o_BTNO, self._w(self.w_o), n_in=2)
 
   def _softmax(self, scores_BNTS, mask_B1TS, scale=None):
     scale = softmax_scale(self.cfg) if scale is None else scale
@@ -223,7 +227,7 @@ class MLA(nn.Module):
       q_BTNK, k_BSNK, v_BSNO = self.expand(q_nope, q_rope, c_kv, k_rope)
       o_BTNO = blockwise_attention(q_BTNK, k_BSNK, v_BSNO, idx_BT, idx_BT, segment_ids_BT,
                                    segment_ids_BT, block=self.cfg.attention_block)
-      return jnp.einsum("BTNO,NOD->BTD", o_BTNO, self._w(self.w_o))
+      return self.output(o_BTNO)
     mask = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
     return self.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
 
@@ -239,7 +243,7 @@ class MLA(nn.Module):
     # Output [B,N,T,R], not [B,T,N,R]: the latter made XLA:CPU 3-6x slower here.
     o_lat_BNTR = jnp.einsum("BNTS,BSR->BNTR", probs, c_kv_BSR)
     o_BTNO = jnp.einsum("BNTR,RNO->BTNO", o_lat_BNTR, self._w(self.w_uv))
-    return jnp.einsum("BTNO,NOD->BTD", o_BTNO, self._w(self.w_o))
+    return self.output(o_BTNO)
 
   def decode(self, x_BTD, cache: KVCache, layer: int, n_new_B, absorb: bool = True):
     """A chunk of T tokens of each row, at cache indices lengths .. lengths+T-1 (their RoPE

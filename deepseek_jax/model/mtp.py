@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from deepseek_jax.model.block import remat_block
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.layers import RMSNorm, param
+from deepseek_jax.model.layers import RMSNorm, linear, param
 
 
 def shift_left(x_BT, k, fill=0):
@@ -45,8 +45,7 @@ class MTPModule(nn.Module):
     dt = self.cfg.jnp_dtype
     e_BTD = self.enorm(emb_next_BTD)
     h_BTD = self.hnorm(h_prev_BTD)
-    return jnp.einsum("BTC,CD->BTD", jnp.concatenate([e_BTD, h_BTD], -1).astype(dt),
-                      self.w_proj.astype(dt))
+    return linear(jnp.concatenate([e_BTD, h_BTD], -1).astype(dt), self.w_proj.astype(dt))
 
   def __call__(self, h_prev_BTD, emb_next_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E):
     """Returns (h_k [B,T,D] before the final norm, normed h_k for the head, MoEStats|None)."""

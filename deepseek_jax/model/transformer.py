@@ -28,7 +28,7 @@ from flax import struct
 from deepseek_jax.model.block import Block, remat_block
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache
-from deepseek_jax.model.layers import RMSNorm, param
+from deepseek_jax.model.layers import RMSNorm, linear, param
 from deepseek_jax.model.moe import MoEStats
 from deepseek_jax.model.partitioning import constrain
 from deepseek_jax.model.mtp import MTPModule, shift_left
@@ -140,8 +140,8 @@ class Transformer(nn.Module):
 
   def logits(self, normed_BTD):
     w_DV = self.embed.T if self.cfg.tie_embeddings else self.head
-    logits_BTV = jnp.einsum("BTD,DV->BTV", normed_BTD, w_DV.astype(self.cfg.jnp_dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = linear(normed_BTD, w_DV.astype(self.cfg.jnp_dtype),
+                        preferred_element_type=jnp.float32)
     # Batch over the batch axes, the vocabulary over "tensor": no chip holds a whole
     # [tokens, V] row of logits when the mesh has a tensor axis.
     return constrain(logits_BTV, ("batch", None, "vocab"))
