@@ -9,8 +9,9 @@ their gates [X, K] and the stacked expert weights, and returns (y [X, D], droppe
   experts_capacity   assignments sorted by expert into a [E, C, D] buffer; one batched
                      einsum; assignments past an expert's C slots are dropped and counted.
   experts_dropless   assignments sorted by expert into blocks of `b` rows, each block
-                     padded within its expert; one gathered weight per block. Never
-                     drops; at most (A/b + E) blocks of work for A = tokens*K assignments.
+                     padded within its expert; a loop over the live blocks runs each
+                     through its expert's weights in place (swiglu_blocks). Never drops;
+                     at most (A/b + E) blocks for A = tokens*K assignments.
   experts_ragged     assignments sorted by expert into one buffer of R rows (R = A unless
                      capped); three grouped matmuls (jax.lax.ragged_dot) read each
                      expert's weights once. Assignments past row R are dropped and counted.
@@ -35,6 +36,109 @@ def swiglu_experts(x, w_gate, w_up, w_down, spec):
   h = nn.silu(jnp.einsum(f"{a}cD,{a}DF->{a}cF", x, w_gate))
   h = h * jnp.einsum(f"{a}cD,{a}DF->{a}cF", x, w_up)
   return jnp.einsum(f"{a}cF,{a}FD->{a}cD", h, w_down)
+
+
+# Block-looped SwiGLU ----------------------------------------------------------------
+# The dropless path's expert computation, block by block: block i of the sorted buffer
+# runs through expert e_n[i]'s weights, indexed in place. The batched form above needs
+# the weights gathered per block ([n, D, F] copies, 3 per layer, and their scatter-add
+# and transposes in the backward) and computes every block up to the static bound; the
+# loop reads each weight in place, stops after the live blocks (n_live, traced) and
+# accumulates weight gradients in place. XLA cannot differentiate a loop with a traced
+# trip count, so the backward is written out (custom_vjp); swiglu_experts on gathered
+# weights is its reference in the tests.
+
+def _silu_parts(g):
+  """(silu(g), sigmoid(g) in float32)."""
+  sig = jax.nn.sigmoid(g.astype(jnp.float32))
+  return g * sig.astype(g.dtype), sig
+
+
+def _zeros_like_all(shape, dtype, *like):
+  """Zeros of `shape` that vary over every manual mesh axis any of `like` varies over:
+  inside shard_map (expert parallelism) a loop carry must keep one such type, and the
+  loop's results mix per-shard tokens with per-shard weights."""
+  zero = sum(jnp.zeros_like(a, dtype, shape=()) for a in like)
+  return jnp.broadcast_to(zero, shape)
+
+
+def _varying(a) -> frozenset:
+  return jax.typeof(a).manual_axis_type.varying
+
+
+def _sum_to_type(grad, primal):
+  """A weight gradient with the weight's dtype and manual-axis type: inside shard_map,
+  summed over the axes the tokens vary over but the weight does not (what JAX's own
+  transpose of the weight's implicit broadcast does)."""
+  extra = _varying(grad) - _varying(primal)
+  if extra:
+    grad = jax.lax.psum(grad, tuple(sorted(extra)))
+  return grad.astype(primal.dtype)
+
+
+def _block(a, i):
+  return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
+@jax.custom_vjp
+def swiglu_blocks(x_nbD, expert_n, n_live, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """y[i] = SwiGLU of x[i] with expert expert_n[i]'s weights for blocks i < n_live, 0
+  after: swiglu_experts(x, w_gate[expert_n], ...) without gathering the weights."""
+  return _swiglu_blocks_fwd(x_nbD, expert_n, n_live, w_gate_EDF, w_up_EDF, w_down_EFD)[0]
+
+
+def _swiglu_blocks_fwd(x_nbD, expert_n, n_live, w_gate_EDF, w_up_EDF, w_down_EFD):
+  n, b, D = x_nbD.shape
+  F = w_gate_EDF.shape[-1]
+
+  def body(i, carry):
+    y_nbD, g_nbF, u_nbF = carry
+    e = expert_n[i]
+    x_bD = _block(x_nbD, i)
+    g_bF = x_bD @ _block(w_gate_EDF, e)
+    u_bF = x_bD @ _block(w_up_EDF, e)
+    y_bD = (_silu_parts(g_bF)[0] * u_bF) @ _block(w_down_EFD, e)
+    put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0)
+    return put(y_nbD, y_bD), put(g_nbF, g_bF), put(u_nbF, u_bF)
+
+  zeros = lambda *shape: _zeros_like_all(shape, x_nbD.dtype, x_nbD, w_gate_EDF)
+  y_nbD, g_nbF, u_nbF = jax.lax.fori_loop(0, n_live, body,
+                                          (zeros(n, b, D), zeros(n, b, F), zeros(n, b, F)))
+  return y_nbD, (x_nbD, expert_n, n_live, w_gate_EDF, w_up_EDF, w_down_EFD, g_nbF, u_nbF)
+
+
+def _swiglu_blocks_bwd(res, dy_nbD):
+  x_nbD, expert_n, n_live, w_gate_EDF, w_up_EDF, w_down_EFD, g_nbF, u_nbF = res
+  f32 = jnp.float32
+
+  def body(i, carry):
+    dx_nbD, dwg, dwu, dwd = carry
+    e = expert_n[i]
+    x_bD, g_bF, u_bF, dy_bD = (_block(a, i) for a in (x_nbD, g_nbF, u_nbF, dy_nbD))
+    wg, wu, wd = (_block(w, e) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    s_bF, sig_bF = _silu_parts(g_bF)
+    dh_bF = dy_bD @ wd.T
+    du_bF = dh_bF * s_bF
+    # d silu(g) / dg = sig (1 + g (1 - sig))
+    dg_bF = ((dh_bF * u_bF).astype(f32) * sig_bF
+             * (1 + g_bF.astype(f32) * (1 - sig_bF))).astype(g_bF.dtype)
+    dx_bD = dg_bF @ wg.T + du_bF @ wu.T
+    # Weight gradients accumulate in float32, in place, in expert e's slot.
+    acc = lambda a, v: jax.lax.dynamic_update_index_in_dim(
+        a, _block(a, e) + v.astype(f32), e, 0)
+    return (jax.lax.dynamic_update_index_in_dim(dx_nbD, dx_bD, i, 0),
+            acc(dwg, x_bD.T @ dg_bF), acc(dwu, x_bD.T @ du_bF),
+            acc(dwd, (s_bF * u_bF).T @ dy_bD))
+
+  zeros = lambda a, dtype: _zeros_like_all(a.shape, dtype, x_nbD, dy_nbD, w_gate_EDF)
+  init = (zeros(x_nbD, x_nbD.dtype), zeros(w_gate_EDF, f32), zeros(w_up_EDF, f32),
+          zeros(w_down_EFD, f32))
+  dx_nbD, dwg, dwu, dwd = jax.lax.fori_loop(0, n_live, body, init)
+  return (dx_nbD, None, None) + tuple(
+      _sum_to_type(dw, w) for dw, w in ((dwg, w_gate_EDF), (dwu, w_up_EDF), (dwd, w_down_EFD)))
+
+
+swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)
 
 
 def experts_reference(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -106,11 +210,11 @@ def experts_capacity(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, C
 
 
 def dropless_block_size(n_assignments: int, n_experts: int) -> int:
-  """Rows per block. The static bound n = A/b + E blocks costs n weight gathers (each
-  3 D F values, and a scatter-add in the backward) plus n * b padded rows of compute:
-  cost(b) ~ (A/b + E)(g + b), g = one gathered weight value's cost in row-FLOPs.
-  Minimised at b = sqrt(g A / E); g ~ 40 measured on XLA:CPU (BUILD_NOTES.md: E=8 best
-  at 128, E=256 at 32, 2048 tokens top-2), rounded to a power of two in [8, 256]."""
+  """Rows per block. About A/b + E blocks run, each costing a fixed overhead (a loop
+  iteration that reads 3 D F weight values) plus b rows of compute, padding included:
+  cost(b) ~ (A/b + E)(g + b), minimised at b = sqrt(g A / E); g ~ 40 row-equivalents
+  fits XLA:CPU (BUILD_NOTES.md, 2048 tokens top-2, fwd+bwd: E=8 best at b 128-256,
+  E=256 at 16-32), rounded to a power of two in [8, 256]."""
   b = math.sqrt(40.0 * max(n_assignments, 1) / n_experts)
   return int(min(256, max(8, 2 ** round(math.log2(b)))))
 
@@ -130,8 +234,9 @@ def experts_dropless(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, b
   block_expert_n = jnp.minimum(
       jnp.searchsorted(block_end_E, jnp.arange(n_blocks), side="right"), E - 1)
   buf_nbD = gather_rows(x_XD, row_A, n_blocks * block, K).reshape(n_blocks, block, -1)
-  out_nbD = swiglu_experts(buf_nbD, w_gate_EDF[block_expert_n], w_up_EDF[block_expert_n],
-                            w_down_EFD[block_expert_n], "n")
+  # Only the first block_end_E[-1] blocks hold assignments; the loop stops there.
+  out_nbD = swiglu_blocks(buf_nbD, block_expert_n.astype(jnp.int32), block_end_E[-1],
+                          w_gate_EDF, w_up_EDF, w_down_EFD)
   return (combine(out_nbD.reshape(n_blocks * block, -1), row_A, gates_XK),
           jnp.zeros((), jnp.float32))
 
