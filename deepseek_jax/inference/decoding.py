@@ -24,7 +24,7 @@ from flax import struct
 from deepseek_jax.model import kv_cache
 from deepseek_jax.model.kv_cache import KVCache
 from deepseek_jax.model.transformer import Transformer, unstack_layers
-from deepseek_jax.inference.sampling import Sampling, sample
+from deepseek_jax.inference.sampling import Sampling, sample, split_rng
 
 PAD_MULTIPLE = 16   # prompt lengths are bucketed so few prefill shapes get compiled
 
@@ -81,7 +81,7 @@ def decode_step(variables, state: DecodeState, *, model: Transformer, sampling: 
   """Runs state.token, picks the next one: (new state, the next token [B])."""
   out, cache = model.apply(variables, state.token[:, None], state.cache, absorb=absorb,
                            method=Transformer.extend)
-  rng, sub = jax.random.split(state.rng)
+  rng, sub = split_rng(state.rng, 2, sampling)
   token_B = sample(sub, out.logits[:, 0], sampling)
   return DecodeState(cache=cache, token=token_B, rng=rng), token_B
 

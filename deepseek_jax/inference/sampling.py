@@ -52,6 +52,14 @@ def probabilities(logits_BV, s: Sampling):
   return jax.nn.softmax(filtered_logits(logits_BV, s), axis=-1)
 
 
+def split_rng(rng, n: int, s: Sampling):
+  """jax.random.split(rng, n), or n copies of rng when greedy: greedy decoding draws
+  nothing, and on a small model the split's ops are a measurable part of a step."""
+  if s.greedy:
+    return [rng] * n
+  return list(jax.random.split(rng, n))
+
+
 def sample(rng, logits_BV, s: Sampling):
   """[B] int32 tokens."""
   if s.greedy:

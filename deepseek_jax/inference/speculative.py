@@ -45,7 +45,8 @@ from deepseek_jax.inference.decoding import (Generation, StreamedRows, at_index,
                                    pad_prompts, prefill_cache)
 from deepseek_jax.model.kv_cache import KVCache
 from deepseek_jax.model.transformer import Transformer
-from deepseek_jax.inference.sampling import Sampling, probabilities, sample, speculative_accept
+from deepseek_jax.inference.sampling import (Sampling, probabilities, sample,
+                                             speculative_accept, split_rng)
 
 
 @struct.dataclass
@@ -116,7 +117,7 @@ def spec_round(variables, state: SpecState, *, model: Transformer, sampling: Sam
   rows = jnp.arange(B)
   n_B, m_B = state.cache.lengths, state.mtp_cache.lengths
   c_B = n_B - m_B                       # window length, 1 .. W
-  rng, rng_draft, rng_accept = jax.random.split(state.rng, 3)
+  rng, rng_draft, rng_accept = split_rng(state.rng, 3, sampling)
 
   # Draft -----------------------------------------------------------------------------
   # Window index i is position m+i: h_buf index W-c+i; its next token (position m+i+1)
@@ -129,7 +130,8 @@ def spec_round(variables, state: SpecState, *, model: Transformer, sampling: Sam
     o, mtp_cache = model.apply(variables, k, h_BWD, tok_row[:, k - 1:k - 1 + W], mtp_cache,
                                c_B, absorb=absorb, method=Transformer.mtp_extend)
     logits_BV = at_index(o.logits, c_B - 1)        # position n-1 predicts t[n+k]
-    d_B = sample(jax.random.fold_in(rng_draft, k), logits_BV, sampling)
+    d_B = sample(rng_draft if sampling.greedy else jax.random.fold_in(rng_draft, k),
+                 logits_BV, sampling)
     tok_row = tok_row.at[rows, c_B - 1 + k].set(d_B)
     drafts.append(d_B)
     if not sampling.greedy:
@@ -188,23 +190,27 @@ def speculative_generate(model: Transformer, variables, prompts: Sequence[Sequen
   rows.add(np.asarray(state.token)[:, None])
   prefill_s = time.perf_counter() - t0
 
-  reached = np.zeros(D + 1, np.int64)   # reached[k]: rounds whose accepted count >= k
-  t0, n_rounds, pending = time.perf_counter(), 0, None
+  # Per round, the emitted count of every row still generating (accepted drafts + 1);
+  # the statistics are computed once at the end: the loop's host work per round is one
+  # transfer and a few list operations, which on a small model is a visible share of
+  # a round.
+  counts_per_round: list[list[int]] = []
+  t0, pending = time.perf_counter(), None
   # As in decoding.generate: round r+1 is dispatched before round r's tokens are pulled.
   while not rows.all_done or pending is not None:
     nxt = step(variables, state) if not rows.all_done else None
     if nxt is not None:
       state = nxt[0]
     if pending is not None:
-      # One transfer per round: the count is where the -1 padding starts.
-      emitted = np.asarray(pending)
-      n_emitted = (emitted >= 0).sum(1)
-      active = ~np.array(rows.done)
-      n_rounds += int(active.any())
-      reached += ((n_emitted[active] - 1)[:, None] >= np.arange(D + 1)).sum(0)
-      rows.add([row[:n] for row, n in zip(emitted, n_emitted)])
+      # One transfer per round; a row's tokens end where the -1 padding starts.
+      new_rows = [[t for t in row if t >= 0] for row in np.asarray(pending).tolist()]
+      counts_per_round.append([len(r) for r, done in zip(new_rows, rows.done) if not done])
+      rows.add(new_rows)
     pending = nxt[1] if nxt is not None else None
   decode_s = time.perf_counter() - t0
+  n_rounds = sum(1 for c in counts_per_round if c)
+  accepted = np.asarray([n - 1 for c in counts_per_round for n in c], np.int64)
+  reached = (accepted[:, None] >= np.arange(D + 1)).sum(0)   # rounds with >= k accepted
 
   acceptance = [float(reached[k] / reached[k - 1]) if reached[k - 1] else float("nan")
                 for k in range(1, D + 1)]

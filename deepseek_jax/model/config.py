@@ -59,7 +59,8 @@ class ModelConfig:
   # "quantile"): one sort of the [tokens, E] selection scores per routed layer.
   quantile_stats: bool = False
   # Routed-expert dispatch (moe.py): "dropless" (tokens sorted by expert into
-  # fixed-size blocks, one gathered weight per block: never drops, fast on XLA:CPU),
+  # fixed-size blocks, a loop over the live blocks: never drops, fast on XLA:CPU; for
+  # a handful of tokens, as in decoding, every expert runs densely instead),
   # "capacity" (capacity-padded einsum, drops past capacity and counts them), "ragged"
   # (rows sorted by expert, one grouped matmul jax.lax.ragged_dot per projection: reads
   # each expert's weights once; the TPU/GPU path, slow on XLA:CPU) or "reference"

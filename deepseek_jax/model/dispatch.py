@@ -151,6 +151,39 @@ def experts_reference(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
   return y_XD, jnp.zeros((), jnp.float32)
 
 
+# experts_dense replaces the dropless path for a handful of tokens (a decode step, a
+# speculative round) when ALL routed weights are small: then the sort, the block
+# bookkeeping and the loop cost more than running every expert, while reading every
+# expert's weights (instead of K of them) costs little. Measured on XLA:CPU
+# (BUILD_NOTES.md, issue 14): the bench's drafter (8 experts of 64 x 32, 196 KiB) decodes
+# faster dense; config.small (16 experts of 128 x 64, 1.5 MiB) slower (each dense
+# projection ~60 us of weight reads per layer).
+DENSE_MAX_TOKENS = 8
+DENSE_MAX_WEIGHT_BYTES = 2 ** 18
+
+
+def dense_is_cheaper(n_tokens: int, n_experts: int, d_model: int, width: int,
+                     itemsize: int) -> bool:
+  """Whether experts_dense (all E experts on all tokens) is the cheaper dropless path."""
+  weight_bytes = 3 * n_experts * d_model * width * itemsize
+  return n_tokens <= DENSE_MAX_TOKENS and weight_bytes <= DENSE_MAX_WEIGHT_BYTES
+
+
+def experts_dense(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Every expert on every token in three batched products, combined by each token's
+  gates ([X, E], 0 where not picked): experts_reference's arithmetic without its loop.
+  Never drops. E/K times the routed FLOPs and weight reads (dense_is_cheaper)."""
+  E = w_gate_EDF.shape[0]
+  weight_XE = jnp.sum(jax.nn.one_hot(idx_XK, E, dtype=jnp.float32)
+                      * gates_XK[..., None].astype(jnp.float32), axis=1)
+  # Expert-major batched products ([E, X, .] x [E, ., .]): the layouts the weights are
+  # stored in, so that no weight is transposed per call.
+  x_EXD = jnp.broadcast_to(x_XD, (E,) + x_XD.shape)
+  y_EXD = swiglu_experts(x_EXD, w_gate_EDF, w_up_EDF, w_down_EFD, "E")
+  y_XD = jnp.einsum("EXD,XE->XD", y_EXD, weight_XE.astype(y_EXD.dtype))
+  return y_XD, jnp.zeros((), jnp.float32)
+
+
 def rank_in_expert(e_A, n_experts):
   """For each assignment, how many earlier assignments (in token order) chose its expert;
   and the per-expert counts. Sort-based: O(A log A), independent of the expert count."""

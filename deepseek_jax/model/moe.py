@@ -186,6 +186,8 @@ class MoE(nn.Module):
                                                 dispatch.capacity(B * T, cfg))
     elif cfg.moe_dispatch == "ragged":
       y_XD, dropped = dispatch.experts_ragged(x_XD, idx_XK, gates_XK, *ws)
+    elif dispatch.dense_is_cheaper(B * T, E, D, F, jnp.dtype(dt).itemsize):  # decoding
+      y_XD, dropped = dispatch.experts_dense(x_XD, idx_XK, gates_XK, *ws)
     else:
       block = cfg.moe_block_size or dispatch.dropless_block_size(B * T * cfg.top_k, E)
       y_XD, dropped = dispatch.experts_dropless(x_XD, idx_XK, gates_XK, *ws, block)

@@ -352,6 +352,33 @@ def test_swiglu_blocks_matches_gathered_weights(dtype):
   assert not np.any(f32(grads[1][1]))           # unused expert: no weight gradient
 
 
+def test_dense_experts_match_reference_and_take_over_only_small_decodes():
+  """experts_dense (every expert on every token, used for a few tokens of a small
+  model) against the reference loop: values and gradients, padding (expert E) and
+  repeated picks included; and the switch: never at training token counts, never for
+  weights that are expensive to read in full."""
+  rng = np.random.default_rng(5)
+  X, D, F, E, K = 6, 8, 4, 5, 2
+  x = jnp.asarray(rng.standard_normal((X, D)), jnp.float32)
+  idx = jnp.asarray([[0, 3], [4, 1], [2, 2], [E, E], [1, E], [3, 0]], jnp.int32)
+  gates = jnp.asarray(rng.uniform(0.1, 1.0, (X, K)), jnp.float32)
+  ws = [jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
+        for s in ((E, D, F), (E, D, F), (E, F, D))]
+  y, dropped = dispatch.experts_dense(x, idx, gates, *ws)
+  y_ref, _ = dispatch.experts_reference(x, idx, gates, *ws)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  assert float(dropped) == 0.0
+  loss = lambda f: (lambda *a: jnp.sum(f(a[0], idx, gates, *a[1:])[0] ** 2))
+  g = jax.grad(loss(dispatch.experts_dense), argnums=(0, 1, 2, 3))(x, *ws)
+  g_ref = jax.grad(loss(dispatch.experts_reference), argnums=(0, 1, 2, 3))(x, *ws)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert dispatch.dense_is_cheaper(2, 8, 64, 32, 4)            # the bench's drafter
+  assert not dispatch.dense_is_cheaper(X * 8, 8, 64, 32, 4)     # training batches
+  assert not dispatch.dense_is_cheaper(1, 16, 128, 64, 4)       # config.small: 1.5 MiB
+  assert not dispatch.dense_is_cheaper(1, 256, 7168, 2048, 2)   # V3
+
+
 def test_dropless_never_drops_skewed_routing():
   bias = np.zeros(8, np.float32)
   bias[[0, 1, 2]] = 100.0  # every token picks experts 0, 1, 2
