@@ -81,3 +81,17 @@ def test_decode_bench_rows_on_tiny_models():
     assert 1.0 <= r["tokens_per_round"] <= depth + 1
   layouts = {r["layout"]: r for r in bd.kv_bytes()}
   assert layouts["MLA"]["values_per_token_layer"] == 576   # (512 + 64) at V3's sizes
+
+
+def test_xla_ceiling_chain_flop_count_matches_the_compiler():
+  """The ceiling's MFU numerator: the matmul FLOPs the plain SwiGLU chain runs (no input
+  gradient for the first layer's gate and up), against XLA's own count for its compiled
+  step (which adds the elementwise work, a few percent at these widths)."""
+  from deepseek_jax.bench.train_speed import SwiGLUChain
+  chain = SwiGLUChain(layers=2, tokens=64, d=128, f=256)
+  assert chain.flops == (3 * 2 * 3 - 2) * 2 * 64 * 128 * 256
+  cost = chain.fn.lower(chain.w, chain.x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  assert chain.flops <= cost["flops"] <= 1.1 * chain.flops
+  chain.step()                       # runs, and the donated weights are replaced
+  assert all(np.isfinite(np.asarray(w)).all() for w in chain.w)

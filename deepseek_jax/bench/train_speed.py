@@ -178,7 +178,10 @@ class SwiGLUChain:
     shapes = ((d, f), (d, f), (f, d))
     self.w = [jax.random.normal(k, shapes[i % 3], jnp.float32) * 0.02
               for i, k in enumerate(keys[1:])]
-    self.flops = 3 * layers * 3 * 2 * tokens * d * f   # 3 x forward, 3 matmuls a layer
+    # The matmuls it runs: 3 a layer forward, each again for the weight gradient and for
+    # the input gradient, except the first layer's gate and up input gradients (x is
+    # data, not differentiated): 9 L - 2 products of 2 T D F FLOPs.
+    self.flops = (9 * layers - 2) * 2 * tokens * d * f
 
     def loss(w, x):
       for i in range(0, len(w), 3):
