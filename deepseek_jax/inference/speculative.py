@@ -130,8 +130,7 @@ def spec_round(variables, state: SpecState, *, model: Transformer, sampling: Sam
     o, mtp_cache = model.apply(variables, k, h_BWD, tok_row[:, k - 1:k - 1 + W], mtp_cache,
                                c_B, absorb=absorb, method=Transformer.mtp_extend)
     logits_BV = at_index(o.logits, c_B - 1)        # position n-1 predicts t[n+k]
-    d_B = sample(rng_draft if sampling.greedy else jax.random.fold_in(rng_draft, k),
-                 logits_BV, sampling)
+    d_B = sample(jax.random.fold_in(rng_draft, k), logits_BV, sampling)
     tok_row = tok_row.at[rows, c_B - 1 + k].set(d_B)
     drafts.append(d_B)
     if not sampling.greedy:
