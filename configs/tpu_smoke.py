@@ -6,6 +6,13 @@ fsdp x expert mesh: the TPU compile path in seconds, and the model the compile t
   python -m experiments.compile --config=configs/tpu_smoke.py --topology=v5p:2x2x1
   python -m experiments.train --config=configs/tpu_smoke.py --workdir=/tmp/tpu_smoke \
       --cpu_devices=4
+
+Variant "guard" (`--config=configs/tpu_smoke.py:guard --topology=v5p:2x2x2`): the same
+model on fsdp x expert x tensor = 2 x 2 x 2 with a 65,536-token vocabulary and 1,024-token
+sequences, one sequence per batch shard per microbatch as the 671B config runs, so that
+the [tokens, V] f32 logits dominate a chip's memory as they do in the 671B step:
+tests/train/test_aot.py holds its compiled step to a per-chip budget computed from those
+sizes (a 2-D logits product cost the 671B its pod fit: BUILD_NOTES.md, issue 20).
 """
 
 from configs import common
@@ -13,7 +20,6 @@ from deepseek_jax.model.config import ModelConfig
 
 
 def get_config(arg=None):
-  del arg
   model = ModelConfig(
       vocab_size=512, d_model=128, n_layers=2, n_heads=4, q_lora_rank=64, kv_lora_rank=32,
       qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, ffn_dim=256,
@@ -30,4 +36,12 @@ def get_config(arg=None):
   c.data.tokenizer = "bytes"
   c.model.vocab_size = 257
   c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 2, 2
+  if arg == "guard":
+    c.model.vocab_size = 65536
+    c.model.attention_block = 128
+    c.model.remat_policy = "dots_no_batch"     # the 671B config's policy
+    c.batch_size, c.seq_len, c.microbatches = 8, 1024, -1
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 2, 2
+  elif arg:
+    raise ValueError(f"tpu_smoke: unknown variant {arg!r} (known: guard)")
   return c

@@ -28,21 +28,48 @@ def param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None
                       cfg.jnp_param_dtype)
 
 
+def target_platform() -> str:
+  """The platform the program being traced is built for: the context mesh's devices
+  (jax.set_mesh; abstract TPU devices when train/aot.py compiles a pod program on a CPU
+  host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def flat_matmuls() -> bool:
+  """Whether `linear` multiplies as one 2-D matmul (XLA:CPU) or as a dot_general over
+  the original dims (every other backend)."""
+  return target_platform() == "cpu"
+
+
 def linear(x, w, n_in: int = 1, preferred_element_type=None):
   """x [..., I] . w [I, ...O] -> [..., ...O]: the last n_in dims of x against the first
-  n_in of w, as ONE 2-D matmul [tokens, I] x [I, O] (leading dims flattened into rows).
+  n_in of w (the einsum "BTI,IO->BTO").
 
-  The same product as the einsum "BTI,IO->BTO", but XLA:CPU computes that einsum's
-  weight gradient (a contraction over both B and T) through inserted transposes: a
-  SwiGLU of width 1024 on 8 x 256 tokens took 161 ms forward+backward as 3-D einsums and
-  83 ms flattened (BUILD_NOTES.md, issue 14). Merging leading dims keeps a batch
-  sharding on the rows.
+  Two layouts of the same product, chosen by the platform the program is built for
+  (`flat_matmuls`):
+    XLA:CPU   ONE 2-D matmul [tokens, I] x [I, O], leading dims flattened into rows: the
+              3-D einsum's weight gradient (a contraction over both B and T) goes through
+              inserted transposes there; a SwiGLU of width 1024 on 8 x 256 tokens took
+              161 ms forward+backward as 3-D einsums and 83 ms flattened (BUILD_NOTES.md,
+              issue 14).
+    TPU/GPU   an einsum over the original dims. Flattening [B, T] into rows merges a
+              sharded dim with an unsharded one, and the SPMD partitioner then lost the
+              batch sharding of the f32 logits: the 671B train step on v5p:8x8x8 went
+              from 64.8 GiB per chip to 227.1 GiB (BUILD_NOTES.md, issue 20).
   """
   lead, inner = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
   if tuple(w.shape[:n_in]) != tuple(inner):
     raise ValueError(f"linear: x {x.shape} and w {w.shape} differ in the {n_in} "
                      "contracted dim(s)")
   out = w.shape[n_in:]
+  if not flat_matmuls():
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    a, i, o = (letters[:len(lead)], letters[len(lead):x.ndim],
+               letters[x.ndim:x.ndim + len(out)])
+    return jnp.einsum(f"{a}{i},{i}{o}->{a}{o}", x, w,
+                      preferred_element_type=preferred_element_type)
   y = jnp.dot(x.reshape(-1, int(np.prod(inner))), w.reshape(int(np.prod(inner)), -1),
               preferred_element_type=preferred_element_type)
   return y.reshape(lead + out)

@@ -1,4 +1,4 @@
-"""RMSNorm and RoPE (with YaRN) against the numpy references."""
+"""linear (both layouts), RMSNorm and RoPE (with YaRN) against the numpy references."""
 
 import math
 
@@ -23,6 +23,36 @@ def _rope_cfgs():
                                         rope_original_max_len=64, beta_fast=16.0,
                                         beta_slow=2.0, rope_theta=500.0),
   }
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat_2d", "einsum"])
+def test_linear_layouts_match_numpy(flat, monkeypatch):
+  """Both layouts of linear (flat 2-D on XLA:CPU, einsum elsewhere) are the numpy
+  contraction, for one and two contracted dims and an f32 result from bf16 inputs."""
+  monkeypatch.setattr(layers, "flat_matmuls", lambda: flat)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+  w1 = rng.standard_normal((5, 6, 7)).astype(np.float32)
+  w2 = rng.standard_normal((4, 5, 6)).astype(np.float32)
+  np.testing.assert_allclose(layers.linear(x, w1), np.einsum("abcd,def->abcef", x, w1),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layers.linear(x, w2, n_in=2),
+                             np.einsum("abcd,cde->abe", x, w2), rtol=1e-5, atol=1e-5)
+  y = layers.linear(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w1, jnp.bfloat16),
+                    preferred_element_type=jnp.float32)
+  assert y.dtype == jnp.float32 and y.shape == (2, 3, 4, 6, 7)
+  with pytest.raises(ValueError, match="contracted"):
+    layers.linear(x, w2)
+
+
+def test_linear_layout_follows_the_target_platform():
+  """Flat on XLA:CPU, also under a CPU mesh; train/aot.py's TPU meshes take the einsum
+  (tests/train/test_aot.py holds that program to its memory budget)."""
+  assert layers.target_platform() == jax.default_backend() == "cpu"
+  assert layers.flat_matmuls()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  with jax.set_mesh(mesh):
+    assert layers.target_platform() == "cpu" and layers.flat_matmuls()
 
 
 def test_rms_norm_matches_numpy():

@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from configs import tpu_smoke
+from deepseek_jax.model import layers
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
 from deepseek_jax.train import aot
@@ -42,6 +43,14 @@ def test_mesh_that_does_not_match_the_chips_is_an_error():
     aot.report(c, "v5p:2x2x1")
 
 
+def test_pod_programs_take_the_einsum_layout():
+  """Traced under a mesh of TPU devices on this CPU host, layers.linear builds the
+  einsum, not XLA:CPU's flat 2-D product (which cost the 671B its pod fit)."""
+  mesh = Mesh(np.array(aot.topology_devices("v5p:2x2x1")), ("d",))
+  with jax.set_mesh(mesh):
+    assert layers.target_platform() == "tpu" and not layers.flat_matmuls()
+
+
 def test_collectives_count_loop_trips():
   """A psum inside an 8-step scan moves 8 x its buffer: the count multiplies by the
   loop's trip count, where XLA's cost analysis counts the body once."""
@@ -64,25 +73,36 @@ def test_collectives_count_loop_trips():
   assert got == 8 * 64 * 512 * 4, got   # each step all-reduces one [64, 512] f32 shard
 
 
-def test_compile_v3_shaped_model_for_a_v5p_host(tmp_path):
-  out = tmp_path / "report.json"
-  cmd = [sys.executable, "-m", "experiments.compile", "--topology=v5p:2x2x1",
-         "--config=configs/tpu_smoke.py", f"--out={out}"]
+GUARD_TOPOLOGY = "v5p:2x2x2"
+
+
+@pytest.fixture(scope="module")
+def guard_report(tmp_path_factory):
+  """experiments.compile on the pod-shaped guard config (configs/tpu_smoke.py:guard):
+  scanned layers, remat, blockwise attention, ragged experts, expert and tensor axes,
+  microbatches; compiled once for both tests below."""
+  out = tmp_path_factory.mktemp("aot") / "report.json"
+  cmd = [sys.executable, "-m", "experiments.compile", f"--topology={GUARD_TOPOLOGY}",
+         "--config=configs/tpu_smoke.py:guard", f"--out={out}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "fits_hbm: true" in proc.stdout
-  assert "ESTIMATE" in proc.stdout
-  r = json.loads(out.read_text())
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
+  stdout, r = guard_report
+  assert "fits_hbm: true" in stdout
+  assert "ESTIMATE" in stdout
   for key in ("topology", "n_chips", "mesh", "per_chip_bytes", "hbm_bytes_per_chip",
               "fits_hbm", "compile_s", "flops_per_chip", "bytes_accessed_per_chip",
               "collective_bytes", "model_flops_per_step", "est_step_s", "est_mfu"):
     assert key in r, key
-  assert r["n_chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
+  assert r["n_chips"] == 8 and r["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
   b = r["per_chip_bytes"]
   # Against the analytic parameter count (model/param_count.py), fp32: sharded, a chip
   # holds at least 1/n of the weights and at most all of them.
-  n_params = count_params(model_config_from(tpu_smoke.get_config().model))["total"]
+  n_params = count_params(model_config_from(tpu_smoke.get_config("guard").model))["total"]
   assert 4 * n_params / r["n_chips"] <= b["params"] < 4 * n_params
   # AdamW: two fp32 moments per fp32 parameter, sharded alike.
   assert b["optimizer"] == pytest.approx(2 * b["params"], rel=0.01)
@@ -93,6 +113,33 @@ def test_compile_v3_shaped_model_for_a_v5p_host(tmp_path):
   assert r["collective_bytes"]["all-to-all"] > 0
   assert r["collective_bytes"]["all-gather"] > 0
   assert 0 < r["est_mfu"] <= 1
+
+
+def test_pod_shaped_step_stays_within_a_budget_from_its_sizes(guard_report):
+  """The guard for the 671B's pod fit (issue 20): a change that makes the partitioner
+  keep more than a few [tokens, V] logits buffers per chip fails here, where the 671B
+  would fail on the pod. The 2-D (flattened) logits product of issue 14 took this step
+  from 547 to 941 MiB per chip against a 694 MiB budget (BUILD_NOTES.md)."""
+  _, r = guard_report
+  c = tpu_smoke.get_config("guard")
+  m = model_config_from(c.model)
+  mesh = r["mesh"]
+  batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
+  seqs_per_chip = c.batch_size // r["microbatches"] // batch_shards
+  assert seqs_per_chip == 1            # one sequence per shard per microbatch, as the 671B
+  # One f32 [tokens, V / tensor] logits buffer per chip, per output head (main + MTP).
+  logits = seqs_per_chip * c.seq_len * (m.vocab_size // mesh["tensor"]) * 4
+  heads = 1 + m.mtp_depth
+  # The config makes the logits dominate: a token's logits outweigh its activations in
+  # every layer together (bf16, a generous 16 d_model-sized tensors per layer).
+  assert m.vocab_size // mesh["tensor"] * 4 > 16 * m.d_model * 2 * m.n_layers
+  b = r["per_chip_bytes"]
+  # The state (arguments) and its gradient-sized buffers, each head's logits and their
+  # gradient, and one more logits-sized buffer for everything else.
+  budget = 2 * b["arguments"] + (2 * heads + 1) * logits
+  assert b["total"] <= budget, (
+      f"{b['total'] / 2**20:.1f} MiB per chip over a {budget / 2**20:.1f} MiB budget "
+      f"(logits buffer {logits / 2**20:.1f} MiB): temporaries {b['temporaries'] / 2**20:.1f} MiB")
 
 
 def test_model_that_cannot_fit_exits_1_and_says_by_how_much(tmp_path):
