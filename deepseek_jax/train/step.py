@@ -51,9 +51,22 @@ def lr_schedule(opt_cfg, total_steps: int):
   return schedule
 
 
+# Parameters that weight decay leaves alone, by name: every RMSNorm's `scale` (SPEC.md
+# section 6: decay on weight matrices only). By name, not rank: with scanned layers a
+# norm scale is [layers, D], 2-D like a matrix. The expert bias is not a parameter.
+NO_DECAY_NAMES = ("scale",)
+
+
+def _param_name(path) -> str:
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return str(names[-1]) if names else ""
+
+
 def decay_mask(params):
-  """Weight decay on matrices only: not on norm scales (1-D); the bias is not a param."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for the parameters AdamW decays: every weight matrix (embedding, head,
+  projections, experts, router), not the norm scales (NO_DECAY_NAMES)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _param_name(path) not in NO_DECAY_NAMES, params)
 
 
 def make_optimizer(opt_cfg, total_steps: int):
