@@ -504,6 +504,22 @@ def test_global_counting_with_microbatches_equals_one_batch(tmp_path):
                              one.params["layer_1"]["moe"]["w_router"], rtol=1e-4, atol=1e-7)
 
 
+def test_dropped_frac_is_dropped_over_routed_assignments(tmp_path):
+  """Capacity dispatch with one slot per expert: each expert that is chosen at all keeps
+  exactly one assignment, so the dropped fraction is 1 - (experts used) / (assignments),
+  near 1 here. The load counts every routed assignment (dropped ones included), so
+  dividing by load + dropped (the old metric) could never exceed 1/2."""
+  cfg, model, tx, state, batch, hp = _setup(
+      tmp_path, **{"model.moe_dispatch": "capacity", "model.capacity_factor": 1e-6})
+  _, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(
+      state, batch, hp)
+  load_LE = np.asarray(m["load"])
+  kept = (load_LE > 0).sum()            # one slot per expert
+  want = 1.0 - kept / load_LE.sum()
+  assert want > 0.9
+  np.testing.assert_allclose(float(m["dropped_frac"]), want, rtol=1e-6)
+
+
 def test_micro_counting_updates_the_bias_after_every_microbatch(tmp_path):
   cfg, model, tx, state, batch, hp = _setup(
       tmp_path, **{"microbatches": 2, "balance.count_scope": "micro"})

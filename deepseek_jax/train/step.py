@@ -237,8 +237,9 @@ def _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg):
     load_LE, dropped_L = routing["load"], routing["dropped"]
     metrics["load"] = load_LE
     metrics["maxvio"] = balancing.max_violation(load_LE)
-    routed = jnp.maximum(load_LE.sum(-1) + dropped_L, 1.0)
-    metrics["dropped_frac"] = jnp.sum(dropped_L) / jnp.sum(routed)
+    # load counts every routed assignment, the dropped ones included (it is taken from
+    # the routing, before the dispatch): it alone is the denominator.
+    metrics["dropped_frac"] = jnp.sum(dropped_L) / jnp.maximum(jnp.sum(load_LE), 1.0)
     metrics["bias_rate"] = rate
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["lr"] = lr_schedule(cfg.optimizer, cfg.total_steps)(state.step)
