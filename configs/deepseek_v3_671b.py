@@ -47,8 +47,13 @@ def get_config(arg=None):
   c.mtp_lambda_switch_step = 10_000_000_000_000 // (15360 * 4096)   # after 10T tokens
   c.optimizer.warmup_steps = 2000
   c.balance.bias_rate = 0.001
-  c.balance.bias_freeze_frac = 0.97
+  # V3: u = 0.001 for the first 14.3T tokens, 0 for the last 500B (no batch ramp here,
+  # so tokens and steps are proportional).
+  c.balance.bias_freeze_frac = (14_300_000_000_000 / (15360 * 4096)) / c.total_steps
   c.balance.seq_aux_alpha = 0.0001
+  # V3 packs documents into sequences without cross-sample attention masking (report
+  # 4.1); the targets then cross document boundaries too (train/losses.py).
+  c.data.doc_attention_mask = False
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.expert = 64

@@ -2,8 +2,11 @@
 
 A batch row holds T+1 tokens (`tokens_BT1`): the model reads the first T, and depth k
 (0 = the main head) at position i predicts token i+k+1. A target counts only if it exists
-and lies in the same packed document as position i (segment ids, 0 = padding), so no
-prediction ever crosses a document boundary.
+and neither it nor position i is padding (segment id 0). With `same_document` (the
+default, and the ablation's choice with its document attention mask) it must also lie in
+the same packed document as position i, so no prediction crosses a document boundary;
+without it (V3's packing: no cross-sample masking) the end-of-document -> next-document
+transition is trained like any other.
 """
 
 from __future__ import annotations
@@ -24,29 +27,34 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT):
   return jnp.sum((logz_BT - picked_BT) * w), jnp.sum(w)
 
 
-def depth_targets(tokens_BT1, segments_BT1, k):
-  """(targets [B,T], weights [B,T]) for depth k: token i+k+1, same document as token i."""
+def depth_targets(tokens_BT1, segments_BT1, k, same_document: bool = True):
+  """(targets [B,T], weights [B,T]) for depth k: token i+k+1, neither it nor token i
+  padding, and (same_document) in token i's document."""
   T = tokens_BT1.shape[1] - 1
   targets_BT = shift_left(tokens_BT1[:, 1:], k)
   in_range = jnp.arange(T) + k < T
   weights_BT = jnp.broadcast_to(in_range, targets_BT.shape)
   if segments_BT1 is not None:
     seg_BT = segments_BT1[:, :-1]
-    weights_BT = weights_BT & (seg_BT != 0) & (shift_left(segments_BT1[:, 1:], k) == seg_BT)
+    target_seg_BT = shift_left(segments_BT1[:, 1:], k)
+    weights_BT = weights_BT & (seg_BT != 0) & (target_seg_BT != 0)
+    if same_document:
+      weights_BT = weights_BT & (target_seg_BT == seg_BT)
   return targets_BT, weights_BT
 
 
-def lm_losses(out: ModelOutput, tokens_BT1, segments_BT1=None, mtp_lambda: float = 0.3):
+def lm_losses(out: ModelOutput, tokens_BT1, segments_BT1=None, mtp_lambda: float = 0.3,
+              same_document: bool = True):
   """{"ce": main loss, "mtp": [D] per-depth losses, "mtp_total": (lambda/D) sum_k L_k,
   "loss": ce + mtp_total, "n_tokens": targets of the main head}."""
-  targets, weights = depth_targets(tokens_BT1, segments_BT1, 0)
+  targets, weights = depth_targets(tokens_BT1, segments_BT1, 0, same_document)
   ce_sum, n = cross_entropy(out.logits, targets, weights)
   ce = ce_sum / jnp.maximum(n, 1.0)
   result = {"ce": ce, "n_tokens": n, "loss": ce}
   if out.mtp_logits is not None:
     depth_losses = []
     for k in range(1, out.mtp_logits.shape[0] + 1):
-      targets, weights = depth_targets(tokens_BT1, segments_BT1, k)
+      targets, weights = depth_targets(tokens_BT1, segments_BT1, k, same_document)
       s, m = cross_entropy(out.mtp_logits[k - 1], targets, weights)
       depth_losses.append(s / jnp.maximum(m, 1.0))
     mtp = jnp.stack(depth_losses)

@@ -126,8 +126,10 @@ def forward_losses(model: Transformer, params, bias, batch, cfg, hparams, counts
   counts: the global batch's routing-map counts for the batch-level losses (see
   balancing.batch_aux_loss); None: this batch's own."""
   out = _apply(model, params, bias, batch, cfg)
-  # Targets never cross a document boundary, whatever the attention does.
-  m = lm_losses(out, batch["tokens"], batch["segments"], hparams["mtp_lambda"])
+  # With the document mask, neither attention nor targets cross a document boundary;
+  # without it (V3's packing) both do, and only padding is masked.
+  m = lm_losses(out, batch["tokens"], batch["segments"], hparams["mtp_lambda"],
+                same_document=cfg.data.doc_attention_mask)
   total = m["loss"]
   metrics = {"ce": m["ce"], "n_tokens": m["n_tokens"]}
   if "mtp" in m:

@@ -139,3 +139,18 @@ def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips):
   assert experts_sharded >= 3 * (1 + cfg.mtp_depth)   # the MoE stack's and the MTP's
   assert total > 6.7e11
   assert per_chip < 1.1 * total / n_chips, (per_chip, total / n_chips)
+
+
+def test_671b_config_follows_v3_where_the_report_is_explicit():
+  """Against the report's numbers (SPEC.md section 6), not the config's own arithmetic:
+  the bias update rate is 0 for the last 500B of 14.8T tokens; documents are packed
+  without cross-sample attention masking."""
+  from configs import deepseek_v3_671b
+  from deepseek_jax.train import step as train_step
+  c = deepseek_v3_671b.get_config()
+  tokens_per_step = c.batch_size * c.seq_len
+  assert abs(c.total_steps * tokens_per_step - 14.8e12) < tokens_per_step
+  freeze = train_step.balance_hparams(c)["bias_freeze_step"]
+  assert abs(freeze * tokens_per_step - 14.3e12) <= tokens_per_step
+  assert c.balance.bias_rate == 0.001
+  assert c.data.doc_attention_mask is False

@@ -67,6 +67,23 @@ def test_depth_targets_by_hand():
   np.testing.assert_array_equal(targets[:, :6], TOKENS[:, 3:])
 
 
+def test_depth_targets_across_documents_by_hand():
+  """V3's packing (no document mask): the boundary transitions are targets too (13 -> 20,
+  36 -> 40), padding still is not."""
+  targets, weights = losses.depth_targets(jnp.asarray(TOKENS), jnp.asarray(SEGS), 0,
+                                          same_document=False)
+  np.testing.assert_array_equal(weights, [[1, 1, 1, 1, 1, 1, 0, 0],
+                                          [1, 1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(np.where(weights, targets, -1),
+                                [[11, 12, 13, 20, 21, 22, -1, -1],
+                                 [31, 32, 33, 34, 35, 36, 40, 41]])
+  targets, weights = losses.depth_targets(jnp.asarray(TOKENS), jnp.asarray(SEGS), 1,
+                                          same_document=False)
+  np.testing.assert_array_equal(np.where(weights, targets, -1),
+                                [[12, 13, 20, 21, 22, -1, -1, -1],
+                                 [32, 33, 34, 35, 36, 40, 41, -1]])
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_depth_targets_never_cross_documents(k):
   rng = np.random.default_rng(k)
