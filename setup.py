@@ -25,7 +25,9 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # pytest-xdist: pytest.ini runs the suite in 2 worker processes (XLA compiles
+        # on one core each; BUILD_NOTES.md, issue 19).
+        "test": ["pytest>=8", "pytest-xdist>=3.6"],
         # The Hugging Face reference for the parity tests. torch is pinned to the CPU
         # wheel: an unpinned torch pulls a multi-GB CUDA build.
         "parity": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],

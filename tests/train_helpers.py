@@ -51,6 +51,8 @@ def subprocess_env(n_devices=1):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+  # conftest's fast-compile flag, the device count of this subprocess
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n_devices} "
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
   return env
