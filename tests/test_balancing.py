@@ -276,6 +276,8 @@ def _small_corpus():
 
 
 def test_ablation_end_to_end_at_tiny_size(tmp_path):
+  """Two strategies trained at once in two spawned processes (the main job's default;
+  the Pareto test below runs its jobs one after the other in this process)."""
   from configs import small
   from deepseek_jax.ablation import runner as ablation
   runs = ablation.plan(["aux", "bias"], None)
@@ -284,7 +286,9 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
                          overrides={"data.cache_dir": str(tmp_path / "cache"), "mesh.data": -1,
                                     "data.source": "files", "data.paths": _small_corpus(),
                                     "data.val_fraction": 0.25, "eval_batches": 1,
-                                    "final_eval_batches": 2})
+                                    "final_eval_batches": 2}, parallel=2)
+  for name in ("aux", "bias"):   # each lane's console, ending with its final evaluation
+    assert "eval at step 6" in (tmp_path / "abl" / name / "console.log").read_text()
   with open(tmp_path / "abl" / "results.json") as fh:
     saved = json.load(fh)["runs"]
   assert set(saved) == {"aux", "bias"}

@@ -45,25 +45,125 @@ def run_name(name: str, seed: int, seeds) -> str:
 
 
 def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(0,),
-        peak_flops: float | None = None, overrides=None):
-  """Trains every (name, arg) of `runs` on every seed, then writes the report."""
+        peak_flops: float | None = None, overrides=None, parallel: int = 1):
+  """Trains every (name, arg) of `runs` on every seed, then writes the report. parallel > 1
+  trains that many runs at once, each in its own process (see _run_in_lanes)."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
-  jobs = [(run_name(name, seed, seeds), arg, seed) for seed in seeds for name, arg in runs]
-  for i, (name, arg, seed) in enumerate(jobs):
-    cfg = get_config(f"{arg},size={size}")
-    if steps:
-      cfg.total_steps = steps
-      cfg.eval_every = max(steps // 6, 1)
-      cfg.checkpoint_every = steps
-      cfg.optimizer.warmup_steps = max(steps // 20, 1)
-    cfg.seed = int(seed)
-    for k, v in (overrides or {}).items():
-      common.set_path(cfg, k, v)
-    print(f"=== [{i + 1}/{len(jobs)}] {name}: {cfg.total_steps} steps, seed {seed} "
-          f"({time.perf_counter() - t0:.0f}s elapsed) ===", flush=True)
-    trainer.train(cfg, os.path.join(workdir, name), peak_flops=peak_flops)
-  runs_data = {name: report.load_run(os.path.join(workdir, name)) for name, _, _ in jobs}
+  jobs = []
+  for seed in seeds:
+    for name, arg in runs:
+      cfg = get_config(f"{arg},size={size}")
+      if steps:
+        cfg.total_steps = steps
+        cfg.eval_every = max(steps // 6, 1)
+        cfg.checkpoint_every = steps
+        cfg.optimizer.warmup_steps = max(steps // 20, 1)
+      cfg.seed = int(seed)
+      for k, v in (overrides or {}).items():
+        common.set_path(cfg, k, v)
+      jobs.append((run_name(name, seed, seeds), cfg))
+  if parallel > 1 and len(jobs) > 1:
+    _run_in_lanes(jobs, workdir, peak_flops, parallel, t0)
+  else:
+    for i, (name, cfg) in enumerate(jobs):
+      print(f"=== [{i + 1}/{len(jobs)}] {name}: {cfg.total_steps} steps, seed {cfg.seed} "
+            f"({time.perf_counter() - t0:.0f}s elapsed) ===", flush=True)
+      trainer.train(cfg, os.path.join(workdir, name), peak_flops=peak_flops)
+  runs_data = {name: report.load_run(os.path.join(workdir, name)) for name, _ in jobs}
   results = report.write_report(runs_data, workdir)
   logging.info("ablation done in %.0fs", time.perf_counter() - t0)
   return results
+
+
+# Lanes ----------------------------------------------------------------------------------
+# One small run leaves XLA:CPU's second core half idle (158% CPU for the main job on 2
+# cores); two runs at once train 1.38x more steps per second there (BUILD_NOTES.md,
+# issue 19). Each run is a spawned process with the same config object, writing its
+# console to WORKDIR/<name>/console.log; the results are the same as run one by one.
+
+_JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+_POLL_S = 30.0
+
+
+def _train_in_lane(cfg, workdir: str, peak_flops, log_path: str, jax_settings: dict):
+  """A lane's process: console to log_path, the parent's compilation cache, one run."""
+  fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  os.dup2(fd, 1)
+  os.dup2(fd, 2)
+  import jax
+  for k, v in jax_settings.items():
+    jax.config.update(k, v)
+  trainer.train(cfg, workdir, peak_flops=peak_flops)
+
+
+def _last_progress(log_path: str) -> str:
+  try:
+    with open(log_path, "rb") as fh:
+      fh.seek(0, os.SEEK_END)
+      fh.seek(max(fh.tell() - 4096, 0))
+      lines = fh.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()
+  except OSError:
+    return ""
+  steps = [l for l in lines if "] step " in l]
+  return steps[-1].split("] ", 1)[-1][:60] if steps else "starting"
+
+
+def _tail(path: str, n: int = 30) -> str:
+  try:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+      return "".join(fh.readlines()[-n:])
+  except OSError:
+    return "(no console log)"
+
+
+def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
+  import multiprocessing
+  import jax
+  from deepseek_jax.train import data
+  # The tokenizer and token streams once, here: lanes starting together would each train
+  # the same BPE.
+  for key in {(repr(c.data.to_dict()), c.model.vocab_size): c for _, c in jobs}.values():
+    data.load_corpus(key.data, key.model.vocab_size)
+  settings = {k: getattr(jax.config, k) for k in _JAX_SETTINGS}
+  ctx = multiprocessing.get_context("spawn")
+  pending, running, failed = list(enumerate(jobs)), {}, []
+  last_report = time.perf_counter()
+  try:
+    while pending or running:
+      while pending and len(running) < lanes:
+        i, (name, cfg) = pending.pop(0)
+        run_dir = os.path.join(workdir, name)
+        os.makedirs(run_dir, exist_ok=True)
+        log_path = os.path.join(run_dir, "console.log")
+        proc = ctx.Process(target=_train_in_lane, name=f"lane-{name}",
+                           args=(cfg, run_dir, peak_flops, log_path, settings))
+        proc.start()
+        running[name] = (proc, log_path, time.perf_counter())
+        print(f"=== [{i + 1}/{len(jobs)}] {name}: {cfg.total_steps} steps, seed {cfg.seed}, "
+              f"in a lane of {lanes} ({time.perf_counter() - t0:.0f}s elapsed; console: "
+              f"{log_path}) ===", flush=True)
+      time.sleep(0.5)
+      for name, (proc, log_path, start) in list(running.items()):
+        if proc.is_alive():
+          continue
+        proc.join()
+        del running[name]
+        took = time.perf_counter() - start
+        if proc.exitcode != 0:
+          failed.append((name, proc.exitcode, log_path))
+          print(f"=== {name} FAILED (exit {proc.exitcode}) after {took:.0f}s; its console "
+                f"ends:\n{_tail(log_path)}", flush=True)
+        else:
+          print(f"=== {name} done in {took:.0f}s", flush=True)
+      if running and time.perf_counter() - last_report > _POLL_S:
+        last_report = time.perf_counter()
+        print(f"  [{last_report - t0:.0f}s] " + " | ".join(
+            f"{n}: {_last_progress(lp)}" for n, (_, lp, _) in running.items()), flush=True)
+  finally:
+    for proc, _, _ in running.values():
+      proc.terminate()
+      proc.join()
+  if failed:
+    raise RuntimeError("ablation runs failed: " + ", ".join(
+        f"{n} (exit {code}, console {lp})" for n, code, lp in failed))
