@@ -105,8 +105,9 @@ def _last_progress(log_path: str) -> str:
       lines = fh.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()
   except OSError:
     return ""
-  steps = [l for l in lines if "] step " in l]
-  return steps[-1].split("] ", 1)[-1][:60] if steps else "starting"
+  steps = [l.split("] ", 1)[-1].split() for l in lines if "] step " in l]
+  # "step 120/400  loss 4.7055 ..." -> "step 120/400 loss 4.7055"
+  return " ".join(steps[-1][:4]) if steps else "starting"
 
 
 def _tail(path: str, n: int = 30) -> str:
