@@ -466,7 +466,8 @@ def test_quantile_strategy_sets_the_bias_to_the_steps_target(tmp_path):
   test_quantile_target_matches_numpy checks against the numpy reference)."""
   cfg, model, tx, state, batch, hp = _setup(
       tmp_path, **{"balance.bias_rule": "quantile", "balance.bias_rate": 1.0,
-                   "model.quantile_stats": True})
+                   "model.quantile_stats": True,
+                   "model.n_group": 1, "model.topk_group": 1})   # QB: plain top-K
   out = model.apply(ts._variables(state.params, state.expert_bias), batch["tokens"][:, :-1],
                     batch["positions"][:, :-1], batch["segments"][:, :-1])
   new, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(

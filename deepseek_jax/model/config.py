@@ -227,6 +227,11 @@ def _validate(c: ModelConfig) -> None:
       bad(f, "must be True or False")
   if c.quantile_stats and c.bias_mode != "add":
     bad("quantile_stats", "Quantile Balancing sets an additive bias: needs bias_mode='add'")
+  if c.quantile_stats and c.topk_group < c.n_group:
+    bad("quantile_stats", f"Quantile Balancing's thresholds are those of plain top-K "
+        f"routing, but topk_group={c.topk_group} < n_group={c.n_group} limits each token "
+        "to its best groups, so they would balance a routing the model does not do: set "
+        "topk_group = n_group (or n_group = 1) to use it")
   if not isinstance(c.route_limit_by_shard, bool):
     bad("route_limit_by_shard", "must be True or False")
   if c.route_limit_by_shard and c.n_group == 1:

@@ -38,6 +38,8 @@ def test_every_preset_validates(name):
     (dict(rope_factor=0.5), "rope_factor", ">= 1"),
     (dict(dtype="float64"), "dtype", "must be one of"),
     (dict(rms_eps=0.0), "rms_eps", "must be positive"),
+    # tiny(): 4 groups, keep 2 -- QB's plain top-K thresholds would not match it
+    (dict(quantile_stats=True), "quantile_stats", "topk_group=2 < n_group=4"),
 ])
 def test_bad_config_names_field_and_rule(changes, field, rule):
   with pytest.raises(ValueError) as e:

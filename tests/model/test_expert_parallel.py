@@ -108,7 +108,7 @@ def test_bias_update_is_global():
   """The balancing update inside the step sees the loads of all 8 shards, not one (and
   Quantile Balancing's target is the whole batch's quantile)."""
   cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=1.0,  # drops too
-                    quantile_stats=True)
+                    quantile_stats=True, n_group=1, topk_group=1)  # QB: plain top-K
   u, bias = _inputs(cfg, seed=3)
   p = _params(cfg, seed=3)
 
