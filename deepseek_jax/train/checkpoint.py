@@ -5,13 +5,17 @@ The data position is the step itself (data.BatchSchedule is a pure function of t
 so restoring the state restores the iterator exactly. Saves are asynchronous; orbax
 writes each step to a temporary directory and renames it when complete, so a killed save
 leaves no half-written "latest". A latest step that fails to restore anyway (a corrupt
-file) is skipped with a warning in favour of the one before; nothing is deleted.
+file) is skipped with a warning in favour of the one before; nothing is deleted. When
+training resumes past it, the corrupt step is moved aside to WORKDIR/corrupt_checkpoints/
+(kept for inspection), so that the step is saved again when training reaches it: orbax
+skips a save at or below the newest step on disk, and did so silently before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,6 +28,10 @@ RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "checkpoint_ever
 
 
 class WorkdirConflict(ValueError):
+  pass
+
+
+class CheckpointNotSaved(RuntimeError):
   pass
 
 
@@ -69,8 +77,12 @@ class Checkpointer:
                                              enable_async_checkpointing=async_save))
 
   def save(self, step: int, state, meta: dict, force: bool = False):
-    self.manager.save(step, args=ocp.args.Composite(
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    if not saved:   # orbax's policy refused it: never report a save that did not happen
+      raise CheckpointNotSaved(
+          f"checkpoint step {step} was not saved in {self.directory}: the newest step "
+          f"there is {self.manager.latest_step()}. Steps on disk: {self.steps()}")
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -78,22 +90,44 @@ class Checkpointer:
   def steps(self):
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state):
-    """(state, meta, step) of the newest checkpoint that restores, or None if none."""
+  def restore_latest(self, abstract_state, set_aside_corrupt: bool = False):
+    """(state, meta, step) of the newest checkpoint that restores, or None if none.
+    set_aside_corrupt (training): the newer steps that did not restore are moved to
+    WORKDIR/corrupt_checkpoints/ so that training saves them again."""
     steps = self.steps()
+    corrupt = []
     for step in reversed(steps):
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return out.state, out.meta, step
       except Exception as e:  # a corrupt step: fall back, keep the files for inspection
         logging.warning("checkpoint step %d in %s does not restore (%s: %s); "
                         "falling back to the previous one", step, self.directory,
                         type(e).__name__, str(e)[:300])
+        corrupt.append(step)
+        continue
+      if corrupt and set_aside_corrupt:
+        self._set_aside(corrupt)
+      return out.state, out.meta, step
     if steps:
       raise RuntimeError(f"no checkpoint in {self.directory} restores (steps {steps}); "
                          "refusing to start over a saved run")
     return None
+
+  def _set_aside(self, steps):
+    dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    if jax.process_index() == 0:
+      os.makedirs(dest, exist_ok=True)
+      for step in steps:
+        to = os.path.join(dest, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(self.directory, str(step)), to)
+        logging.warning("moved the corrupt checkpoint step %d to %s (kept for "
+                        "inspection); it will be saved again when training reaches it",
+                        step, to)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("deepseek_jax_corrupt_checkpoints_moved")
+    self.manager.reload()
 
   def close(self):
     self.manager.wait_until_finished()

@@ -189,7 +189,7 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   writer = MetricWriter(workdir, cfg.total_steps, enabled=is_main and not quiet)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed)), state_sh)
-  restored = ckpt.restore_latest(abstract) if resuming else None
+  restored = ckpt.restore_latest(abstract, set_aside_corrupt=True) if resuming else None
   if restored is None and ckpt.steps():
     raise RuntimeError(f"{workdir} has checkpoints but no config.json; refusing to start over")
   if restored is not None:

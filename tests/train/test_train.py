@@ -174,7 +174,17 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
   got = losses(work)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
                              rtol=1e-6)
-  assert os.path.isdir(latest), "the corrupt checkpoint must not be deleted"
+  # The corrupt files are kept, set aside; the retrained step is saved again and is now
+  # the one that restores (it was silently not re-saved once: every later resume fell
+  # back again and the retrained work was lost).
+  aside = os.listdir(work / "corrupt_checkpoints")
+  assert len(aside) == 1 and aside[0].startswith(f"{steps[-1]}-"), aside
+  again = checkpoint.Checkpointer(str(work), keep=5, async_save=False)
+  try:
+    _, meta, step = again.restore_latest(None)
+  finally:
+    again.close()
+  assert step == steps[-1] and meta["data_step"] == steps[-1]
 
 
 def test_workdir_of_another_config_is_refused(reference_run, tmp_path):
