@@ -140,6 +140,22 @@ def _global_batch(local, batch_sh):
   return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
 
 
+def _packed_rows(tokens, starts, cfg, split: str):
+  """A split's rows, refused before training when it cannot fill one batch (evaluation
+  would otherwise fail after the last step, before the final save)."""
+  fix = (f"raise data.val_fraction (now {cfg.data.val_fraction}) or lower batch_size "
+         f"(now {cfg.batch_size}) or seq_len (now {cfg.seq_len})")
+  try:
+    rows = data.PackedRows(tokens, starts, cfg.seq_len)
+  except ValueError as e:
+    raise ValueError(f"the {split} split: {e}; {fix}") from None
+  if rows.n_rows < cfg.batch_size:
+    raise ValueError(f"the {split} split holds {rows.n_rows} rows of seq_len + 1 = "
+                     f"{cfg.seq_len + 1} tokens, fewer than one batch of batch_size="
+                     f"{cfg.batch_size}; {fix}")
+  return rows
+
+
 def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches, n_moe_layers):
   """Validation over fixed batches: loss, perplexity, MTP loss per depth, MaxVio_global."""
   sums = None
@@ -176,8 +192,8 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
 
   # Input ----------------------------------------------------------------------------
   corpus = data.load_corpus(cfg.data, model_cfg.vocab_size)
-  train_rows = data.PackedRows(corpus.train_tokens, corpus.train_starts, cfg.seq_len)
-  val_rows = data.PackedRows(corpus.val_tokens, corpus.val_starts, cfg.seq_len)
+  train_rows = _packed_rows(corpus.train_tokens, corpus.train_starts, cfg, "training")
+  val_rows = _packed_rows(corpus.val_tokens, corpus.val_starts, cfg, "validation")
   schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed)
   logging.info("run: %s", describe_run(cfg, model_cfg, mesh))
   logging.info("data: %s", data.describe(corpus))

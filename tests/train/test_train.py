@@ -204,6 +204,20 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(reference_run, tmp_path):
     _train(cfg, tmp_path / "run", devices=jax.devices()[:1])
 
 
+@pytest.mark.parametrize("overrides", [
+    {"data.val_fraction": 0.0},                         # no validation tokens at all
+    {"data.val_fraction": 0.004, "batch_size": 512}])   # one document: 298 rows < 512
+def test_validation_split_smaller_than_a_batch_is_refused_before_training(
+    reference_run, tmp_path, overrides):
+  """Refused by name before the first step (it used to train to the end and crash in
+  the final evaluation, before the final save)."""
+  ref_tmp, _ = reference_run
+  cfg = tiny_run_config(ref_tmp, **overrides)
+  with pytest.raises(ValueError, match=r"the validation split.*data\.val_fraction"):
+    _train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "run" / "checkpoints" / "4")
+
+
 def test_mesh_that_does_not_fit_is_a_clear_error(reference_run, tmp_path):
   ref_tmp, _ = reference_run
   cfg = tiny_run_config(ref_tmp, **{"mesh.data": 3})
