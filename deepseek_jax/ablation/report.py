@@ -19,6 +19,8 @@ import re
 
 import numpy as np
 
+from deepseek_jax.train.metrics import read_records
+
 # LFB Table 2 (validation perplexity / MaxVio_global) and V3 4.5.3, for the report.
 PAPER_TABLE = (
     ("LFB 1B (64 routed top-6, 100B tokens)", "aux loss a=1e-3", 9.56, 0.72),
@@ -35,8 +37,7 @@ PAPER_FOR = {"aux": (9.56, 0.72), "bias": (9.50, 0.04), "bias_magnitude": (9.51,
 def load_run(workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json")) as fh:
     config = json.load(fh)
-  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-    records = [json.loads(line) for line in fh if line.strip()]
+  records = read_records(os.path.join(workdir, "metrics.jsonl"))
   return {"workdir": workdir, "config": config, "records": records}
 
 

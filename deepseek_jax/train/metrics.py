@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.param_count import count_params
@@ -74,6 +75,28 @@ def _scalar(v):
   return float(v) if v.ndim == 0 else v.tolist()
 
 
+def read_records(path: str) -> list[dict]:
+  """The records of a metrics.jsonl. Its last line may be half-written (a crash or a
+  kill mid-write): it is dropped with a warning (a resume rewrites the file without it).
+  A bad line anywhere else is an error that names the file and the line."""
+  with open(path, encoding="utf-8", errors="replace") as fh:
+    lines = fh.readlines()
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e}); a metrics file "
+                         "is only ever broken at its last line, so this one was edited "
+                         "or damaged") from None
+      logging.warning("%s: dropping a half-written last line (%d characters)", path,
+                      len(line))
+  return records
+
+
 class MetricWriter:
   """Writes on process 0 only: metrics.jsonl (one object per logged step) and TB events."""
 
@@ -90,13 +113,14 @@ class MetricWriter:
         self.tb = None
 
   def truncate_after(self, step: int):
-    """On resume: drop records of steps after the restored checkpoint (they will rerun)."""
+    """On resume from a checkpoint after `step` steps: drop the records of the steps it
+    does not hold (records are indexed from 0, so step `step` itself is the first to
+    rerun) and a half-written last line."""
     if not (self.enabled and os.path.exists(self.path)):
       return
-    with open(self.path) as fh:
-      keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    keep = [r for r in read_records(self.path) if r["step"] < step]
     with open(self.path + ".tmp", "w") as fh:
-      fh.writelines(keep)
+      fh.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(self.path + ".tmp", self.path)
 
   def write(self, step: int, metrics: dict):
