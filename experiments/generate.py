@@ -43,6 +43,8 @@ _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop a row at the tokeniz
 def main(argv):
   del argv
   launch.quiet_console()
+  if _MAX_NEW.value < 1:
+    raise app.UsageError(f"--max_new_tokens must be >= 1; got {_MAX_NEW.value}")
   if bool(_WORKDIR.value) == bool(_HF_DIR.value):
     raise app.UsageError("give exactly one of --workdir and --hf_dir")
   from deepseek_jax.inference import decoding, speculative
@@ -74,6 +76,14 @@ def main(argv):
   if not prompts:
     raise app.UsageError("give --prompt or --prompt_ids")
   prompts = [list(map(int, p)) for p in prompts]
+  trained_len = (run_cfg.seq_len if _WORKDIR.value else
+                 int(model.cfg.rope_original_max_len * model.cfg.rope_factor))
+  try:
+    for w in decoding.check_generation(model.cfg, [len(p) for p in prompts], _MAX_NEW.value,
+                                       trained_len, _CACHE_DTYPE.value):
+      print(f"# warning: {w}", file=sys.stderr)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
   decode = (lambda ids: tokenizer.decode(ids)) if tokenizer else (
       lambda ids: " ".join(map(str, ids)) + " ")

@@ -44,6 +44,14 @@ def test_generate_without_a_run_names_the_problem(tmp_path, make):
   assert "--hf_dir" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("n", [0, -3])
+def test_generate_refuses_a_non_positive_token_count(tmp_path, n):
+  r = _run("experiments.generate", f"--workdir={tmp_path}", "--prompt=x",
+           f"--max_new_tokens={n}")
+  assert r.returncode != 0 and f"--max_new_tokens must be >= 1; got {n}" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
 def test_generate_without_a_hf_checkpoint_names_the_problem(tmp_path):
   r = _run("experiments.generate", f"--hf_dir={tmp_path}", "--prompt_ids=1,2")
   assert r.returncode != 0

@@ -199,6 +199,33 @@ def generate(model: Transformer, variables, prompts: Sequence[Sequence[int]],
                     cache_values_per_token=state.cache.values_per_token)
 
 
+def check_generation(cfg, prompt_lengths: Sequence[int], max_new_tokens: int,
+                     trained_len: int, cache_dtype=None, memory_bytes: int | None = None):
+  """Refuses what cannot run and names what will run badly, before anything compiles:
+  ValueError for max_new_tokens < 1 or a KV cache (every layer, MTP drafters included)
+  larger than half of memory_bytes (default: this host's memory); returns warnings, e.g.
+  a context past trained_len (the sequence length the model was trained at)."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+  longest = max(prompt_lengths)
+  context = longest + max_new_tokens
+  itemsize = jnp.dtype(cache_dtype or cfg.dtype).itemsize
+  cache = (len(prompt_lengths) * (context + PAD_MULTIPLE) * (cfg.n_layers + cfg.mtp_depth)
+           * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize)
+  if memory_bytes is None:
+    memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if cache > memory_bytes / 2:
+    raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} needs "
+                     f"a KV cache of {cache / 2**30:.1f} GiB for {len(prompt_lengths)} "
+                     f"row(s), over half of this host's {memory_bytes / 2**30:.1f} GiB")
+  warnings = []
+  if context > trained_len:
+    warnings.append(f"{context} tokens of context (prompt {longest} + {max_new_tokens} new) "
+                    f"go past the {trained_len} the model was trained at: expect worse "
+                    "output there")
+  return warnings
+
+
 # Loading a model for inference ---------------------------------------------------------
 
 def run_config_path(workdir: str) -> str:

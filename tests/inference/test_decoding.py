@@ -265,3 +265,20 @@ def test_mtp_drafts_are_the_training_forward_predictions(trained):
       checked += 1
       rows[b] = r + emitted[b, :n_emitted[b]].tolist()
   assert checked == 18
+
+
+def test_generation_checks_refuse_what_cannot_run_and_warn_past_the_trained_context():
+  """By hand for tiny(): 3 layers + 2 MTP drafters, latent 16 + rope key 4, float32;
+  2 rows, longest prompt 10 + 6 new = 16 tokens (+16 of prompt padding headroom):
+  2 x 32 x 5 x 20 x 4 = 25,600 bytes of cache, allowed up to half of the memory."""
+  cfg = config.tiny()
+  ok = decoding.check_generation(cfg, [10, 7], 6, trained_len=64, memory_bytes=51_200)
+  assert ok == []
+  with pytest.raises(ValueError, match=r"KV cache of 0.0 GiB for 2 row"):
+    decoding.check_generation(cfg, [10, 7], 6, trained_len=64, memory_bytes=51_199)
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1; got 0"):
+    decoding.check_generation(cfg, [10], 0, trained_len=64)
+  with pytest.raises(ValueError, match="KV cache of"):   # it used to hang without a word
+    decoding.check_generation(cfg, [10], 2_000_000_000, trained_len=64)
+  warn, = decoding.check_generation(cfg, [10], 60, trained_len=64, memory_bytes=2**40)
+  assert "70 tokens of context" in warn and "trained at" in warn
