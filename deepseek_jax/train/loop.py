@@ -45,7 +45,36 @@ def resolve_microbatches(cfg, mesh):
   return cfg
 
 
+# (field, test, rule) of the optimizer and balancing numbers: a bad one is refused by
+# name before anything builds (a negative learning rate trained by gradient ascent).
+_NUMBER_RULES = (
+    ("optimizer.peak_lr", lambda x: x > 0, "must be positive"),
+    ("optimizer.min_lr_ratio", lambda x: 0 <= x <= 1, "must be in [0, 1]"),
+    ("optimizer.warmup_steps", lambda x: x >= 0, "must be >= 0"),
+    ("optimizer.decay_start_frac", lambda x: 0 <= x <= 1, "must be in [0, 1]"),
+    ("optimizer.b1", lambda x: 0 <= x < 1, "must be in [0, 1)"),
+    ("optimizer.b2", lambda x: 0 <= x < 1, "must be in [0, 1)"),
+    ("optimizer.eps", lambda x: x > 0, "must be positive"),
+    ("optimizer.weight_decay", lambda x: x >= 0, "must be >= 0"),
+    ("optimizer.grad_clip", lambda x: x > 0, "must be positive"),
+    ("balance.bias_rate", lambda x: x >= 0, "must be >= 0"),
+    ("balance.bias_freeze_frac", lambda x: 0 <= x <= 1, "must be in [0, 1]"),
+    ("balance.aux_alpha", lambda x: x >= 0, "must be >= 0"),
+    ("balance.seq_aux_alpha", lambda x: x >= 0, "must be >= 0"),
+    ("balance.batch_aux_alpha", lambda x: x >= 0, "must be >= 0"),
+)
+
+
 def validate_run_config(cfg, mesh):
+  for f in ("batch_size", "total_steps", "checkpoint_every", "eval_every", "log_every",
+            "seq_len", "microbatches", "keep_checkpoints"):
+    if int(cfg[f]) <= 0:
+      raise ValueError(f"config.{f} must be positive (got {cfg[f]})")
+  for path, ok, rule in _NUMBER_RULES:
+    section, name = path.split(".")
+    value = cfg[section][name]
+    if not ok(value):
+      raise ValueError(f"config.{path} {rule} (got {value})")
   div = sharding.batch_divisor(mesh) * cfg.microbatches
   if cfg.batch_size % div:
     raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of microbatches x "
@@ -53,10 +82,6 @@ def validate_run_config(cfg, mesh):
   if cfg.batch_size % jax.process_count():
     raise ValueError(f"batch_size={cfg.batch_size} must split over {jax.process_count()} "
                      "processes")
-  for f in ("total_steps", "checkpoint_every", "eval_every", "log_every", "seq_len",
-            "microbatches", "keep_checkpoints"):
-    if int(cfg[f]) <= 0:
-      raise ValueError(f"config.{f} must be positive (got {cfg[f]})")
   if cfg.balance.bias_rule not in balancing.BIAS_RULES:
     raise ValueError(f"config.balance.bias_rule must be one of {balancing.BIAS_RULES}")
   scope = cfg.balance.get("count_scope", "global")

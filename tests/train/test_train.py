@@ -218,6 +218,21 @@ def test_validation_split_smaller_than_a_batch_is_refused_before_training(
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "4")
 
 
+@pytest.mark.parametrize("field, value, rule", [
+    ("batch_size", 0, "must be positive"),           # was a ZeroDivisionError
+    ("optimizer.peak_lr", -1.0, "must be positive"),  # trained by gradient ascent
+    ("optimizer.b2", 1.0, "must be in [0, 1)"),
+    ("balance.bias_rate", -1e-3, "must be >= 0"),
+    ("balance.bias_freeze_frac", 1.5, "must be in [0, 1]"),
+])
+def test_bad_run_numbers_are_refused_by_name(tmp_path, field, value, rule):
+  from deepseek_jax.train import sharding
+  cfg = tiny_run_config(tmp_path, **{field: value})
+  with pytest.raises(ValueError, match=f"config.{field} " + rule.replace("[", r"\[")
+                     .replace("(", r"\(").replace(")", r"\)")):
+    trainer.validate_run_config(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+
+
 def test_mesh_that_does_not_fit_is_a_clear_error(reference_run, tmp_path):
   ref_tmp, _ = reference_run
   cfg = tiny_run_config(ref_tmp, **{"mesh.data": 3})
