@@ -35,6 +35,53 @@ class CheckpointNotSaved(RuntimeError):
   pass
 
 
+class WorkdirBusy(RuntimeError):
+  pass
+
+
+LOCK_FILE = "train.lock"
+
+
+class WorkdirLock:
+  """An exclusive flock on WORKDIR/train.lock for as long as a training runs in it (on
+  process 0: the other processes of a job share its workdir). A second training of the
+  same workdir is refused by name instead of interleaving its metrics with the first's.
+  The kernel drops the lock when its process dies, so a killed run leaves no stale lock.
+  (flock is advisory and local: two hosts on a network file system are not covered.)"""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.fh = None
+
+  def __enter__(self):
+    import fcntl
+    import socket
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fh = open(self.path, "a+")
+    try:
+      fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      fh.seek(0)
+      holder = fh.read().strip() or "another process"
+      fh.close()
+      raise WorkdirBusy(f"{os.path.dirname(self.path)} is in use by another training "
+                        f"({holder}); wait for it, or use another --workdir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fh.flush()
+    self.fh = fh
+    return self
+
+  def __exit__(self, *exc):
+    import fcntl
+    if self.fh is not None:
+      fcntl.flock(self.fh, fcntl.LOCK_UN)
+      self.fh.close()
+      self.fh = None
+
+
 def check_workdir_config(workdir: str, cfg_dict: dict) -> bool:
   """Records the config on first use; on reuse, refuses a different one (True: resuming)."""
   path = os.path.join(workdir, CONFIG_FILE)

@@ -20,7 +20,7 @@ from absl import logging
 
 from deepseek_jax import balancing
 from deepseek_jax.train import data, sharding
-from deepseek_jax.train.checkpoint import Checkpointer, check_workdir_config
+from deepseek_jax.train.checkpoint import Checkpointer, WorkdirLock, check_workdir_config
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
 from deepseek_jax.train.metrics import MetricWriter, measure_matmul_peak, train_flops_per_token
@@ -206,11 +206,20 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   """Trains cfg in workdir (resuming if it holds a checkpoint); returns the last metrics.
 
   devices: the devices of the mesh (default all; tests pass one to get an unsharded run).
+  The workdir is locked for the run (checkpoint.WorkdirLock): a second training of it is
+  refused.
   """
   # Mesh ---------------------------------------------------------------------------
   mesh = sharding.make_mesh(cfg.mesh, devices)
   cfg = resolve_microbatches(cfg, mesh)
   validate_run_config(cfg, mesh)
+  if jax.process_index() != 0:
+    return _train(cfg, workdir, mesh, peak_flops, quiet)
+  with WorkdirLock(workdir):
+    return _train(cfg, workdir, mesh, peak_flops, quiet)
+
+
+def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
   model_cfg = model_config_from(cfg.model)
   resuming = check_workdir_config(workdir, cfg.to_dict())
   is_main = jax.process_index() == 0

@@ -233,6 +233,19 @@ def test_bad_run_numbers_are_refused_by_name(tmp_path, field, value, rule):
     trainer.validate_run_config(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
 
 
+def test_a_second_training_of_a_busy_workdir_is_refused(reference_run, tmp_path):
+  """While one training holds the workdir (its lock), another is refused by name before
+  it writes anything (two used to run, interleaving their metrics)."""
+  ref_tmp, _ = reference_run
+  work = tmp_path / "run"
+  with checkpoint.WorkdirLock(str(work)):
+    with pytest.raises(checkpoint.WorkdirBusy, match=r"in use by another training \(pid"):
+      _train(tiny_run_config(ref_tmp), work, devices=jax.devices()[:1])
+  assert not (work / "metrics.jsonl").exists() and not (work / "config.json").exists()
+  with checkpoint.WorkdirLock(str(work)):   # released: free again
+    pass
+
+
 def test_mesh_that_does_not_fit_is_a_clear_error(reference_run, tmp_path):
   ref_tmp, _ = reference_run
   cfg = tiny_run_config(ref_tmp, **{"mesh.data": 3})
