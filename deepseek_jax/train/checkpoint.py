@@ -23,8 +23,10 @@ from absl import logging
 
 CONFIG_FILE = "config.json"
 # Fields that may change between runs in one workdir: they do not change the math.
+# total_steps is not one: the learning-rate schedule and the bias freeze are fractions of
+# it, so a changed total would rescale the schedule of the steps already trained.
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
-                     "keep_checkpoints", "total_steps")
+                     "keep_checkpoints")
 
 
 class WorkdirConflict(ValueError):

@@ -187,12 +187,17 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
   assert step == steps[-1] and meta["data_step"] == steps[-1]
 
 
-def test_workdir_of_another_config_is_refused(reference_run, tmp_path):
+@pytest.mark.parametrize("change", [
+    {"model.d_model": 48},
+    # the learning-rate schedule is a function of total_steps: resuming with another
+    # total rescaled the steps already trained (it was allowed as "not the math")
+    {"total_steps": 16}])
+def test_workdir_of_another_config_is_refused(reference_run, tmp_path, change):
   ref_tmp, _ = reference_run
   work = tmp_path / "run"
   shutil.copytree(ref_tmp / "run", work)
-  cfg = tiny_run_config(ref_tmp, **{"model.d_model": 48})
-  with pytest.raises(checkpoint.WorkdirConflict, match="model.d_model"):
+  cfg = tiny_run_config(ref_tmp, **change)
+  with pytest.raises(checkpoint.WorkdirConflict, match=next(iter(change))):
     _train(cfg, work, devices=jax.devices()[:1])
 
 
