@@ -75,9 +75,13 @@ def main(argv):
   # Lanes are separate processes: a multi-process (multi-host) job trains one run at a
   # time across all its processes instead.
   parallel = _PARALLEL.value if jax.process_count() == 1 else 1
-  ablation.run(small.get_config, runs, _WORKDIR.value, size=_SIZE.value, steps=_STEPS.value,
-               seeds=seeds, peak_flops=_PEAK.value,
-               overrides=dict(_parse(kv) for kv in _OVERRIDE.value), parallel=parallel)
+  try:
+    ablation.run(small.get_config, runs, _WORKDIR.value, size=_SIZE.value,
+                 steps=_STEPS.value, seeds=seeds, peak_flops=_PEAK.value,
+                 overrides=dict(_parse(kv) for kv in _OVERRIDE.value), parallel=parallel)
+  except ablation.Interrupted as e:
+    print(f"=== interrupted: {e}")
+    return 1
   print(open(f"{_WORKDIR.value}/report.md").read())
 
 

@@ -311,6 +311,23 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
   assert again["aux"]["val_loss"] == pytest.approx(saved["aux"]["val_loss"])
 
 
+def test_an_interrupted_run_stops_the_ablation(tmp_path, monkeypatch):
+  """A run that saved and stopped on SIGTERM / Ctrl-C stops the ablation (it used to go
+  on to the next strategy and report the stopped run as if finished)."""
+  from configs import small
+  from deepseek_jax.ablation import runner as ablation
+  trained = []
+
+  def fake_train(cfg, workdir, peak_flops=None):
+    trained.append(os.path.basename(workdir))
+    return {"step": 3, "preempted": True}
+  monkeypatch.setattr(ablation.trainer, "train", fake_train)
+  with pytest.raises(ablation.Interrupted, match="aux stopped at step 3"):
+    ablation.run(small.get_config, ablation.plan(["aux", "bias"], None), str(tmp_path),
+                 size="tiny", steps=6)
+  assert trained == ["aux"]
+
+
 def test_pareto_sweep_and_seeds_end_to_end_at_tiny_size(tmp_path, monkeypatch):
   """--sweep=pareto with --seeds=0,1 (a shortened sweep: two alphas, one rate): every run
   on every seed, the seed table with intervals, the Pareto table, its plot and a verdict

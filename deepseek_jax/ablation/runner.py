@@ -27,6 +27,11 @@ PARETO_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)  # the aux loss's alpha, LFB's 1e-3 in 
 SWEEPS = ("rate", "pareto")
 
 
+class Interrupted(RuntimeError):
+  """A run was stopped by SIGTERM or Ctrl-C after saving: the ablation stops too (its
+  finished and saved runs resume with the same command)."""
+
+
 def plan(strategies, sweep: str | None):
   """[(run name, config arg)] for the requested strategies or sweep."""
   rate = [(f"bias_u{u:g}", f"strategy=bias,rate={u:g}") for u in RATE_SWEEP]
@@ -69,7 +74,10 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
     for i, (name, cfg) in enumerate(jobs):
       print(f"=== [{i + 1}/{len(jobs)}] {name}: {cfg.total_steps} steps, seed {cfg.seed} "
             f"({time.perf_counter() - t0:.0f}s elapsed) ===", flush=True)
-      trainer.train(cfg, os.path.join(workdir, name), peak_flops=peak_flops)
+      last = trainer.train(cfg, os.path.join(workdir, name), peak_flops=peak_flops)
+      if last.get("preempted"):
+        raise Interrupted(f"{name} stopped at step {last.get('step')} (saved); rerun the "
+                          "same command to resume the ablation")
   runs_data = {name: report.load_run(os.path.join(workdir, name)) for name, _ in jobs}
   results = report.write_report(runs_data, workdir)
   logging.info("ablation done in %.0fs", time.perf_counter() - t0)
@@ -82,6 +90,7 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
 # issue 19). Each run is a spawned process with the same config object, writing its
 # console to WORKDIR/<name>/console.log; the results are the same as run one by one.
 
+_EXIT_PREEMPTED = 75   # a lane's run saved and stopped on SIGTERM / Ctrl-C
 _JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 _POLL_S = 30.0
 
@@ -94,7 +103,8 @@ def _train_in_lane(cfg, workdir: str, peak_flops, log_path: str, jax_settings: d
   import jax
   for k, v in jax_settings.items():
     jax.config.update(k, v)
-  trainer.train(cfg, workdir, peak_flops=peak_flops)
+  if trainer.train(cfg, workdir, peak_flops=peak_flops).get("preempted"):
+    os._exit(_EXIT_PREEMPTED)
 
 
 def _last_progress(log_path: str) -> str:
@@ -128,7 +138,7 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
     data.load_corpus(key.data, key.model.vocab_size)
   settings = {k: getattr(jax.config, k) for k in _JAX_SETTINGS}
   ctx = multiprocessing.get_context("spawn")
-  pending, running, failed = list(enumerate(jobs)), {}, []
+  pending, running, failed, interrupted = list(enumerate(jobs)), {}, [], []
   last_report = time.perf_counter()
   try:
     while pending or running:
@@ -151,7 +161,11 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
         proc.join()
         del running[name]
         took = time.perf_counter() - start
-        if proc.exitcode != 0:
+        if proc.exitcode == _EXIT_PREEMPTED:
+          interrupted.append(name)
+          pending.clear()      # start nothing new; the other lanes stop on their own
+          print(f"=== {name} stopped after {took:.0f}s (saved)", flush=True)
+        elif proc.exitcode != 0:
           failed.append((name, proc.exitcode, log_path))
           print(f"=== {name} FAILED (exit {proc.exitcode}) after {took:.0f}s; its console "
                 f"ends:\n{_tail(log_path)}", flush=True)
@@ -161,6 +175,9 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
         last_report = time.perf_counter()
         print(f"  [{last_report - t0:.0f}s] " + " | ".join(
             f"{n}: {_last_progress(lp)}" for n, (_, lp, _) in running.items()), flush=True)
+  except KeyboardInterrupt:   # Ctrl-C reached the lanes too: they save and stop
+    print("=== Ctrl-C: the running runs save and stop", flush=True)
+    interrupted.extend(running)
   finally:
     for proc, _, _ in running.values():
       proc.terminate()
@@ -168,3 +185,6 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
   if failed:
     raise RuntimeError("ablation runs failed: " + ", ".join(
         f"{n} (exit {code}, console {lp})" for n, code, lp in failed))
+  if interrupted:
+    raise Interrupted(f"{', '.join(interrupted)} stopped (saved); rerun the same command "
+                      "to resume the ablation")

@@ -124,23 +124,34 @@ def build_steps(cfg, model_cfg, mesh):
 
 
 class _Preemption:
-  """SIGTERM (preemption) asks the loop to save and exit cleanly."""
+  """SIGTERM (preemption) and a first Ctrl-C (SIGINT) ask the loop to save and exit
+  cleanly; a second Ctrl-C stops at once (KeyboardInterrupt), without saving."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. inside a test runner thread)
-      pass
+    self._previous = {}
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not the main thread (e.g. inside a test runner thread)
+        pass
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and exiting")
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    logging.warning("%s: saving a checkpoint and exiting (rerun the same command to "
+                    "resume)%s", name,
+                    "; Ctrl-C again stops at once, without saving"
+                    if signum == signal.SIGINT else "")
     self.requested = True
 
 

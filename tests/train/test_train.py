@@ -300,3 +300,20 @@ def test_two_processes_match_one(reference_run, short_single_run, tmp_path):
   np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=2e-5)
   np.testing.assert_allclose(got[-1]["val_loss"], want[-1]["val_loss"], rtol=2e-5)
   assert "4" in os.listdir(tmp_path / "multi" / "checkpoints")
+
+
+def test_first_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once():
+  """Ctrl-C used to lose every step since the last checkpoint (SIGTERM saved): the
+  first SIGINT now only asks the loop to save and stop; a second one interrupts."""
+  before = signal.getsignal(signal.SIGINT)
+  p = trainer._Preemption()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    assert p.requested
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.5)
+  finally:
+    p.restore()
+  assert signal.getsignal(signal.SIGINT) is before
