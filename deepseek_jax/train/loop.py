@@ -33,6 +33,22 @@ class NonFiniteLoss(FloatingPointError):
   pass
 
 
+class ZeroGradWatch:
+  """A gradient norm of exactly 0 for `steps` steps in a row: the model has stopped
+  learning while the loss stays finite (the non-finite check does not see it)."""
+
+  def __init__(self, steps: int = 3):
+    self.steps, self.run = steps, 0
+
+  def __call__(self, step: int, loss: float, grad_norm: float) -> str | None:
+    self.run = self.run + 1 if grad_norm == 0.0 else 0
+    if self.run != self.steps:
+      return None
+    return (f"gradient norm exactly 0 for {self.steps} steps in a row (steps "
+            f"{step - self.steps + 1}-{step}, loss {loss:.4f}): the model has stopped "
+            "learning (saturated or dead activations, often a learning rate far too high)")
+
+
 def resolve_microbatches(cfg, mesh):
   """cfg with `microbatches: -1` resolved to one sequence per batch shard per
   microbatch (batch_size / batch shards), so one config accumulates right on any slice
@@ -279,6 +295,8 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
   clock = {"pulled": time.perf_counter(), "window": time.perf_counter(), "since": step}
   t_start, start_step = time.perf_counter(), step
 
+  zero_grads = ZeroGradWatch()
+
   def pull(p):
     """Host copy of step p's metrics; stops on a non-finite loss before anything saves."""
     s, dev_metrics = p
@@ -287,9 +305,17 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
       ckpt.wait()
       saved = ckpt.steps()
+      what = " and ".join(name for name, v in (("loss", loss), ("gradient norm", gnorm))
+                          if not math.isfinite(v))
       raise NonFiniteLoss(
-          f"non-finite loss {loss} (grad norm {gnorm}) at step {s}; training stopped. "
-          f"Last good checkpoint: step {saved[-1] if saved else None} in {ckpt.directory}")
+          f"non-finite {what} at step {s} (loss {loss}, gradient norm {gnorm}); training "
+          f"stopped, nothing saved after it. Latest checkpoint: step "
+          f"{saved[-1] if saved else None} in {ckpt.directory}, saved while loss and "
+          "gradient norm were finite (a diverging run can hold huge but finite "
+          "parameters there: lower the learning rate before resuming from it)")
+    stalled = zero_grads(s, loss, gnorm)
+    if stalled:
+      logging.warning("%s", stalled)
     if "maxvio" in m:  # the mean over the main model's MoE layers (MTP rows excluded)
       m["maxvio_mean"] = float(np.mean(m["maxvio"][:n_moe]))
     now = time.perf_counter()

@@ -205,7 +205,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(reference_run, tmp_path):
   ref_tmp, _ = reference_run
   cfg = tiny_run_config(ref_tmp, **{"optimizer.peak_lr": 1e38, "optimizer.warmup_steps": 1,
                                     "optimizer.grad_clip": 1e38})
-  with pytest.raises(trainer.NonFiniteLoss, match=r"at step \d+"):
+  with pytest.raises(trainer.NonFiniteLoss,
+                     match=r"non-finite (loss|gradient norm).* at step \d+ \(loss"):
     _train(cfg, tmp_path / "run", devices=jax.devices()[:1])
 
 
@@ -317,3 +318,12 @@ def test_first_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once():
   finally:
     p.restore()
   assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_gradient_norm_stuck_at_zero_is_flagged_once_per_stall():
+  """peak_lr=1e4 once gave a constant loss with a gradient norm of exactly 0 for steps,
+  unflagged: three zero norms in a row are named, once; a non-zero norm resets."""
+  watch = trainer.ZeroGradWatch(3)
+  said = [watch(s, 2.5, g) for s, g in enumerate([1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0])]
+  assert [s for s, w in enumerate(said) if w] == [3]
+  assert "steps 1-3" in said[3] and "loss 2.5000" in said[3]
