@@ -92,16 +92,8 @@ POD_PATHS = {"model.scan_layers": True, "model.remat": True, "model.attention_im
              "model.n_group": 1, "model.topk_group": 1}
 
 
-@pytest.mark.parametrize("mesh, model", [
-    (dict(data=8), {}), (dict(data=2, expert=4), {}),
-    (dict(fsdp=2, expert=2, tensor=2), POD_PATHS)], ids=["data", "expert", "pod_paths"])
-def test_sharded_run_matches_single_device(reference_run, short_single_run, tmp_path, mesh,
-                                           model):
-  ref_tmp, _ = reference_run
-  cfg = tiny_run_config(ref_tmp, **SHORT, **{f"mesh.{k}": v for k, v in mesh.items()},
-                        **model)
-  _train(cfg, tmp_path / "run")
-  got, want = _records(tmp_path / "run"), short_single_run(model)
+def _assert_matches_single_device(got, want):
+  """4 steps of a sharded run against the single-device run of the same model."""
   assert len(got) == len(want) == 4
   np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=2e-5)
   np.testing.assert_allclose(got[-1]["val_loss"], want[-1]["val_loss"], rtol=2e-5)
@@ -111,9 +103,23 @@ def test_sharded_run_matches_single_device(reference_run, short_single_run, tmp_
   np.testing.assert_array_equal(load_got.sum(-1), load_want.sum(-1))
   np.testing.assert_allclose(load_got, load_want, atol=1)
   assert all(v == 1.0 for r in want for v in r["shards_per_token"])
-  if mesh.get("expert", 1) > 1:
-    # The expert-parallel path (shard_map, all-to-all) really ran: tokens fanned out.
-    assert any(v > 1.0 for r in got for v in r["shards_per_token"])
+
+
+# Pure data parallelism (data=8) is test_two_processes_match_one's mesh, across two
+# processes of 4 devices: the same check, one more layer of the system.
+@pytest.mark.parametrize("mesh, model", [
+    (dict(data=2, expert=4), {}),
+    (dict(fsdp=2, expert=2, tensor=2), POD_PATHS)], ids=["expert", "pod_paths"])
+def test_sharded_run_matches_single_device(reference_run, short_single_run, tmp_path, mesh,
+                                           model):
+  ref_tmp, _ = reference_run
+  cfg = tiny_run_config(ref_tmp, **SHORT, **{f"mesh.{k}": v for k, v in mesh.items()},
+                        **model)
+  _train(cfg, tmp_path / "run")
+  got = _records(tmp_path / "run")
+  _assert_matches_single_device(got, short_single_run(model))
+  # The expert-parallel path (shard_map, all-to-all) really ran: tokens fanned out.
+  assert any(v > 1.0 for r in got for v in r["shards_per_token"])
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=120):
@@ -281,7 +287,8 @@ def _free_port():
 
 def test_two_processes_match_one(reference_run, short_single_run, tmp_path):
   """Two processes of 4 devices each (jax.distributed on localhost), data=8, train the
-  same 4 steps as one device: same losses, same validation loss, one checkpoint."""
+  same 4 steps as one device: same losses, validation loss and global expert loads, one
+  checkpoint."""
   ref_tmp, _ = reference_run
   overrides = {"mesh.data": 8, **SHORT}
   cfg_file = write_config_file(ref_tmp, **overrides)
@@ -296,10 +303,7 @@ def test_two_processes_match_one(reference_run, short_single_run, tmp_path):
   outs = [p.communicate(timeout=300)[0].decode() for p in procs]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
-  got, want = _records(tmp_path / "multi"), short_single_run({})
-  assert len(got) == len(want) == 4
-  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=2e-5)
-  np.testing.assert_allclose(got[-1]["val_loss"], want[-1]["val_loss"], rtol=2e-5)
+  _assert_matches_single_device(_records(tmp_path / "multi"), short_single_run({}))
   assert "4" in os.listdir(tmp_path / "multi" / "checkpoints")
 
 
