@@ -11,15 +11,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 # The tests' programs are tiny: compiling them is most of the suite's time and running
-# them little. LLVM's optimisation level 0, without its expensive passes, compiles XLA:CPU
-# programs about twice as fast (a 12-step tiny training run: 51 s -> 27 s, the same
-# losses); it changes no HLO, so every sharding, fusion and program the tests check is
-# the one users get (BUILD_NOTES.md, issue 19). Subprocesses inherit it
-# (train_helpers.subprocess_env).
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+# them little. LLVM's optimisation level 0 compiles XLA:CPU programs about twice as fast
+# (a 12-step tiny training run: 51 s -> 30 s, the same losses); it changes no HLO, so
+# every sharding, fusion and program the tests check is the one users get (BUILD_NOTES.md,
+# issue 19). Subprocesses inherit it (train_helpers.subprocess_env).
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
+  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAG
 
 # A persistent XLA cache shared by this session's tests and the subprocesses they start:
 # many tests compile the same tiny train step, so only the first one pays for it.

@@ -53,7 +53,6 @@ def subprocess_env(n_devices=1):
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
   # conftest's fast-compile flag, the device count of this subprocess
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n_devices} "
-                      "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
   return env
