@@ -536,8 +536,15 @@ def test_dropped_frac_is_dropped_over_routed_assignments(tmp_path):
   _, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(
       state, batch, hp)
   load_LE = np.asarray(m["load"])
+  # The denominator counted by hand: each routed position sends top_k assignments. The
+  # main MoE layer routes all T positions of every row; the depth-1 MTP module only the
+  # positions whose next token is in the row and in the same document (_setup packs two
+  # documents per row): T - 2.
+  B, T, K = cfg.batch_size, cfg.seq_len, cfg.model.top_k
+  routed_L = np.array([B * T * K, B * (T - 2) * K])
+  np.testing.assert_array_equal(load_LE.sum(-1), routed_L)
   kept = (load_LE > 0).sum()            # one slot per expert
-  want = 1.0 - kept / load_LE.sum()
+  want = 1.0 - kept / routed_L.sum()
   assert want > 0.9
   np.testing.assert_allclose(float(m["dropped_frac"]), want, rtol=1e-6)
 

@@ -134,8 +134,8 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
   from deepseek_jax.train import data
   # The tokenizer and token streams once, here: lanes starting together would each train
   # the same BPE.
-  for key in {(repr(c.data.to_dict()), c.model.vocab_size): c for _, c in jobs}.values():
-    data.load_corpus(key.data, key.model.vocab_size)
+  for cfg in {(repr(c.data.to_dict()), c.model.vocab_size): c for _, c in jobs}.values():
+    data.load_corpus(cfg.data, cfg.model.vocab_size)
   settings = {k: getattr(jax.config, k) for k in _JAX_SETTINGS}
   ctx = multiprocessing.get_context("spawn")
   pending, running, failed, interrupted = list(enumerate(jobs)), {}, [], []

@@ -209,9 +209,11 @@ def check_generation(cfg, prompt_lengths: Sequence[int], max_new_tokens: int,
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
   longest = max(prompt_lengths)
   context = longest + max_new_tokens
+  # generate's max_len: the padded prompt (pad_prompts) plus the new tokens
+  max_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE + max_new_tokens
   itemsize = jnp.dtype(cache_dtype or cfg.dtype).itemsize
-  cache = (len(prompt_lengths) * (context + PAD_MULTIPLE) * (cfg.n_layers + cfg.mtp_depth)
-           * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize)
+  cache = (len(prompt_lengths) * max_len * (cfg.n_layers + cfg.mtp_depth)
+           * kv_cache.kv_values_per_token_layer(cfg)["MLA"] * itemsize)
   if memory_bytes is None:
     memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   if cache > memory_bytes / 2:

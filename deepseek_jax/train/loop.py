@@ -195,8 +195,9 @@ def _global_batch(local, batch_sh):
 def _packed_rows(tokens, starts, cfg, split: str):
   """A split's rows, refused before training when it cannot fill one batch (evaluation
   would otherwise fail after the last step, before the final save)."""
-  fix = (f"raise data.val_fraction (now {cfg.data.val_fraction}) or lower batch_size "
-         f"(now {cfg.batch_size}) or seq_len (now {cfg.seq_len})")
+  fix = (f"{'raise' if split == 'validation' else 'lower'} data.val_fraction (now "
+         f"{cfg.data.val_fraction}) or lower batch_size (now {cfg.batch_size}) or seq_len "
+         f"(now {cfg.seq_len})")
   try:
     rows = data.PackedRows(tokens, starts, cfg.seq_len)
   except ValueError as e:

@@ -269,13 +269,13 @@ def test_mtp_drafts_are_the_training_forward_predictions(trained):
 
 def test_generation_checks_refuse_what_cannot_run_and_warn_past_the_trained_context():
   """By hand for tiny(): 3 layers + 2 MTP drafters, latent 16 + rope key 4, float32;
-  2 rows, longest prompt 10 + 6 new = 16 tokens (+16 of prompt padding headroom):
-  2 x 32 x 5 x 20 x 4 = 25,600 bytes of cache, allowed up to half of the memory."""
+  2 rows, longest prompt 10 (padded to 16) + 6 new = 22 cache slots:
+  2 x 22 x 5 x 20 x 4 = 17,600 bytes of cache, allowed up to half of the memory."""
   cfg = config.tiny()
-  ok = decoding.check_generation(cfg, [10, 7], 6, trained_len=64, memory_bytes=51_200)
+  ok = decoding.check_generation(cfg, [10, 7], 6, trained_len=64, memory_bytes=35_200)
   assert ok == []
   with pytest.raises(ValueError, match=r"KV cache of 0.0 GiB for 2 row"):
-    decoding.check_generation(cfg, [10, 7], 6, trained_len=64, memory_bytes=51_199)
+    decoding.check_generation(cfg, [10, 7], 6, trained_len=64, memory_bytes=35_199)
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1; got 0"):
     decoding.check_generation(cfg, [10], 0, trained_len=64)
   with pytest.raises(ValueError, match="KV cache of"):   # it used to hang without a word
