@@ -27,11 +27,16 @@ setup(
     extras_require={
         # pytest-xdist: pytest.ini runs the suite in 2 worker processes (XLA compiles
         # on one core each; BUILD_NOTES.md, issue 19).
-        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+        # tokamax: the GPU kernels' libraries are tested on CPU through their XLA paths.
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "tokamax==0.0.12"],
         # The Hugging Face reference for the parity tests. torch is pinned to the CPU
         # wheel: an unpinned torch pulls a multi-GB CUDA build.
         "parity": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
         # TPU compilation on any host (experiments.compile): libtpu at the pinned jax.
         "tpu": ["jax[tpu]==0.10.2"],
+        # NVIDIA GPUs: the CUDA 12 plugin at the pinned jax, and tokamax for the fused
+        # attention ("tokamax") and grouped-GEMM experts (grouped_matmul="tokamax").
+        # attention_impl="cudnn" needs only jax's cuDNN. README.md, "On NVIDIA GPUs".
+        "cuda": ["jax[cuda12]==0.10.2", "tokamax==0.0.12"],
     },
 )

@@ -95,3 +95,24 @@ def test_xla_ceiling_chain_flop_count_matches_the_compiler():
   assert chain.flops <= cost["flops"] <= 1.1 * chain.flops
   chain.step()                       # runs, and the donated weights are replaced
   assert all(np.isfinite(np.asarray(w)).all() for w in chain.w)
+
+
+def test_gpu_bench_smoke_run_on_cpu(tmp_path):
+  """scripts/gpu_bench.sh's program at tiny sizes on the CPU (cuDNN's config falls back
+  to jax.nn's XLA attention, tokamax picks its XLA paths): every path it times runs and
+  the JSON carries the numbers the GPU run reports. The GPU itself is issue 22's."""
+  out = tmp_path / "gpu.json"
+  r = subprocess.run([sys.executable, "-m", "experiments.gpu_bench", "--tiny", f"--out={out}",
+                      "--parts=train,gemm", "--repeats=1",
+                      "--variants=cudnn+tokamax,cudnn+tokamax/aux"],
+                     env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert not [k for k in res if k.endswith("/error")], res
+  for key in ("train/cudnn+tokamax/tokens_per_s", "train/cudnn+tokamax/mfu_vs_measured_matmul",
+              "train/cudnn+tokamax/aux/step_s", "aux_over_bias_step_time",
+              "gemm/tokamax/fwd_bwd_ms", "gemm/xla/fwd_bwd_ms", "matmul_bf16_flops"):
+    assert np.isfinite(res[key]) and res[key] > 0, key
+  # The two strategies train the same model from the same start on the same batch for
+  # the same 3 steps: losses apart by about the aux term (alpha 1e-3 x order top_k).
+  assert abs(res["train/cudnn+tokamax/loss"] - res["train/cudnn+tokamax/aux/loss"]) < 0.05

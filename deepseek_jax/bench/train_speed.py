@@ -63,8 +63,11 @@ def _batch(cfg: ModelConfig, batch, seq, seed=0):
 class OurTrainer:
   """Our jitted train step on one device, on a fixed synthetic batch."""
 
-  def __init__(self, mcfg: ModelConfig, batch: int, seq: int):
-    run_cfg = _run_config()
+  def __init__(self, mcfg: ModelConfig, batch: int, seq: int,
+               run_cfg: ml_collections.ConfigDict | None = None):
+    """run_cfg: the run's optimizer, balancing and data settings (default: the bench's
+    common.base_config); its model section is replaced by mcfg."""
+    run_cfg = _run_config() if run_cfg is None else run_cfg
     run_cfg.model = ml_collections.ConfigDict(mcfg.to_dict())
     self.cfg = run_cfg
     model = Transformer(mcfg)

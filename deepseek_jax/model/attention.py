@@ -14,7 +14,8 @@ Cached decode (`decode`) attends over the latent cache in one of two ways:
 
 Training (`__call__`) expands K and V and attends either "plain" (the [B, N, T, S] scores
 in one piece) or "blockwise" (`blockwise_attention`: online softmax, at most one query
-block's scores at a time, forward and backward). K = H + P is the qk head dim here. In
+block's scores at a time, forward and backward), or on GPUs through a library's fused
+kernel ("cudnn", "tokamax": fused_attention.py). K = H + P is the qk head dim here. In
 blockwise_attention, I counts query blocks and J key blocks; T and S are then block lengths.
 """
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 import flax.linen as nn
 
+from deepseek_jax.model import fused_attention
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache, cache_mask
 from deepseek_jax.model.layers import RMSNorm, apply_rope, linear, param, softmax_scale
@@ -233,6 +235,10 @@ class MLA(nn.Module):
       o_BTNO = blockwise_attention(q_BTNK, k_BSNK, v_BSNO, idx_BT, idx_BT, segment_ids_BT,
                                    segment_ids_BT, block=self.cfg.attention_block)
       return self.output(o_BTNO)
+    if self.cfg.attention_impl in fused_attention.LIBRARIES:
+      q_BTNK, k_BSNK, v_BSNO = self.expand(q_nope, q_rope, c_kv, k_rope)
+      return self.output(fused_attention.fused_attention(
+          q_BTNK, k_BSNK, v_BSNO, segment_ids_BT, library=self.cfg.attention_impl))
     mask = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
     return self.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
 

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
 _DISPATCHES = ("dropless", "capacity", "ragged", "reference")
-_ATTENTION_IMPLS = ("plain", "blockwise")
+_ATTENTION_IMPLS = ("plain", "blockwise", "cudnn", "tokamax")
+_GROUPED_MATMULS = ("xla", "tokamax")
 # jax.checkpoint policies by name (layers.remat_policy): what a rematerialised block keeps.
 REMAT_POLICIES = ("nothing", "dots", "dots_no_batch", "everything")
 _BIAS_MODES = ("add", "mul")
@@ -83,6 +84,11 @@ class ModelConfig:
   # rows per destination shard, and with moe_dispatch "ragged" ceil(f * tokens * K)
   # local expert rows on the receiving shard; what does not fit is dropped and counted.
   ep_capacity_factor: float | None = None
+  # The grouped matmul of moe_dispatch "ragged": "xla" (jax.lax.ragged_dot; XLA:GPU in
+  # jaxlib 0.10 rewrites it into a dense product over every expert) or "tokamax"
+  # (tokamax.ragged_dot: a grouped-GEMM kernel, Mosaic GPU on Hopper, Triton elsewhere,
+  # its XLA fallback on CPU). Needs `pip install -e ".[cuda]"` (or tokamax) for "tokamax".
+  grouped_matmul: str = "xla"
   rope_theta: float = 10000.0
   # YaRN (V3 4.3). rope_factor 1.0 switches it off.
   rope_factor: float = 1.0
@@ -116,7 +122,10 @@ class ModelConfig:
   scan_layers: bool = False
   # Training attention: "plain" materialises the [B, N, T, S] scores; "blockwise" is an
   # online-softmax over key blocks inside rematerialised query blocks of
-  # attention_block tokens (no score tensor beyond [B, N, block, block]).
+  # attention_block tokens (no score tensor beyond [B, N, block, block]). For GPUs
+  # (fused_attention.py): "cudnn" is jax.nn.dot_product_attention's cuDNN flash
+  # attention (bfloat16/float16 compute; V padded to the qk head dim), "tokamax"
+  # tokamax's (a Mosaic GPU flash kernel on Hopper; other value head dims natively).
   attention_impl: str = "plain"
   attention_block: int = 512
 
@@ -243,6 +252,14 @@ def _validate(c: ModelConfig) -> None:
     bad("remat_policy", f"must be one of {REMAT_POLICIES}")
   if c.attention_impl not in _ATTENTION_IMPLS:
     bad("attention_impl", f"must be one of {_ATTENTION_IMPLS}")
+  if c.attention_impl == "cudnn" and c.dtype not in ("bfloat16", "float16"):
+    bad("attention_impl", f"'cudnn' runs in bfloat16 or float16 only, not dtype="
+        f"{c.dtype!r}: set dtype='bfloat16' (parameters can stay float32)")
+  if c.grouped_matmul not in _GROUPED_MATMULS:
+    bad("grouped_matmul", f"must be one of {_GROUPED_MATMULS}")
+  if c.grouped_matmul != "xla" and c.moe_dispatch != "ragged":
+    bad("grouped_matmul", f"{c.grouped_matmul!r} is the grouped matmul of "
+        f"moe_dispatch='ragged', not of {c.moe_dispatch!r}: set moe_dispatch='ragged'")
   if not isinstance(c.attention_block, int) or c.attention_block <= 0:
     bad("attention_block", "must be a positive integer")
   if not isinstance(c.scan_layers, bool):

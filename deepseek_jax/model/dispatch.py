@@ -274,8 +274,22 @@ def experts_dropless(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, b
           jnp.zeros((), jnp.float32))
 
 
-def experts_ragged(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, n_rows=None):
-  """Grouped-matmul dispatch: assignments in expert order, one ragged_dot per weight.
+def grouped_matmul(x_RD, w_EDF, size_E, impl: str = "xla"):
+  """[R, D] x [E, D, F] -> [R, F]: rows [start_e, start_e + size_e) times expert e's
+  weights. "xla": jax.lax.ragged_dot; "tokamax": tokamax.ragged_dot (a grouped-GEMM
+  kernel on GPU, its XLA path on CPU; imported only when used)."""
+  if impl == "xla":
+    return jax.lax.ragged_dot(x_RD, w_EDF, size_E)
+  if impl == "tokamax":
+    from deepseek_jax.model.fused_attention import import_tokamax
+    return import_tokamax().ragged_dot(x_RD, w_EDF, size_E)
+  raise ValueError(f"unknown grouped matmul {impl!r}; known: 'xla', 'tokamax'")
+
+
+def experts_ragged(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, n_rows=None,
+                   impl: str = "xla"):
+  """Grouped-matmul dispatch: assignments in expert order, one grouped matmul per weight
+  (`grouped_matmul` with `impl`).
 
   n_rows (static) caps the sorted buffer at R rows; None: R = A = X*K, never drops.
   Past the cap the END of the expert order is dropped: the highest expert ids lose
@@ -301,7 +315,7 @@ def experts_ragged(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, n_r
   row_A = jnp.where(pos_A < n_kept, pos_A, R)  # R: dropped or no expert
   buf_RD = take_rows(x_XD, order_A[:R] // K)
   buf_RD = jnp.where(live_R[:, None], buf_RD, jnp.zeros((), x_XD.dtype))
-  dot = lambda a, w: jax.lax.ragged_dot(a, w, size_E)
+  dot = lambda a, w: grouped_matmul(a, w, size_E, impl)
   h_RF = nn.silu(dot(buf_RD, w_gate_EDF)) * dot(buf_RD, w_up_EDF)
   # ragged_dot leaves rows past sum(size_E) out of every group: jax's CPU lowering gives
   # them 0, a TPU/GPU kernel need not write them at all. Masking here (and the buffer

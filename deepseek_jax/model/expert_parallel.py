@@ -158,7 +158,8 @@ def _local_experts(x_WD, ids_WJ, gates_WJ, w_gate, w_up, w_down, cfg: ModelConfi
     return dispatch.experts_reference(x_WD, ids_WJ, gates_WJ, *ws)
   if cfg.moe_dispatch == "ragged":
     return dispatch.experts_ragged(x_WD, ids_WJ, gates_WJ, *ws,
-                                   local_rows(n_tokens, cfg, ids_WJ.size))
+                                   local_rows(n_tokens, cfg, ids_WJ.size),
+                                   impl=cfg.grouped_matmul)
   E_l = w_gate.shape[0]
   block = cfg.moe_block_size or dispatch.dropless_block_size(ids_WJ.size, E_l)
   return dispatch.experts_dropless(x_WD, ids_WJ, gates_WJ, *ws, block)

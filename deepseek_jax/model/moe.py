@@ -185,7 +185,8 @@ class MoE(nn.Module):
       y_XD, dropped = dispatch.experts_capacity(x_XD, idx_XK, gates_XK, *ws,
                                                 dispatch.capacity(B * T, cfg))
     elif cfg.moe_dispatch == "ragged":
-      y_XD, dropped = dispatch.experts_ragged(x_XD, idx_XK, gates_XK, *ws)
+      y_XD, dropped = dispatch.experts_ragged(x_XD, idx_XK, gates_XK, *ws,
+                                              impl=cfg.grouped_matmul)
     elif dispatch.dense_is_cheaper(B * T, E, D, F, jnp.dtype(dt).itemsize):  # decoding
       y_XD, dropped = dispatch.experts_dense(x_XD, idx_XK, gates_XK, *ws)
     else:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import reference_numpy as ref
-from deepseek_jax.model import config
+from deepseek_jax.model import config, fused_attention
 from deepseek_jax.model.attention import MLA, NEG_INF, attention_mask, blockwise_attention
 
 B, T = 2, 7
@@ -287,3 +287,62 @@ def test_blockwise_gradient_has_no_full_score_tensor():
   plain = CFGS["qlora"]
   assert (B, plain.n_heads, T, T) in offenders(plain)
   assert offenders(plain.replace(attention_impl="blockwise", attention_block=8)) == set()
+
+
+# Fused (GPU) attention: the masking and V padding checked on CPU through each library's
+# XLA implementation, the same API call the GPU kernels get.
+
+@pytest.mark.parametrize("library", fused_attention.LIBRARIES)
+@pytest.mark.parametrize("segments", [True, False])
+def test_fused_attention_matches_plain(library, segments):
+  """Causal + same-document masking and MLA's unequal head dims (K = 5 > O = 3: cuDNN's
+  V is padded and sliced): the value and the gradients w.r.t. q, k and v."""
+  rng = np.random.default_rng(8)
+  T, N, K, O = 9, 2, 5, 3
+  q, k = (jnp.asarray(rng.standard_normal((B, T, N, K)), jnp.float32) for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((B, T, N, O)), jnp.float32)
+  idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  seg = np.array([[1] * 4 + [2] * 5, [3] * 2 + [4] * 7], np.int32) if segments else None
+  ct = jnp.asarray(rng.standard_normal((B, T, N, O)), jnp.float32)
+
+  def value_and_grads(attend):
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(ct)
+
+  want, want_grads = value_and_grads(
+      lambda q, k, v: _plain_attention(q, k, v, idx, idx, seg, seg))
+  got, got_grads = value_and_grads(functools.partial(
+      fused_attention.fused_attention, seg_BT=seg, library=library, implementation="xla"))
+  assert got.shape == (B, T, N, O)
+  _close(got, want)
+  for g, w in zip(got_grads, want_grads):
+    _close(g, w)
+  if segments:  # the document mask is live: without it the first rows of doc 2 differ
+    unmasked = _plain_attention(q, k, v, idx, idx, None, None)
+    assert np.abs(np.asarray(unmasked - want)[0, 4:]).max() > 1e-2
+
+
+def test_mla_through_tokamax_matches_plain():
+  """attention_impl="tokamax" in the model (on CPU tokamax picks its XLA path): the MLA
+  output and every gradient equal the plain path's, packed documents on."""
+  T = 12
+  plain = CFGS["qlora"]
+  fused = plain.replace(attention_impl="tokamax")
+  p = _params(plain, seed=9)
+  rng = np.random.default_rng(9)
+  x = rng.standard_normal((B, T, plain.d_model)).astype(np.float32)
+  pos = np.stack([np.arange(T), np.arange(T) * 2 + 1]).astype(np.int32)
+  ct = rng.standard_normal((B, T, plain.d_model)).astype(np.float32)
+  want_out, (want_dp, want_dx) = _value_and_grads(plain)(p, x, pos, _seg(T), ct)
+  got_out, (got_dp, got_dx) = _value_and_grads(fused)(p, x, pos, _seg(T), ct)
+  _close(got_out, want_out)
+  _close(got_dx, want_dx)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_dp),
+                               jax.tree.leaves(got_dp)):
+    _close(got, want, jax.tree_util.keystr(path))
+
+
+def test_cudnn_attention_needs_half_precision():
+  with pytest.raises(ValueError, match="attention_impl.*bfloat16"):
+    config.tiny().replace(attention_impl="cudnn")
+  assert config.tiny().replace(attention_impl="cudnn", dtype="bfloat16").dtype == "bfloat16"

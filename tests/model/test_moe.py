@@ -28,6 +28,8 @@ DISPATCHES = {
     "dropless": dict(moe_dispatch="dropless"),
     "dropless_b2": dict(moe_dispatch="dropless", moe_block_size=2),
     "ragged": dict(moe_dispatch="ragged"),
+    # The GPU grouped-GEMM library's ragged_dot (its XLA path on CPU) in the same dispatch.
+    "ragged_tokamax": dict(moe_dispatch="ragged", grouped_matmul="tokamax"),
 }
 
 
@@ -266,8 +268,9 @@ def _value_and_grads(fn, x_XD, idx_XK, gates_XK, ws, ct_XD):
   return out, grads
 
 
-@pytest.mark.parametrize("n_rows", [None, 20, 1, 50])
-def test_ragged_matches_reference_on_kept_assignments(n_rows):
+@pytest.mark.parametrize("n_rows,impl", [(None, "xla"), (20, "xla"), (1, "xla"),
+                                         (50, "xla"), (20, "tokamax")])
+def test_ragged_matches_reference_on_kept_assignments(n_rows, impl):
   """A cap of R rows keeps the first R assignments of the stable sort by expert id (the
   end of that order, the highest experts, loses); the kept ones give exactly the
   reference's output and gradients, the rest are counted."""
@@ -281,7 +284,7 @@ def test_ragged_matches_reference_on_kept_assignments(n_rows):
   n_real = int((e_A < E).sum())
   assert n_real == 36 - 7 and not (e_A == E - 1).any()  # 7 padding slots, 1 idle expert
   assert int(kept_A.sum()) == min(n_real, n_rows or X * K)
-  ragged = functools.partial(dispatch.experts_ragged, n_rows=n_rows)
+  ragged = functools.partial(dispatch.experts_ragged, n_rows=n_rows, impl=impl)
   (y, dropped), grads = _value_and_grads(ragged, x_XD, idx_XK, gates_XK, ws, ct_XD)
   kept_XK = np.where(kept_A.reshape(X, K), idx_XK, E)
   (y_ref, _), grads_ref = _value_and_grads(dispatch.experts_reference, x_XD, kept_XK,
@@ -350,6 +353,13 @@ def test_swiglu_blocks_matches_gathered_weights(dtype):
     np.testing.assert_allclose(f32(g), f32(g_ref), err_msg=name, **tol)
   assert not np.any(f32(grads[0][n_live:]))     # dead blocks: no input gradient
   assert not np.any(f32(grads[1][1]))           # unused expert: no weight gradient
+
+
+def test_grouped_matmul_needs_the_ragged_dispatch():
+  with pytest.raises(ValueError, match="grouped_matmul.*moe_dispatch='ragged'"):
+    CFG.replace(moe_dispatch="dropless", grouped_matmul="tokamax")
+  with pytest.raises(ValueError, match="grouped_matmul"):
+    CFG.replace(moe_dispatch="ragged", grouped_matmul="cublas")
 
 
 def test_dense_experts_match_reference_and_take_over_only_small_decodes():
