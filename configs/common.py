@@ -60,6 +60,13 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
 
+  # Token-based schedules declared as phases (train/recipe.py has the grammar); empty:
+  # the step-based fields (optimizer.warmup_steps/decay_start_frac, batch_size,
+  # mtp_lambda_switch_step, balance.bias_freeze_frac). configs/deepseek_v3_671b.py
+  # declares V3's recipe; `python -m experiments.schedule --config=FILE` shows one.
+  c.schedule = ml_collections.ConfigDict(dict(lr="", batch_size="", mtp_lambda="",
+                                              bias_rate=""))
+
   # V3 4.2: AdamW(0.9, 0.95, wd 0.1), clip 1.0, linear warmup, constant, cosine decay.
   c.optimizer = ml_collections.ConfigDict(dict(
       peak_lr=2.2e-4, min_lr_ratio=0.1, warmup_steps=100, decay_start_frac=0.8,

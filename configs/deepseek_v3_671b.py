@@ -23,6 +23,7 @@ released model's YaRN (the preset, HF import) belongs to the extension stages.
 
 from configs import common
 from deepseek_jax.model import config as model_config
+from deepseek_jax.train.recipe import Recipe
 
 
 def get_config(arg=None):
@@ -38,18 +39,27 @@ def get_config(arg=None):
       moe_dispatch="ragged",       # grouped matmul: each expert's weights read once
       ep_capacity_factor=1.25)     # all-to-all buffers ~ tokens x K / shards
   c = common.base_config(model)
-  c.batch_size = 15360
   c.seq_len = 4096
   c.microbatches = -1          # one sequence per batch shard per microbatch
-  c.total_steps = 14_800_000_000_000 // (15360 * 4096)
-  c.mtp_lambda = 0.3
-  c.mtp_lambda_late = 0.1
-  c.mtp_lambda_switch_step = 10_000_000_000_000 // (15360 * 4096)   # after 10T tokens
+  # V3's recipe (report 4.2; SPEC.md section 6) as token-based phases (train/recipe.py;
+  # `python -m experiments.schedule --config=configs/deepseek_v3_671b.py` shows it).
+  # The report is silent on the ramp's granularity: four equal-token stages, 3,072 ->
+  # 12,288 in steps of 3,072 over 469B tokens, then 15,360 (each stage its own compiled
+  # program; experiments.compile --stage picks one).
+  c.schedule.lr = ("linear 0 -> 2.2e-4 for 2000 steps; constant 2.2e-4 until 10T; "
+                   "cosine 2.2e-4 -> 2.2e-5 for 4.3T; constant 2.2e-5 for 333B; "
+                   "constant 7.3e-6 for 167B")
+  c.schedule.batch_size = ("3072 for 117.25B; 6144 for 117.25B; 9216 for 117.25B; "
+                           "12288 for 117.25B; 15360")
+  c.schedule.mtp_lambda = "0.3 until 10T; 0.1"
+  c.schedule.bias_rate = "0.001 until 14.3T; 0"   # frozen for the last 500B tokens
+  c.batch_size = 15360         # the largest stage
+  c.total_steps = Recipe(c).total_steps           # 14.8T tokens with the ramp
+  # The step-based fields the recipe replaces, kept in agreement for reading.
+  c.optimizer.peak_lr = 2.2e-4
   c.optimizer.warmup_steps = 2000
+  c.mtp_lambda, c.mtp_lambda_late = 0.3, 0.1
   c.balance.bias_rate = 0.001
-  # V3: u = 0.001 for the first 14.3T tokens, 0 for the last 500B (no batch ramp here,
-  # so tokens and steps are proportional).
-  c.balance.bias_freeze_frac = (14_300_000_000_000 / (15360 * 4096)) / c.total_steps
   c.balance.seq_aux_alpha = 0.0001
   # V3 packs documents into sequences without cross-sample attention masking (report
   # 4.1); the targets then cross document boundaries too (train/losses.py).
@@ -77,8 +87,16 @@ def _cut_down(c):
     c.model[k] = v
   c.data.tokenizer = "bytes"
   c.batch_size, c.seq_len, c.microbatches = 16, 64, 2
-  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 40, 5, 20, 20
+  # V3's recipe shape at toy token counts (1,024 tokens a step at the full batch): a
+  # two-stage batch ramp, warmup, constant, cosine, two constant tails, the MTP and bias
+  # switches; 41 steps.
+  c.schedule.lr = ("linear 0 -> 3e-3 for 5 steps; constant 3e-3 until 20K; "
+                   "cosine 3e-3 -> 3e-4 for 10K; constant 3e-4 for 2K; constant 1e-4 for 1K")
+  c.schedule.batch_size = "8 for 8K; 16"
+  c.schedule.mtp_lambda = "0.3 until 24K; 0.1"
+  c.schedule.bias_rate = "0.001 until 30K; 0"
+  c.total_steps = Recipe(c).total_steps
+  c.log_every, c.eval_every, c.checkpoint_every = 5, 20, 20
   c.eval_batches = 2
-  c.mtp_lambda_switch_step = 30
   c.optimizer.peak_lr, c.optimizer.warmup_steps = 3e-3, 5
   c.mesh.expert = 2

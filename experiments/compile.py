@@ -4,6 +4,8 @@
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x16x16
   python -m experiments.compile --config=configs/deepseek_v2_lite.py --topology=v5p:2x2x4 \
       --config.model.n_layers=4 --out=report.json
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8 \
+      --stage=1          # the batch ramp's first stage (default: the largest)
 
 Prints the per-chip memory, the collectives and a roofline estimate (deepseek_jax/train/
 aot.py), writes them as JSON with --out, and exits with status 1 when the program does
@@ -30,6 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:8x16x16, v5p:2x2x1, "
                                 "v6e:16x16, v5e:16x16, v4:8x8x8.")
 _OUT = flags.DEFINE_string("out", None, "Write the report as JSON to this file.")
+_STAGE = flags.DEFINE_string("stage", "largest", "With a batch-size ramp (schedule."
+                             "batch_size): the stage to compile, by number (1 = first), "
+                             "by a token count it covers (200B), or 'largest'.")
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -37,8 +42,16 @@ def main(argv):
   del argv
   launch.quiet_console()
   from deepseek_jax.train import aot
+  from deepseek_jax.train.recipe import Recipe
+  cfg = _CONFIG.value
   try:
-    r = aot.report(_CONFIG.value, _TOPOLOGY.value)
+    stage = Recipe(cfg).stage(_STAGE.value)
+    if stage.batch != cfg.batch_size:
+      cfg = cfg.copy_and_resolve_references()
+      cfg.batch_size = stage.batch
+    r = aot.report(cfg, _TOPOLOGY.value)
+    r["stage"] = {"batch": stage.batch, "start_step": stage.start_step,
+                  "start_tokens": stage.start_tokens}
   except (aot.TopologyError, ValueError) as e:
     sys.exit(f"experiments.compile: {e}")
   print(aot.format_report(r))

@@ -231,7 +231,7 @@ def moe(p, u_BTD, bias_E, cfg, valid_BT=None, capacity=None):
 
   capacity: slots per expert; assignments past them (in token order) are dropped.
   Returns (y [B,T,D], stats dict with load_E, aux_count_BE, aux_prob_BE, aux_score_BE,
-  n_tokens_B, dropped)."""
+  n_tokens_B, dropped, and the affinities scores_XE with their valid_X)."""
   u = f64(u_BTD)
   B, T, D = u.shape
   E = cfg.n_routed_experts
@@ -271,7 +271,8 @@ def moe(p, u_BTD, bias_E, cfg, valid_BT=None, capacity=None):
     aux_prob[b] += scores_XE[x] / scores_XE[x].sum()
     aux_score[b] += scores_XE[x]
   stats = dict(load_E=load, aux_count_BE=aux_count, aux_prob_BE=aux_prob, aux_score_BE=aux_score,
-               n_tokens_B=valid.sum(1).astype(np.float64), dropped=float(dropped))
+               n_tokens_B=valid.sum(1).astype(np.float64), dropped=float(dropped),
+               scores_XE=scores_XE, valid_X=valid_X)
   return y.reshape(B, T, D), stats
 
 

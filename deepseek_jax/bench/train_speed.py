@@ -71,7 +71,8 @@ class OurTrainer:
     run_cfg.model = ml_collections.ConfigDict(mcfg.to_dict())
     self.cfg = run_cfg
     model = Transformer(mcfg)
-    tx = ts.make_optimizer(run_cfg.optimizer, run_cfg.total_steps)
+    tx = ts.make_optimizer(run_cfg.optimizer, run_cfg.total_steps,
+                           ts.run_lr_schedule(run_cfg))
     self.batch = _batch(mcfg, batch, seq)
     self.hparams = jax.tree.map(jnp.float32, ts.balance_hparams(run_cfg))
     self.state = ts.init_state(model, tx, jax.random.PRNGKey(0))

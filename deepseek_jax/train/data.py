@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import sysconfig
 import zlib
@@ -269,29 +270,63 @@ class PackedRows:
 
 
 class BatchSchedule:
-  """The batch of step s = rows perm_e[i..i+B) with e, i from s: deterministic, stateless."""
+  """The batch of step s: rows of an endless stream of per-epoch permutations, from the
+  stream position of step s on: deterministic and stateless, a pure function of
+  (seed, step) whatever the process count.
 
-  def __init__(self, rows: PackedRows, batch_size: int, seed: int):
-    if rows.n_rows < batch_size:
-      raise ValueError(f"{rows.n_rows} rows cannot fill a batch of {batch_size}")
+  One batch size B: step s takes positions [s B, (s + 1) B), an epoch being the first
+  floor(n_rows / B) B rows of its permutation (the rest of the epoch's rows skipped).
+  Batch-size stages (recipe.Recipe.stages, a ramp): step s of a stage that starts at
+  step s0 and stream position p0 takes B_stage rows from p0 + (s - s0) B_stage on; an
+  epoch is then floor(n_rows / G) G rows with G the gcd of the stage sizes (G = B with
+  one stage: the rule above), and a batch may run from one epoch into the next.
+  """
+
+  def __init__(self, rows: PackedRows, batch_size: int, seed: int, stages=None):
+    """stages: [(start_step, batch)] in step order, the first at step 0 (None: one
+    stage of batch_size)."""
+    stages = [(0, batch_size)] if stages is None else [(int(a), int(b)) for a, b in stages]
+    if stages[0][0] != 0:
+      raise ValueError("batch stages must start at step 0")
+    biggest = max(b for _, b in stages)
+    if rows.n_rows < biggest:
+      raise ValueError(f"{rows.n_rows} rows cannot fill a batch of {biggest}")
     self.rows, self.batch_size, self.seed = rows, batch_size, seed
-    self.per_epoch = rows.n_rows // batch_size
-    self._perm_epoch, self._perm = None, None
+    gcd = math.gcd(*[b for _, b in stages])
+    self.epoch_rows = rows.n_rows // gcd * gcd
+    # (start step, stream position, batch) of every stage.
+    self.stages, pos = [], 0
+    for i, (start, batch) in enumerate(stages):
+      if i:
+        prev_start, prev_pos, prev_batch = self.stages[-1]
+        pos = prev_pos + (start - prev_start) * prev_batch
+      self.stages.append((start, pos, batch))
+    self._perms = {}
 
   def _permutation(self, epoch):
-    if self._perm_epoch != epoch:
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.rows.n_rows)
-      self._perm_epoch = epoch
-    return self._perm
+    if epoch not in self._perms:
+      if len(self._perms) > 2:
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+          self.rows.n_rows)
+    return self._perms[epoch]
+
+  def batch_size_at(self, step: int) -> int:
+    return [b for start, _, b in self.stages if start <= step][-1]
 
   def global_indices(self, step: int) -> np.ndarray:
-    epoch, i = divmod(step, self.per_epoch)
-    return self._permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+    start, pos, batch = [st for st in self.stages if st[0] <= step][-1]
+    first = pos + (step - start) * batch
+    epoch, i = divmod(first, self.epoch_rows)
+    head = self._permutation(epoch)[i:min(i + batch, self.epoch_rows)]
+    if len(head) == batch:
+      return head
+    return np.concatenate([head, self._permutation(epoch + 1)[:batch - len(head)]])
 
   def batch(self, step: int, process_index: int = 0, process_count: int = 1):
     """This process's contiguous slice of the global batch of `step`."""
     idx = self.global_indices(step)
-    per = self.batch_size // process_count
+    per = len(idx) // process_count
     return self.rows.rows(idx[process_index * per:(process_index + 1) * per])
 
 

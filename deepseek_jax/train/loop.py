@@ -23,10 +23,11 @@ from deepseek_jax.train import data, sharding
 from deepseek_jax.train.checkpoint import Checkpointer, WorkdirLock, check_workdir_config
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
+from deepseek_jax.train.recipe import Recipe
 from deepseek_jax.train.metrics import MetricWriter, measure_matmul_peak, train_flops_per_token
 from deepseek_jax.model.transformer import Transformer, abstract_variables
 from deepseek_jax.train.step import (TrainState, balance_hparams, init_state, jit_steps,
-                                     make_optimizer)
+                                     make_optimizer, run_lr_schedule)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -49,16 +50,36 @@ class ZeroGradWatch:
             "learning (saturated or dead activations, often a learning rate far too high)")
 
 
-def resolve_microbatches(cfg, mesh):
+def resolve_microbatches(cfg, mesh, batch_size: int | None = None):
   """cfg with `microbatches: -1` resolved to one sequence per batch shard per
   microbatch (batch_size / batch shards), so one config accumulates right on any slice
-  size; cfg itself when it names a number."""
-  if cfg.microbatches != -1:
+  size; cfg itself when it names a number. batch_size: a batch-size stage's (a copy of
+  cfg with that batch size and its microbatches)."""
+  if cfg.microbatches != -1 and batch_size is None:
     return cfg
+  auto = cfg.microbatches == -1
   cfg = cfg.copy_and_resolve_references()
-  # A batch that does not split over the shards is validate_run_config's error.
-  cfg.microbatches = max(cfg.batch_size // sharding.batch_divisor(mesh), 1)
+  if batch_size is not None:
+    cfg.batch_size = batch_size
+  if auto:
+    # A batch that does not split over the shards is validate_run_config's error.
+    cfg.microbatches = max(cfg.batch_size // sharding.batch_divisor(mesh), 1)
   return cfg
+
+
+def stage_configs(cfg, mesh) -> dict:
+  """{batch size: the run config of that batch-size stage} (one entry without a ramp:
+  cfg resolved). Every stage is validated; the largest stage must be cfg.batch_size
+  (what evaluation, the checkpoint's config and experiments.compile's default use)."""
+  stages = Recipe(cfg).batch_sizes
+  if len(stages) > 1 and max(stages) != cfg.batch_size:
+    raise ValueError(f"config.batch_size={cfg.batch_size} but schedule.batch_size ramps to "
+                     f"{max(stages)}: set batch_size to the largest stage")
+  out = {}
+  for b in stages:
+    out[b] = resolve_microbatches(cfg, mesh, b if len(stages) > 1 else None)
+    validate_run_config(out[b], mesh)
+  return out
 
 
 # (field, test, rule) of the optimizer and balancing numbers: a bad one is refused by
@@ -129,7 +150,7 @@ def build_steps(cfg, model_cfg, mesh):
 
   Returns (model, tx, state_shardings, batch_sharding, train_fn, eval_fn, init_fn)."""
   model = Transformer(model_cfg)
-  tx = make_optimizer(cfg.optimizer, cfg.total_steps)
+  tx = make_optimizer(cfg.optimizer, cfg.total_steps, run_lr_schedule(cfg))
   state_sh = state_shardings(model, tx, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   train_fn, eval_fn = jit_steps(model, tx, cfg, state_sh, batch_sh)
@@ -183,9 +204,16 @@ def describe_run(cfg, model_cfg, mesh) -> str:
           f"{model_cfg.n_layers} layers of which {model_cfg.n_moe_layers} MoE "
           f"({model_cfg.n_shared_experts} shared + {model_cfg.n_routed_experts} routed, "
           f"top-{model_cfg.top_k}), MTP depth {model_cfg.mtp_depth} | mesh {mesh_s} | "
-          f"batch {cfg.batch_size} x {cfg.seq_len}, {cfg.total_steps} steps, "
+          f"batch {cfg.batch_size} x {cfg.seq_len}{_ramp(cfg)}, {cfg.total_steps} steps, "
           f"{cfg.microbatches} microbatch(es) | balancing: "
           + (", ".join(alphas + [bias] if bias else alphas) or "none"))
+
+
+def _ramp(cfg) -> str:
+  stages = Recipe(cfg).stages
+  if len(stages) == 1:
+    return ""
+  return " (ramp: " + ", ".join(f"{s.batch} from step {s.start_step}" for s in stages) + ")"
 
 
 def _global_batch(local, batch_sh):
@@ -239,15 +267,16 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   """
   # Mesh ---------------------------------------------------------------------------
   mesh = sharding.make_mesh(cfg.mesh, devices)
+  stages = stage_configs(cfg, mesh)     # every input checked before anything builds
   cfg = resolve_microbatches(cfg, mesh)
   validate_run_config(cfg, mesh)
   if jax.process_index() != 0:
-    return _train(cfg, workdir, mesh, peak_flops, quiet)
+    return _train(cfg, workdir, mesh, peak_flops, quiet, stages)
   with WorkdirLock(workdir):
-    return _train(cfg, workdir, mesh, peak_flops, quiet)
+    return _train(cfg, workdir, mesh, peak_flops, quiet, stages)
 
 
-def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
+def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
   model_cfg = model_config_from(cfg.model)
   resuming = check_workdir_config(workdir, cfg.to_dict())
   is_main = jax.process_index() == 0
@@ -256,12 +285,24 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
   corpus = data.load_corpus(cfg.data, model_cfg.vocab_size)
   train_rows = _packed_rows(corpus.train_tokens, corpus.train_starts, cfg, "training")
   val_rows = _packed_rows(corpus.val_tokens, corpus.val_starts, cfg, "validation")
-  schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed)
+  recipe = Recipe(cfg)
+  schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed,
+                                [(s.start_step, s.batch) for s in recipe.stages])
   logging.info("run: %s", describe_run(cfg, model_cfg, mesh))
   logging.info("data: %s", data.describe(corpus))
 
   # Model and shardings ------------------------------------------------------------------
   model, tx, state_sh, batch_sh, train_fn, eval_fn, init_fn = build_steps(cfg, model_cfg, mesh)
+  # A batch-size ramp: one compiled train step per stage, built when first reached.
+  train_fns = {cfg.batch_size: train_fn}
+
+  def stage_train_fn(batch_size):
+    if batch_size not in train_fns:
+      fn, _ = jit_steps(model, tx, stage_cfgs[batch_size], state_sh, batch_sh)
+      train_fns[batch_size] = sharding.with_mesh(mesh, fn)
+      logging.info("batch-size stage %d x %d: its own train step (%d microbatch(es))",
+                   batch_size, cfg.seq_len, stage_cfgs[batch_size].microbatches)
+    return train_fns[batch_size]
 
   ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
   writer = MetricWriter(workdir, cfg.total_steps, enabled=is_main and not quiet)
@@ -279,8 +320,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
     state = init_fn(jax.random.PRNGKey(cfg.seed))
     step = 0
 
-  tokens_per_step = cfg.batch_size * cfg.seq_len
-  flops_per_step = train_flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+  flops_per_token = train_flops_per_token(model_cfg, cfg.seq_len)
   if peak_flops is None:
     peak_flops = measure_matmul_peak() * jax.process_count()
   preempt = _Preemption()
@@ -331,8 +371,9 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
       now = now or time.perf_counter()
       steps, dt = s + 1 - clock["since"], now - clock["window"]
       if steps > 0 and dt > 0:
-        m["tokens_per_s"] = steps * tokens_per_step / dt
-        m["mfu"] = steps * flops_per_step / dt / peak_flops
+        tokens = recipe.tokens_at_step(s + 1) - recipe.tokens_at_step(clock["since"])
+        m["tokens_per_s"] = tokens / dt
+        m["mfu"] = tokens * flops_per_token / dt / peak_flops
       clock.update(window=now, since=s + 1)
       done = s + 1 - start_step
       writer.console(s + 1, m, (now - t_start) / done * (cfg.total_steps - s - 1))
@@ -343,7 +384,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool):
     while step < cfg.total_steps:
       batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
                             batch_sh)
-      state, metrics = train_fn(state, batch, hparams)
+      state, metrics = stage_train_fn(schedule.batch_size_at(step))(state, batch, hparams)
       if pending is not None:
         record(pending[0], pull(pending))
       pending = (step, metrics)

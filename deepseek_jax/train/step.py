@@ -69,10 +69,12 @@ def decay_mask(params):
       lambda path, _: _param_name(path) not in NO_DECAY_NAMES, params)
 
 
-def make_optimizer(opt_cfg, total_steps: int):
+def make_optimizer(opt_cfg, total_steps: int, lr=None):
+  """AdamW with clipping; lr: a step -> learning-rate schedule (a run's token-based
+  recipe, recipe.Recipe.lr_schedule), default lr_schedule(opt_cfg, total_steps)."""
   return optax.chain(
       optax.clip_by_global_norm(opt_cfg.grad_clip),
-      optax.adamw(lr_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
+      optax.adamw(lr or lr_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
                   eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=decay_mask))
 
 
@@ -93,14 +95,40 @@ def _variables(state_params, bias):
 
 
 def balance_hparams(cfg) -> dict:
-  """Runtime (traced) coefficients: changing them does not recompile."""
+  """Runtime (traced) coefficients: changing them does not recompile. A token-based
+  recipe's mtp_lambda and bias_rate (schedule section) replace the step-based fields."""
   b = cfg.balance
-  return {"aux_alpha": b.aux_alpha, "seq_aux_alpha": b.seq_aux_alpha,
-          "batch_aux_alpha": b.batch_aux_alpha, "bias_rate": b.bias_rate,
-          "bias_freeze_step": math.floor(b.bias_freeze_frac * cfg.total_steps),
-          "mtp_lambda": cfg.mtp_lambda,
-          "mtp_lambda_late": cfg.get("mtp_lambda_late", cfg.mtp_lambda),
-          "mtp_lambda_switch_step": cfg.get("mtp_lambda_switch_step", -1)}
+  h = {"aux_alpha": b.aux_alpha, "seq_aux_alpha": b.seq_aux_alpha,
+       "batch_aux_alpha": b.batch_aux_alpha, "bias_rate": b.bias_rate,
+       "bias_freeze_step": math.floor(b.bias_freeze_frac * cfg.total_steps),
+       "mtp_lambda": cfg.mtp_lambda,
+       "mtp_lambda_late": cfg.get("mtp_lambda_late", cfg.mtp_lambda),
+       "mtp_lambda_switch_step": cfg.get("mtp_lambda_switch_step", -1)}
+  if cfg.get("schedule") is None:
+    return h
+  from deepseek_jax.train.recipe import Recipe
+  r = Recipe(cfg)
+  if r.switches["mtp_lambda"] is not None:
+    first, late, _ = r.switches["mtp_lambda"]
+    h.update(mtp_lambda=first, mtp_lambda_late=late,
+             mtp_lambda_switch_step=r.switch_step("mtp_lambda"))
+  if r.switches["bias_rate"] is not None:
+    first, late, _ = r.switches["bias_rate"]
+    if late not in (0.0, first):
+      raise ValueError(f"schedule.bias_rate: the later phase must be 0 (a freeze, as V3's "
+                       f"last 500B tokens), not {late}")
+    freeze = r.switch_step("bias_rate")
+    h.update(bias_rate=first, bias_freeze_step=cfg.total_steps if freeze < 0 else freeze)
+  return h
+
+
+def run_lr_schedule(cfg):
+  """The run's step -> learning-rate schedule: the recipe's when schedule.lr is set,
+  else None (make_optimizer's step-based default)."""
+  if cfg.get("schedule") is None or not cfg.schedule.get("lr"):
+    return None
+  from deepseek_jax.train.recipe import Recipe
+  return Recipe(cfg).lr_schedule()
 
 
 def mtp_lambda(hparams, step):

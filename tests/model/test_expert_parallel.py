@@ -118,18 +118,29 @@ def test_bias_update_is_global():
     new = {rule: balancing.update_bias(bias[None], stats.load_E[None], 1e-3, rule,
                                        stats.quantile_target_E[None])[0]
            for rule in balancing.BIAS_RULES}
-    return new, stats.load_E, stats.dropped
+    return new, stats.load_E, stats.dropped, stats.quantile_target_E
 
-  want, load0, _ = step(p, u, bias, VALID)
+  want, load0, _, _ = step(p, u, bias, VALID)
   with jax.set_mesh(_mesh(2, 4)):
-    got, load1, dropped = step(p, u, bias, VALID)
+    got, load1, dropped, target1 = step(p, u, bias, VALID)
   np.testing.assert_array_equal(load1, load0)
+  # Against the numpy layer routing every token (not either run's own stats): the
+  # expert-parallel step's loads and Quantile Balancing's target of the whole batch.
+  _, stats = ref.moe(jax.tree.map(np.asarray, p), u, bias, cfg, VALID)
+  np.testing.assert_array_equal(load1, stats["load_E"])
+  np.testing.assert_allclose(target1, ref.quantile_target(
+      stats["scores_XE"], np.asarray(bias), stats["valid_X"], cfg.top_k), atol=1e-5)
+  mean = stats["load_E"].mean()
+  clear = np.abs(stats["load_E"] - mean) > 0.5
+  np.testing.assert_allclose(np.asarray(got["sign"])[clear],
+                             (np.asarray(bias) + 1e-3 * np.sign(mean - stats["load_E"]))[clear],
+                             atol=1e-7)
   for rule in balancing.BIAS_RULES:
     np.testing.assert_allclose(got[rule], want[rule], atol=1e-7, err_msg=rule)
   assert float(load1.sum()) == cfg.top_k * VALID.sum()
   assert float(dropped) > 0  # loads count routed assignments, kept or dropped
   # One shard's own count would move the bias differently.
-  local, _, _ = step(p, u[:1], bias, VALID[:1])
+  local, _, _, _ = step(p, u[:1], bias, VALID[:1])
   assert not np.allclose(local["magnitude"], want["magnitude"])
 
 

@@ -264,8 +264,9 @@ def test_bf16_compute_keeps_float32_logits_close_to_f32(variables):
 
 def test_scanned_layers_equal_unrolled_loss_and_grads():
   """cfg.scan_layers runs the dense and the MoE blocks as two flax scans over stacked
-  params (here rematerialised with a policy, as the 671B config does): same loss and
-  same gradients (restacked) as the unrolled blocks."""
+  params (here rematerialised with a policy, as the 671B config does): same loss, same
+  gradients (restacked) and the same AdamW update as the unrolled blocks (the update
+  is what a rank-based weight-decay mask got wrong for stacked norm scales)."""
   from deepseek_jax.model.transformer import stack_layers, unstack_layers
   cfg = config.tiny().replace(n_layers=4, first_k_dense=2, mtp_depth=1)
   variables = _variables(cfg, seed=3)
@@ -283,6 +284,25 @@ def test_scanned_layers_equal_unrolled_loss_and_grads():
   flat_s = jax.tree.leaves(unstack_layers(grads_s, cfg))
   for (path, g), g_s in zip(flat, flat_s):
     np.testing.assert_allclose(g_s, g, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  # One optimizer step of each layout, compared restacked. Unit gradients make the Adam
+  # direction exactly -1 everywhere, so a parameter's update differs between the
+  # layouts only through what the optimizer does with it by layout (its decay).
+  from deepseek_jax.train import step as train_step
+  import ml_collections
+  opt = ml_collections.ConfigDict(dict(peak_lr=1e-2, min_lr_ratio=0.1, warmup_steps=0,
+                                       decay_start_frac=1.0, b1=0.9, b2=0.95, eps=1e-8,
+                                       weight_decay=0.1, grad_clip=1e9))
+  tx = train_step.make_optimizer(opt, 10)
+
+  def updated(params):
+    ones = jax.tree.map(jnp.ones_like, params)
+    upd, _ = tx.update(ones, tx.init(params), params)
+    return jax.tree.map(lambda p, u: p + u, params, upd)
+  new = jax.tree_util.tree_flatten_with_path(updated(variables["params"]))[0]
+  new_s = jax.tree.leaves(unstack_layers(updated(stacked), cfg))
+  for (path, a), a_s in zip(new, new_s):
+    np.testing.assert_allclose(a_s, a, rtol=1e-6, atol=1e-7,
                                err_msg=jax.tree_util.keystr(path))
   # The scanned model's own init has the stacked layout (leading layer dim).
   shapes = nn.unbox(jax.eval_shape(Transformer(scfg).init, jax.random.PRNGKey(0),

@@ -331,3 +331,40 @@ def test_a_gradient_norm_stuck_at_zero_is_flagged_once_per_stall():
   said = [watch(s, 2.5, g) for s, g in enumerate([1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0])]
   assert [s for s, w in enumerate(said) if w] == [3]
   assert "steps 1-3" in said[3] and "loss 2.5000" in said[3]
+
+
+def test_batch_ramp_trains_each_stage_and_resumes_exactly_across_it(reference_run, tmp_path,
+                                                                    monkeypatch):
+  """schedule.batch_size "4 for 384; 8": 3 steps of 4 sequences (4 x 32 = 128 tokens a
+  step), then 8 (issue 20's ramp). Each stage runs at its own batch shape; a run stopped
+  by SIGTERM inside the first stage and resumed crosses the stage boundary in the new
+  process and gives the uninterrupted run's curve exactly."""
+  from deepseek_jax.train import data
+  ref_tmp, _ = reference_run
+  over = {"schedule.batch_size": "4 for 384; 8", "total_steps": 7, "eval_every": 7,
+          "checkpoint_every": 7}
+  cfg = tiny_run_config(ref_tmp, **over)      # shares the reference's token cache
+  _train(cfg, tmp_path / "full", devices=jax.devices()[:1])
+  full = {r["step"]: r for r in _records(tmp_path / "full")}
+  n_tokens = [full[s]["n_tokens"] for s in range(7)]
+  assert all(60 < n <= 4 * 32 for n in n_tokens[:3]), n_tokens   # 4 rows of 32 targets
+  assert all(4 * 32 < n <= 8 * 32 for n in n_tokens[3:]), n_tokens
+
+  real_batch, fired = data.BatchSchedule.batch, []
+
+  def batch_then_preempt(self, step, *args):
+    if step == 1 and not fired:
+      fired.append(step)
+      os.kill(os.getpid(), signal.SIGTERM)   # the loop saves after this step and stops
+    return real_batch(self, step, *args)
+
+  monkeypatch.setattr(data.BatchSchedule, "batch", batch_then_preempt)
+  last = _train(cfg, tmp_path / "split", devices=jax.devices()[:1])
+  assert last["preempted"] and last["step"] == 2
+  monkeypatch.setattr(data.BatchSchedule, "batch", real_batch)
+  _train(cfg, tmp_path / "split", devices=jax.devices()[:1])
+  got = losses(tmp_path / "split")
+  want = {s: r["loss"] for s, r in full.items()}
+  assert sorted(got) == sorted(want) == list(range(7))
+  np.testing.assert_allclose([got[s] for s in range(7)], [want[s] for s in range(7)],
+                             rtol=1e-6)
