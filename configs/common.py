@@ -57,6 +57,9 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   c.mtp_lambda = 0.3           # MTP loss weight (V3: 0.3 for the first 10T tokens,
   c.mtp_lambda_late = 0.1      # then 0.1); it switches at this step (-1: never)
   c.mtp_lambda_switch_step = -1
+  # A step with a non-finite loss or gradient norm is skipped (not applied); this many
+  # in a row stop the run (0: stop at the first).
+  c.max_skipped_steps = 3
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
 

@@ -446,9 +446,16 @@ def load_checkpoint(path, dtype: str = "float32", *, mtp: bool | None = None, **
 
 # Saving --------------------------------------------------------------------------
 
-def save_checkpoint(path, cfg: ModelConfig, variables, fused_experts: bool = True) -> None:
-  """Our variables -> a HF folder (config.json + model.safetensors), rope interleaved,
-  MTP modules in the released layout (with their embedding and head copies)."""
+def save_checkpoint(path, cfg: ModelConfig, variables, fused_experts: bool = True,
+                    max_shard_bytes: int | None = None) -> None:
+  """Our variables -> a HF folder (config.json + safetensors), rope interleaved, MTP
+  modules in the released layout (with their embedding and head copies).
+
+  max_shard_bytes None: one model.safetensors. A number: shards of at most that many
+  bytes (a tensor larger than it gets a shard of its own) named model-0000i-of-0000n
+  .safetensors with model.safetensors.index.json, as transformers writes them. Tensors
+  are converted rule by rule and each shard is written and dropped once full, so a
+  large export holds one shard of HF tensors beside the model, not a second model."""
   if cfg.score_func != "sigmoid":
     logging.warning("scoring_func=%r: HF's DeepseekV3 ignores it (always sigmoid); "
                     "DeepSeek's own code reads it", cfg.score_func)
@@ -458,16 +465,88 @@ def save_checkpoint(path, cfg: ModelConfig, variables, fused_experts: bool = Tru
   if cfg.scan_layers:   # HF's layout is the unrolled one
     variables = {**variables, "params": unstack_layers(variables["params"], cfg)}
     cfg = cfg.replace(scan_layers=False)
-  flat = _flatten(jax.tree.map(np.asarray, variables))
+  flat = _flatten(variables)
   rules = _rules(cfg, fused=lambda hf: fused_experts, rope_interleave=True)
   needed = {o for r in rules for o in r.ours}
   if needed != flat.keys():
     raise ValueError(f"variables do not match cfg: missing {_names(needed - flat.keys())}; "
                      f"unexpected {_names(flat.keys() - needed)}")
-  tensors = {}
+  shards, shard, shard_bytes, total = [], {}, 0, 0
+
+  def flush():
+    nonlocal shard, shard_bytes
+    if shard:
+      name = f"model-part-{len(shards):05d}.safetensors"
+      save_file(shard, path / name, metadata={"format": "pt"})
+      shards.append((name, sorted(shard)))
+    shard, shard_bytes = {}, 0
+
   for r in rules:
-    if r.write:
-      arrays = r.tf.save([flat[o] for o in r.ours])
-      tensors.update({n: np.ascontiguousarray(a) for n, a in zip(r.hf, arrays)})
-  save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    if not r.write:
+      continue
+    arrays = r.tf.save([np.asarray(flat[o]) for o in r.ours])
+    for n, a in zip(r.hf, arrays):
+      a = np.ascontiguousarray(a)
+      if max_shard_bytes is not None and shard and shard_bytes + a.nbytes > max_shard_bytes:
+        flush()
+      shard[n] = a
+      shard_bytes += a.nbytes
+      total += a.nbytes
+  flush()
+  for old in set(path.glob("model*.safetensors")) - {path / n for n, _ in shards}:
+    old.unlink()   # a previous export's files in the same folder
+  index = path / "model.safetensors.index.json"
+  if max_shard_bytes is None:
+    (path / shards[0][0]).replace(path / "model.safetensors")
+    index.unlink(missing_ok=True)
+  else:
+    weight_map = {}
+    for i, (name, names) in enumerate(shards):
+      final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      (path / name).replace(path / final)
+      weight_map.update({n: final for n in names})
+    index.write_text(json.dumps({"metadata": {"total_size": total},
+                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))
   (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+
+
+def save_tokenizer(path, tokenizer) -> None:
+  """Our tokenizer (data.BPETokenizer or data.ByteTokenizer) -> tokenizer.json and
+  tokenizer_config.json that `AutoTokenizer.from_pretrained` reads offline: the same ids
+  (our byte tokenizer becomes a byte-level BPE without merges whose ids are the byte
+  values), <|eos|> as the end-of-sequence token, no begin-of-sequence token (our
+  documents are framed by an end token only)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from deepseek_jax.train import data
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  if isinstance(tokenizer, data.ByteTokenizer):
+    byte_char = _bytes_to_unicode()
+    vocab = {byte_char[b]: b for b in range(256)}
+    vocab[data.EOS] = tokenizer.eos_id
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([data.EOS])
+  else:
+    tok = tokenizer.tok
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": data.EOS,
+      "bos_token": None, "pad_token": data.EOS, "add_bos_token": False,
+      "add_eos_token": False, "clean_up_tokenization_spaces": False,
+      "model_max_length": 1 << 30}, indent=2) + "\n")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's byte -> printable character table (what byte-level BPE vocabularies use)."""
+  keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+  out, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      out[b] = chr(b)
+    else:
+      out[b] = chr(256 + extra)
+      extra += 1
+  return out

@@ -71,3 +71,76 @@ def enable_compilation_cache():
     from deepseek_jax.train.data import default_cache_dir
     jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run(main):
+  """absl's app.run(main), where a `--config.PATH=VALUE` override naming no field of the
+  config gives one line naming it and the nearest real fields (ml_collections raises an
+  AttributeError or KeyError under three tracebacks instead)."""
+  from absl import app
+
+  def parse(argv):
+    try:
+      return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      message = unknown_config_override(argv)
+      if message is None:
+        raise
+      import sys
+      sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                       f"Pass --helpfull to see help on flags. ({type(e).__name__}: {e})\n")
+      sys.exit(1)
+
+  app.run(main, flags_parser=parse)
+
+
+def _config_paths(node, prefix=""):
+  out = []
+  for key, value in node.items():
+    path = f"{prefix}{key}"
+    out.append(path)
+    if isinstance(value, dict):
+      out += _config_paths(value, path + ".")
+  return out
+
+
+def unknown_config_override(argv) -> str | None:
+  """The message for the first --config.PATH override of argv that names no field of
+  the --config file's config, or None (then the failure is something else)."""
+  import difflib
+  import importlib.util
+  spec, overrides = None, []
+  args = list(argv[1:])
+  for i, a in enumerate(args):
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(args):
+      spec = args[i + 1]
+    elif a.startswith("--config."):
+      overrides.append(a[len("--config."):].split("=", 1)[0])
+  if spec is None or not overrides:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_config_for_message", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  except Exception:   # the config itself is what fails: absl's own message says so
+    return None
+  known = _config_paths(config)
+  for override in overrides:
+    if override in known:
+      continue
+    parts = override.split(".")
+    # The first missing name along the path: a section or the field itself.
+    depth = next(i for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in known)
+    parent, name = ".".join(parts[:depth - 1]), parts[depth - 1]
+    what = "section" if depth < len(parts) else "field"
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    near = difflib.get_close_matches(override, known, n=3, cutoff=0.6) or siblings[:8]
+    where = f"section '{parent}'" if parent else "the config"
+    return (f"--config.{override}: {where} has no {what} '{name}' ({path}); nearest: "
+            + ", ".join(f"--config.{n}" for n in near))
+  return None

@@ -3,8 +3,9 @@
   python -m experiments.param_count --config=configs/deepseek_v3_671b.py
 """
 
-from absl import app
 from ml_collections import config_flags
+
+from experiments import launch
 
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params, format_counts
@@ -19,4 +20,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

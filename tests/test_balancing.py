@@ -581,3 +581,27 @@ def test_mtp_lambda_switches_at_the_configured_step(tmp_path):
   assert float(ts.mtp_lambda(hp, jnp.int32(5))) == pytest.approx(0.1)
   never = jax.tree.map(jnp.float32, ts.balance_hparams(tiny_run_config(tmp_path)))
   assert float(ts.mtp_lambda(never, jnp.int32(10 ** 6))) == pytest.approx(0.3)
+
+
+def test_a_non_finite_step_is_skipped_not_applied(tmp_path):
+  """A step whose loss is NaN (here a NaN aux weight: only the MoE router's gradients
+  turn NaN) changes no parameter, optimizer moment or bias; the step counter moves on;
+  the metrics say it was skipped and which parameter groups had non-finite gradients."""
+  cfg, model, tx, state, batch, hp = _setup(tmp_path, **{"balance.aux_alpha": 1e-3})
+  step = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))
+  good, m = step(state, batch, hp)
+  assert float(m["skipped"]) == 0.0 and bool(np.all(m["grad_finite"]))
+  bad, m = step(state, batch, {**hp, "aux_alpha": jnp.float32(np.nan)})
+  assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
+  assert int(bad.step) == int(state.step) + 1
+  for new, old in ((bad.params, state.params), (bad.opt_state, state.opt_state),
+                   (bad.expert_bias, state.expert_bias)):
+    jax.tree.map(np.testing.assert_array_equal, new, old)
+  # The NaN enters through the routers' scores: everything upstream of a router (the
+  # MoE layer, the layers below it, the embedding) gets a NaN gradient; the output head
+  # and final norm, downstream of every router, stay finite.
+  finite = dict(zip(sorted(state.params), np.asarray(m["grad_finite"])))
+  assert not finite["layer_1"] and not finite["embed"], finite
+  assert finite["head"] and finite["final_norm"], finite
+  # The good step did move them.
+  assert not np.array_equal(good.expert_bias, state.expert_bias)

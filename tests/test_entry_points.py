@@ -64,3 +64,14 @@ def test_report_on_a_missing_directory_names_it(tmp_path):
   assert r.returncode != 0 and "is not a directory" in r.stderr
   r = _run("experiments.report", f"--workdirs={tmp_path}")
   assert r.returncode != 0 and "no run (a folder with metrics.jsonl)" in r.stderr
+
+
+def test_an_unknown_config_field_is_named_with_the_nearest(tmp_path):
+  """A mistyped override in a top-level section, through an entry point that only reads
+  its config (no training): one line, the nearest field, exit status 1."""
+  r = subprocess.run([sys.executable, "-m", "experiments.schedule",
+                      "--config=configs/smoke.py", "--config.optimzer.peak_lr=1"],
+                     env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "--config.optimzer.peak_lr: the config has no section 'optimzer'" in r.stderr
+  assert "nearest: --config.optimizer.peak_lr" in r.stderr

@@ -387,3 +387,76 @@ def test_scanned_layout_loads_matches_hf_and_exports_unrolled(saved, tmp_path):
   model2, variables2 = hf.load_checkpoint(tmp_path)
   assert not model2.cfg.scan_layers and "layer_0" in variables2["params"]
   _close(_apply(model2.cfg)(variables2, tokens).logits, theirs)
+
+
+def test_export_of_a_trained_scanned_run_loads_in_transformers(tmp_path):
+  """experiments.export_hf on a trained tiny run (scanned layers, MTP, bias, byte
+  tokenizer), in shards of at most 100 KB: transformers' Auto classes load it offline,
+  its logits equal ours, its greedy generate equals our greedy decoding
+  (experiments.generate --temperature=0's path), and export -> hf.load_checkpoint ->
+  export gives identical tensors."""
+  import json
+  import subprocess
+  import sys
+  import jax.numpy as jnp
+  from safetensors.numpy import load_file
+  from deepseek_jax.inference import decoding
+  from deepseek_jax.inference.sampling import Sampling
+  from deepseek_jax.train import loop
+  from train_helpers import subprocess_env, tiny_run_config
+  cfg = tiny_run_config(tmp_path, **{"model.scan_layers": True, "total_steps": 4,
+                                     "eval_every": 4, "checkpoint_every": 4})
+  loop.train(cfg, str(tmp_path / "run"), peak_flops=1e11, quiet=True,
+             devices=jax.devices()[:1])
+  out = tmp_path / "hf"
+  r = subprocess.run([sys.executable, "-m", "experiments.export_hf",
+                      f"--workdir={tmp_path / 'run'}", f"--out={out}",
+                      "--max_shard_size=100KB"],
+                     env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  shards = sorted(out.glob("model-*-of-*.safetensors"))
+  assert len(shards) > 3 and set(index["weight_map"].values()) == {s.name for s in shards}
+  tensors = {}
+  for s in shards:
+    part = load_file(s)
+    assert sum(a.nbytes for a in part.values()) <= 100_000 or len(part) == 1, s.name
+    tensors.update(part)
+  assert sorted(tensors) == sorted(index["weight_map"])
+
+  model, variables, run_cfg, _ = decoding.load_workdir(str(tmp_path / "run"))
+  bias = np.asarray(variables["balance"]["expert_bias"])
+  assert np.abs(bias).max() > 0   # 4 steps of bias updates
+  for row, layer in enumerate(range(model.cfg.first_k_dense, model.cfg.n_layers)):
+    np.testing.assert_array_equal(
+        tensors[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"], bias[row])
+  mtp = f"model.layers.{model.cfg.n_layers}."   # the released MTP layer index
+  assert any(k.startswith(mtp + "eh_proj") for k in tensors)
+
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      out, attn_implementation="eager", torch_dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  ids = tok(["def add(a, b):\n    return", "import json\n\njson."])["input_ids"]
+  assert ids[0] == list(b"def add(a, b):\n    return")   # the byte tokenizer's ids
+  prompt = np.asarray([ids[0][:16], ids[1][:16]])
+  ours = np.asarray(model.apply(variables, jnp.asarray(prompt)).logits)
+  with torch.no_grad():
+    theirs = hf_model(torch.tensor(prompt)).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+  want = decoding.generate(model, variables, [list(p) for p in prompt], 8, Sampling(0.0),
+                           eos_id=tok.eos_token_id).tokens
+  with torch.no_grad():
+    got = hf_model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False)
+  for row, w in zip(got.numpy()[:, prompt.shape[1]:], want):
+    assert list(row[:len(w)]) == list(w)
+
+  again = tmp_path / "again"
+  m2, v2 = hf.load_checkpoint(out)
+  hf.save_checkpoint(again, m2.cfg, v2, max_shard_bytes=100_000)
+  index2 = json.loads((again / "model.safetensors.index.json").read_text())
+  assert index2["weight_map"] == index["weight_map"]
+  for s in shards:
+    second = load_file(again / s.name)
+    for k, a in load_file(s).items():
+      np.testing.assert_array_equal(second[k], a, err_msg=k)

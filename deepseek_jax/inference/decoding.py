@@ -242,9 +242,10 @@ def run_config_path(workdir: str) -> str:
   return path
 
 
-def load_workdir(workdir: str):
+def load_workdir(workdir: str, step: int | None = None):
   """(model, variables {"params", "balance"}, run config, step) from a training workdir:
-  the newest orbax checkpoint in DIR/checkpoints and the config in DIR/config.json."""
+  the newest orbax checkpoint in DIR/checkpoints (or the one at `step`) and the config in
+  DIR/config.json."""
   import ml_collections
   from deepseek_jax.train.checkpoint import Checkpointer
   from deepseek_jax.model.config import model_config_from
@@ -261,8 +262,11 @@ def load_workdir(workdir: str):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
       jax.eval_shape(lambda: init_state(model, tx, jax.random.PRNGKey(0))))
   ckpt = Checkpointer(workdir, keep=run_cfg.keep_checkpoints, async_save=False)
-  restored = ckpt.restore_latest(abstract)
-  ckpt.close()
+  try:
+    restored = (ckpt.restore_latest(abstract) if step is None
+                else ckpt.restore_step(step, abstract))
+  finally:
+    ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"{workdir} holds a run config but no checkpoint that "
                             f"restores in {ckpt.directory}: train it first (rerun "

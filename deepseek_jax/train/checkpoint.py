@@ -163,6 +163,17 @@ class Checkpointer:
                          "refusing to start over a saved run")
     return None
 
+  def restore_step(self, step: int, abstract_state):
+    """(state, meta, step) of checkpoint `step`; a clear error naming the saved steps
+    when there is none."""
+    steps = self.steps()
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; saved "
+                              f"steps: {steps or 'none'}")
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return out.state, out.meta, step
+
   def _set_aside(self, steps):
     dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
     if jax.process_index() == 0:

@@ -338,22 +338,38 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
 
   zero_grads = ZeroGradWatch()
 
+  groups = sorted(abstract.params.keys())   # the train step's "grad_finite" order
+  skipped_run = []                          # the current run of skipped steps
+
   def pull(p):
-    """Host copy of step p's metrics; stops on a non-finite loss before anything saves."""
+    """Host copy of step p's metrics. A skipped step (non-finite loss or gradient norm:
+    the train step did not apply it) is logged; cfg.max_skipped_steps + 1 in a row stop
+    the run before anything saves (the state holds no update of a skipped step)."""
     s, dev_metrics = p
     m = jax.device_get(dev_metrics)
     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-      ckpt.wait()
-      saved = ckpt.steps()
+    if m.get("skipped", 0.0) or not (math.isfinite(loss) and math.isfinite(gnorm)):
       what = " and ".join(name for name, v in (("loss", loss), ("gradient norm", gnorm))
-                          if not math.isfinite(v))
-      raise NonFiniteLoss(
-          f"non-finite {what} at step {s} (loss {loss}, gradient norm {gnorm}); training "
-          f"stopped, nothing saved after it. Latest checkpoint: step "
-          f"{saved[-1] if saved else None} in {ckpt.directory}, saved while loss and "
-          "gradient norm were finite (a diverging run can hold huge but finite "
-          "parameters there: lower the learning rate before resuming from it)")
+                          if not math.isfinite(v)) or "update"
+      bad = [g for g, fin in zip(groups, np.asarray(m.get("grad_finite", []))) if not fin]
+      where = f" (non-finite gradients in {', '.join(bad)})" if bad else ""
+      skipped_run.append(s)
+      if len(skipped_run) > cfg.get("max_skipped_steps", 0):
+        ckpt.wait()
+        saved = ckpt.steps()
+        raise NonFiniteLoss(
+            f"non-finite {what} at step {s}{where}: {len(skipped_run)} step(s) in a row "
+            f"(steps {skipped_run[0]}-{s}) were skipped, more than max_skipped_steps="
+            f"{cfg.get('max_skipped_steps', 0)}; training stopped. The skipped steps "
+            f"changed nothing; the latest checkpoint is step "
+            f"{saved[-1] if saved else None} in {ckpt.directory} (its parameters are "
+            "finite; a diverging run can still hold huge ones there: lower the learning "
+            "rate before resuming from it)")
+      logging.warning("step %d skipped: non-finite %s (loss %s, gradient norm %s)%s; "
+                      "parameters and optimizer state left as they were", s, what, loss,
+                      gnorm, where)
+    else:
+      skipped_run.clear()
     stalled = zero_grads(s, loss, gnorm)
     if stalled:
       logging.warning("%s", stalled)

@@ -260,9 +260,25 @@ def train_step(state: TrainState, batch, hparams, *, model: Transformer, tx, cfg
 
 
 def _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg):
-  """AdamW on the (accumulated) gradients; the new bias and the step's routing metrics."""
+  """AdamW on the (accumulated) gradients; the new bias and the step's routing metrics.
+
+  A step whose loss or gradient norm is not finite is not applied (PaLM's and MaxText's
+  policy): parameters, optimizer state and bias stay as they were (a select fused into
+  the update, no second copy of the state), the step counter and the data move on, and
+  metrics "skipped" = 1 with "grad_finite" [groups] saying which top-level parameter
+  groups (sorted names) had a finite gradient. The loop stops after
+  cfg.max_skipped_steps such steps in a row."""
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  if bias is not None:
+    bias = keep(bias, state.expert_bias)
+  metrics["skipped"] = (~ok).astype(jnp.float32)
+  metrics["grad_finite"] = jnp.stack([jnp.isfinite(optax.global_norm(grads[k]))
+                                      for k in sorted(grads)])
   if routing is not None:
     load_LE, dropped_L = routing["load"], routing["dropped"]
     metrics["load"] = load_LE
@@ -271,8 +287,9 @@ def _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg):
     # the routing, before the dispatch): it alone is the denominator.
     metrics["dropped_frac"] = jnp.sum(dropped_L) / jnp.maximum(jnp.sum(load_LE), 1.0)
     metrics["bias_rate"] = rate
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["lr"] = lr_schedule(cfg.optimizer, cfg.total_steps)(state.step)
+  metrics["grad_norm"] = grad_norm
+  metrics["lr"] = (run_lr_schedule(cfg) or lr_schedule(cfg.optimizer, cfg.total_steps))(
+      state.step)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          expert_bias=bias)
   return new_state, metrics
