@@ -37,7 +37,8 @@ if _HERE not in sys.path:
 # two long ones (measured durations in BUILD_NOTES.md, issue 19). Within a file the order
 # is unchanged.
 _LONG_FILES_FIRST = ("tests/train/test_train.py", "tests/test_bench.py",
-                     "tests/train/test_aot.py", "tests/test_balancing.py")
+                     "tests/train/test_aot.py", "tests/test_balancing.py",
+                     "tests/test_hf.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
