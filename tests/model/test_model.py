@@ -295,6 +295,7 @@ def test_scanned_layers_equal_unrolled_loss_and_grads():
                                        weight_decay=0.1, grad_clip=1e9))
   tx = train_step.make_optimizer(opt, 10)
 
+  @jax.jit
   def updated(params):
     ones = jax.tree.map(jnp.ones_like, params)
     upd, _ = tx.update(ones, tx.init(params), params)
