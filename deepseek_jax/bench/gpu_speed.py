@@ -46,12 +46,7 @@ TRAIN_VARIANTS = (
 def _median_s(fn, repeats: int, warmup: int = 2) -> float:
   for _ in range(warmup):
     fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return train_speed._median_time(fn, repeats)
 
 
 def device_kind() -> str:

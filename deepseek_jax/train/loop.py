@@ -348,7 +348,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
     s, dev_metrics = p
     m = jax.device_get(dev_metrics)
     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-    if m.get("skipped", 0.0) or not (math.isfinite(loss) and math.isfinite(gnorm)):
+    if m["skipped"]:   # the step's own test: loss or gradient norm not finite
       what = " and ".join(name for name, v in (("loss", loss), ("gradient norm", gnorm))
                           if not math.isfinite(v)) or "update"
       bad = [g for g, fin in zip(groups, np.asarray(m.get("grad_finite", []))) if not fin]

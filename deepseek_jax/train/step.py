@@ -123,10 +123,10 @@ def balance_hparams(cfg) -> dict:
 
 
 def run_lr_schedule(cfg):
-  """The run's step -> learning-rate schedule: the recipe's when schedule.lr is set,
-  else None (make_optimizer's step-based default)."""
+  """The run's step -> learning-rate schedule: the recipe's when schedule.lr is set, else
+  the step-based one (lr_schedule). What the optimizer applies and the step logs."""
   if cfg.get("schedule") is None or not cfg.schedule.get("lr"):
-    return None
+    return lr_schedule(cfg.optimizer, cfg.total_steps)
   from deepseek_jax.train.recipe import Recipe
   return Recipe(cfg).lr_schedule()
 
@@ -288,8 +288,7 @@ def _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg):
     metrics["dropped_frac"] = jnp.sum(dropped_L) / jnp.maximum(jnp.sum(load_LE), 1.0)
     metrics["bias_rate"] = rate
   metrics["grad_norm"] = grad_norm
-  metrics["lr"] = (run_lr_schedule(cfg) or lr_schedule(cfg.optimizer, cfg.total_steps))(
-      state.step)
+  metrics["lr"] = run_lr_schedule(cfg)(state.step)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          expert_bias=bias)
   return new_state, metrics
