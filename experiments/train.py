@@ -7,7 +7,11 @@ Multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 --distributed for jax.distributed.initialize()'s auto-detection (TPU pods, SLURM).
 """
 
+import os
+import sys
+
 from absl import app, flags
+from absl import logging
 from ml_collections import config_flags
 
 from experiments import launch
@@ -24,7 +28,20 @@ def main(argv):
   del argv
   launch.init_distributed()
   from deepseek_jax.train import loop as trainer  # after jax.distributed is up
-  trainer.train(_CONFIG.value, _WORKDIR.value, peak_flops=_PEAK.value)
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value, peak_flops=_PEAK.value)
+  except trainer.RUN_ERRORS as e:
+    # A run stopped for a reason it states (a failed checkpoint write, a busy or foreign
+    # workdir, a diverged run): the one line, no traceback; the exit status is 1.
+    logging.error("%s: %s", type(e).__name__, e)
+    if isinstance(e, trainer.CheckpointNotSaved):
+      # orbax's failed write tasks would print their errors again (dozens of lines)
+      # while the interpreter shuts down: leave now, with the message above as the last
+      # line. The metrics log is closed and the workdir lock goes with the process.
+      logging.flush()
+      sys.stderr.flush()
+      os._exit(1)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,21 @@ file) is skipped with a warning in favour of the one before; nothing is deleted.
 training resumes past it, the corrupt step is moved aside to WORKDIR/corrupt_checkpoints/
 (kept for inspection), so that the step is saved again when training reaches it: orbax
 skips a save at or below the newest step on disk, and did so silently before.
+
+A save is reported ("checkpoint at step N saved") only once its background write has
+finished and the step's folder is on disk: the loop polls after every step. A write that
+fails (a full disk, a quota, a lost mount) stops the run at that poll with one
+CheckpointNotSaved naming the cause, the free space and the newest complete step (it used
+to surface at the next save, steps after "checkpoint at step N" had been logged, repeated
+by every later wait).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
 
 import jax
@@ -118,23 +127,76 @@ def _diff(a, b, prefix=""):
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int, async_save: bool = True,
+               training: bool = False):
+    """training: the run that holds the workdir lock. It removes the STEP.orbax-
+    checkpoint-tmp folders a write that never finished left (killed, disk full): they
+    hold no complete step. A reader (generate, export) must not: the folder may be the
+    live write of a training running beside it."""
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+                                             enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=training))
+    self.pending = None    # the step whose background write is not confirmed yet
+    self.failed = False
 
   def save(self, step: int, state, meta: dict, force: bool = False):
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts writing `step` (asynchronously); poll() / confirm() report it saved."""
+    self.confirm()        # the previous write must have landed first
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:   # the synchronous part (folders, metadata) failed
+      raise self._not_saved(step, e) from None
     if not saved:   # orbax's policy refused it: never report a save that did not happen
       raise CheckpointNotSaved(
           f"checkpoint step {step} was not saved in {self.directory}: the newest step "
           f"there is {self.manager.latest_step()}. Steps on disk: {self.steps()}")
+    self.pending = step
+
+  def poll(self):
+    """Confirms the pending write if it has finished (does not block): the step is
+    logged as saved, or CheckpointNotSaved is raised. Returns the confirmed step."""
+    if self.pending is not None and not self.manager.is_saving_in_progress():
+      return self.confirm()
+    return None
+
+  def confirm(self):
+    """Blocks until the pending write has finished; logs the step as saved once its
+    folder is complete on disk, or raises CheckpointNotSaved. Returns the step."""
+    if self.pending is None:
+      return None
+    step, self.pending = self.pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._not_saved(step, e) from None
+    if not os.path.isdir(os.path.join(self.directory, str(step))):
+      raise self._not_saved(step, None)
+    logging.info("checkpoint at step %d saved -> %s", step, self.directory)
+    return step
+
+  def _not_saved(self, step: int, error) -> CheckpointNotSaved:
+    self.failed = True
+    cause = "its folder is missing after the write" if error is None else _root_cause(error)
+    try:
+      free = f"{shutil.disk_usage(self.directory).free / 2**30:.2f} GiB free there"
+    except OSError:
+      free = "free space unknown"
+    complete = [s for s in self.steps() if s != step]
+    last = complete[-1] if complete else None
+    saved = (f"the newest complete checkpoint is step {last}; free space (or fix the "
+             f"path) and rerun the same command to resume from it" if last is not None
+             else "no checkpoint is complete yet; free space (or fix the path) and rerun "
+             "the same command to start over")
+    return CheckpointNotSaved(
+        f"checkpoint step {step} could not be written to {self.directory}: {cause} "
+        f"({free}). Training stopped: {saved} (the incomplete write is removed then).")
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self.confirm()
 
   def steps(self):
     return sorted(self.manager.all_steps())
@@ -190,5 +252,33 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Confirms the last write and closes; after a failed write, closes without waiting
+    on it again (orbax would raise and log the same error once more)."""
+    if self.failed:
+      return
+    try:
+      self.confirm()
+    finally:
+      if not self.failed:
+        self.manager.close()
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost message of an exception chain (orbax wraps the OSError of a full disk
+  in several layers of thread and future errors)."""
+  seen = set()
+  while id(error) not in seen:
+    seen.add(id(error))
+    nxt = error.__cause__ or error.__context__
+    if nxt is None:
+      break
+    error = nxt
+  text = str(error).strip().splitlines()
+  detail = f"{type(error).__name__}: {text[0] if text else ''}"
+  # The operating system's reason first (tensorstore reports it as os_error_code='28').
+  code = getattr(error, "errno", None)
+  if code is None:
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    code = int(found.group(1)) if found else None
+  reason = f"{os.strerror(code)} (errno {code}); " if code else ""
+  return reason + (detail if len(detail) <= 300 else detail[:300] + "...")
