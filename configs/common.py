@@ -89,9 +89,12 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
       batch_aux_alpha=0.0))     # batch-wise balance loss (V3 4.5.3)
 
   c.data = ml_collections.ConfigDict(dict(
-      source="stdlib",          # stdlib (embedded default) | files | hf_local
-      paths=config_dict.placeholder(str),   # files / hf_local: comma-separated globs
-      tokenizer="bpe",          # bpe (trained on the corpus, cached) | bytes
+      # stdlib (the embedded default) | files | prepared (experiments.prepare_data);
+      # stdlib and files are prepared on first use into cache_dir, in the same format.
+      source="stdlib",
+      # files: comma-separated globs; prepared: DIR, or DIR1:W1,DIR2:W2 (a mixture)
+      paths=config_dict.placeholder(str),
+      tokenizer="bpe",          # stdlib / files: bpe (trained on the corpus) | bytes
       val_fraction=0.02,
       cache_dir=config_dict.placeholder(str),
       doc_attention_mask=True,  # attention (and MTP targets) stay inside a document

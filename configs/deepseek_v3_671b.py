@@ -3,8 +3,10 @@
   python -m experiments.param_count --config=configs/deepseek_v3_671b.py
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x16x16
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8
+  python -m experiments.prepare_data --inputs='corpus/*.jsonl' --workers=64 \
+      --tokenizer=DeepSeek-V3/tokenizer.json --out=data/v3     # V3's 128K BPE
   python -m experiments.train --config=configs/deepseek_v3_671b.py --workdir=gs://... \
-      --distributed
+      --config.data.paths=data/v3 --distributed
   python -m experiments.train --config=configs/deepseek_v3_671b.py:cpu --workdir=/tmp/v3cpu \
       --cpu_devices=8      # the same layout and code paths cut down for a laptop
 The mesh takes its size from the slice (fsdp = -1), so one file serves 512, 1,024 and
@@ -64,6 +66,10 @@ def get_config(arg=None):
   # V3 packs documents into sequences without cross-sample attention masking (report
   # 4.1); the targets then cross document boundaries too (train/losses.py).
   c.data.doc_attention_mask = False
+  # No default corpus at this size: a dataset prepared with V3's tokenizer (vocab
+  # 129,280 rows; README, "Train on your own data"), given on the command line:
+  #   --config.data.paths=DIR  (or DIR1:0.7,DIR2:0.3 for a mixture)
+  c.data.source = "prepared"
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.expert = 64
@@ -85,7 +91,7 @@ def _cut_down(c):
                topk_group=2, attention_block=16, init_std=0.02)
   for k, v in sizes.items():
     c.model[k] = v
-  c.data.tokenizer = "bytes"
+  c.data.source, c.data.tokenizer = "stdlib", "bytes"   # the embedded corpus, bytes
   c.batch_size, c.seq_len, c.microbatches = 16, 64, 2
   # V3's recipe shape at toy token counts (1,024 tokens a step at the full batch): a
   # two-stage batch ramp, warmup, constant, cosine, two constant tails, the MTP and bias

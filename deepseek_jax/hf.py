@@ -514,8 +514,8 @@ def save_tokenizer(path, tokenizer) -> None:
   """Our tokenizer (data.BPETokenizer or data.ByteTokenizer) -> tokenizer.json and
   tokenizer_config.json that `AutoTokenizer.from_pretrained` reads offline: the same ids
   (our byte tokenizer becomes a byte-level BPE without merges whose ids are the byte
-  values), <|eos|> as the end-of-sequence token, no begin-of-sequence token (our
-  documents are framed by an end token only)."""
+  values), the end-of-document token the data was prepared with (<|eos|> for ours) and
+  its begin token where it has one (a Hugging Face tokenizer's, e.g. DeepSeek-V3's)."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
   from deepseek_jax.train import data
   path = pathlib.Path(path)
@@ -528,12 +528,15 @@ def save_tokenizer(path, tokenizer) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([data.EOS])
+    eos, bos = data.EOS, None
   else:
     tok = tokenizer.tok
+    eos = tok.id_to_token(tokenizer.eos_id)
+    bos = None if tokenizer.bos_id is None else tok.id_to_token(tokenizer.bos_id)
   tok.save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": data.EOS,
-      "bos_token": None, "pad_token": data.EOS, "add_bos_token": False,
+      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+      "bos_token": bos, "pad_token": eos, "add_bos_token": bos is not None,
       "add_eos_token": False, "clean_up_tokenization_spaces": False,
       "model_max_length": 1 << 30}, indent=2) + "\n")
 

@@ -1,6 +1,6 @@
 """Where the time goes: our train step vs Hugging Face's on the same CPU, MFU, MoE scaling
-with the expert count, absorbed vs naive decode and speculative decoding, compile time
-and peak memory.
+with the expert count, absorbed vs naive decode and speculative decoding, the input
+pipeline's rate, compile time and peak memory.
 
   python -m experiments.bench --out=/tmp/bench.json
   python -m experiments.bench --parts=train --no_hf --out=/tmp/b.json
@@ -16,7 +16,8 @@ from absl import app, flags
 from experiments import launch
 
 _OUT = flags.DEFINE_string("out", None, "JSON file to write.")
-_PARTS = flags.DEFINE_list("parts", ["train", "moe", "decode"], "Which parts to run.")
+_PARTS = flags.DEFINE_list("parts", ["train", "moe", "decode", "data"], "Which parts to "
+                           "run (data: the input pipeline's rate against the train step's).")
 _HF = flags.DEFINE_bool("hf", True, "Time the Hugging Face reference (needs the parity "
                         "extra).")
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes (a smoke run, not a measurement).")

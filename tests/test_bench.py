@@ -32,7 +32,7 @@ def test_flop_formula_matches_hand_count():
 def test_bench_smoke_run(tmp_path):
   out = tmp_path / "bench.json"
   r = subprocess.run([sys.executable, "-m", "experiments.bench", "--tiny", f"--out={out}",
-                      "--parts=train,moe,decode", "--repeats=2",
+                      "--parts=train,moe,decode,data", "--repeats=2",
                       f"--profile_dir={tmp_path / 'trace'}"],
                      env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -41,7 +41,8 @@ def test_bench_smoke_run(tmp_path):
               "xla_ceiling_mfu", "mfu_vs_xla_ceiling",
               "dropped_frac", "moe_time_ratio_256_vs_8",
               "decode_speedup_absorbed_vs_naive_4k", "speculative_speedup",
-              "speculative_acceptance", "peak_host_memory_bytes"):
+              "speculative_acceptance", "peak_host_memory_bytes", "data_tokens_per_s",
+              "data_vs_train_tokens_ratio", "data_v5p_host_margin"):
     assert key in res, key
     assert np.isfinite(res[key]), key
   assert res["dropped_frac"] == 0.0

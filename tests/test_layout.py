@@ -2,6 +2,8 @@
 
 Layers, lowest first; a module may import its own layer and those below it, never above:
   model/      the architecture (config, layers, MLA, MoE and its dispatch, blocks, MTP)
+  data/       raw inputs, tokenizing into prepared shards, their reader (beside model/:
+              neither imports the other)
   balancing   the headline concept: bias update, balance losses, MaxVio (on MoEStats)
   train/      data, sharding, losses, the pure step, the loop, checkpoints, metrics
   inference/  decode loops over the latent cache, speculative decoding, sampling (it
@@ -16,7 +18,7 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "deepseek_jax"
-LAYERS = {"model": 0, "balancing": 1, "train": 2, "inference": 3, "hf": 3, "ablation": 4,
+LAYERS = {"model": 0, "data": 0, "balancing": 1, "train": 2, "inference": 3, "hf": 3, "ablation": 4,
           "bench": 4}
 
 

@@ -131,8 +131,9 @@ def validation_prompts(run_cfg, vocab_size: int, n: int, length: int) -> list[li
   """n evenly spaced slices of the run's validation stream (never trained on)."""
   from deepseek_jax.train import data
   corpus = data.load_corpus(run_cfg.data, vocab_size)
-  starts = np.linspace(0, len(corpus.val_tokens) - length - 1, n).astype(int)
-  return [corpus.val_tokens[s:s + length].astype(int).tolist() for s in starts]
+  val = corpus.val[0]
+  starts = np.linspace(0, len(val) - length - 1, n).astype(int)
+  return [val.read(s, s + length).astype(int).tolist() for s in starts]
 
 
 def speculative_vs_plain(model: Transformer, variables, prompts, max_new_tokens: int,

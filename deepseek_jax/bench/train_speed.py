@@ -290,6 +290,10 @@ def run_all(parts, hf=True, tiny=False, repeats=7, spec_workdir=None,
     from deepseek_jax.bench import decode_speed as benchmark_decode
     results.update(benchmark_decode.run(tiny=tiny, repeats=min(repeats, 5),
                                         spec_workdir=spec_workdir))
+  if "data" in parts:
+    from deepseek_jax.bench import data_speed
+    results.update(data_speed.run(tiny=tiny,
+                                  train_tokens_per_s=results.get("train_tokens_per_s")))
   if profile_dir:
     results.update(profile_train_step(profile_dir, tiny=tiny))
   results["peak_host_memory_bytes"] = peak_host_memory_bytes()

@@ -246,32 +246,11 @@ def load_workdir(workdir: str, step: int | None = None):
   """(model, variables {"params", "balance"}, run config, step) from a training workdir:
   the newest orbax checkpoint in DIR/checkpoints (or the one at `step`) and the config in
   DIR/config.json."""
-  import ml_collections
-  from deepseek_jax.train.checkpoint import Checkpointer
-  from deepseek_jax.model.config import model_config_from
   from deepseek_jax.model.transformer import BALANCE
-  from deepseek_jax.train.step import init_state, make_optimizer
+  from deepseek_jax.train.evaluation import restore_state
 
-  with open(run_config_path(workdir)) as fh:
-    run_cfg = ml_collections.ConfigDict(json.load(fh))
-  model = Transformer(model_config_from(run_cfg.model))
-  # The optimizer state is restored too (the checkpoint holds one TrainState) and dropped.
-  tx = make_optimizer(run_cfg.optimizer, run_cfg.total_steps)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-      jax.eval_shape(lambda: init_state(model, tx, jax.random.PRNGKey(0))))
-  ckpt = Checkpointer(workdir, keep=run_cfg.keep_checkpoints, async_save=False)
-  try:
-    restored = (ckpt.restore_latest(abstract) if step is None
-                else ckpt.restore_step(step, abstract))
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir} holds a run config but no checkpoint that "
-                            f"restores in {ckpt.directory}: train it first (rerun "
-                            f"`experiments.train` with this --workdir)")
-  state, _, step = restored
+  run_config_path(workdir)    # a clear error for a folder that holds no run
+  model, state, run_cfg, step, _ = restore_state(workdir, step)
   params = state.params
   if model.cfg.scan_layers:   # cached decoding runs the unrolled layout
     params = unstack_layers(params, model.cfg)

@@ -1,25 +1,22 @@
-"""Offline data: an embedded default corpus, a locally trained tokenizer, packed
-sequences with segment ids, and a deterministic, checkpointable batch order.
+"""Training data: prepared token streams (deepseek_jax.data), packed into rows with
+segment ids, and a deterministic, checkpointable batch order.
 
-Default corpus ("stdlib"): the source of the Python standard library that ships with the
-interpreter (~1,800 files, ~31 MB on 3.11), one document per file. It is real text nobody
-here wrote, present on every machine that runs this code, and includes English prose:
-docstrings, comments, and pydoc_data/topics.py (the language reference). Other sources:
-"files" (comma-separated local globs, one document per file) and "hf_local" (Hugging Face
-`datasets` built from local files: json/jsonl/csv/parquet/txt, field "text").
-
-Tokenizer: a byte-level BPE trained with `tokenizers` on the training documents (seconds),
-vocab = the model's vocab_size, with one special token <|eos|> (id 0) ending every
-document; or raw bytes ("bytes": ids 0..255, eos 256). Both the tokenizer and the token
-stream are cached on disk, keyed by a hash of the inputs.
+Sources: "prepared" (data.paths: a folder written by `python -m experiments.prepare_data`),
+or the inputs prepared on first use into the cache directory, through the same format:
+"stdlib" (the embedded default: the source of the Python standard library that ships
+with the interpreter, ~1,800 files, ~31 MB on 3.11, one document per file: real text
+nobody here wrote, present on every machine, with English prose in docstrings, comments
+and pydoc_data/topics.py) and "files" (comma-separated local globs, one document per
+file). Their tokenizer (data.tokenizer): a byte-level BPE trained on the training
+documents, vocab = the model's vocab_size, <|eos|> (id 0) ending every document; or raw
+bytes (ids 0..255, eos 256).
 
 Batches: the token stream (train or validation) is cut into rows of seq_len + 1 tokens;
 segment ids number the documents inside a row (0 is padding, never produced here) and
 positions restart at each document. The row order of epoch e is a permutation drawn from
 (seed, e), so the batch at step s is a pure function of (seed, s): the iterator's whole
-state is the step, saved with every checkpoint, and each process slices its own rows of
-the global batch. Grain would give the same guarantees through its index sampler; with
-one in-memory array the plain index map is shorter and has no extra dependency.
+state is the step, saved with every checkpoint, and each process reads only its own rows
+of the global batch from the memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -30,69 +27,21 @@ import json
 import math
 import os
 import sysconfig
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from absl import logging
 
+from deepseek_jax.data import inputs as inputs_lib
+from deepseek_jax.data import prepare, shards
+
 EOS = "<|eos|>"
 
-
-# Documents -------------------------------------------------------------------
 
 def stdlib_files() -> list[str]:
   root = sysconfig.get_paths()["stdlib"]
   files = sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
   return [f for f in files if "site-packages" not in f and "dist-packages" not in f]
-
-
-def _read(path):
-  with open(path, encoding="utf-8", errors="replace") as fh:
-    return fh.read()
-
-
-def load_documents(source: str, paths: str | None = None) -> tuple[list[str], list[str]]:
-  """(names, texts) of every document, in a fixed order."""
-  if source == "stdlib":
-    root = sysconfig.get_paths()["stdlib"]
-    files = stdlib_files()
-    return [os.path.relpath(f, root) for f in files], [_read(f) for f in files]
-  if not paths:
-    raise ValueError(f"data.source={source!r} needs data.paths (comma-separated globs)")
-  files = sorted({f for p in paths.split(",") for f in glob.glob(os.path.expanduser(p.strip()),
-                                                                   recursive=True)
-                  if os.path.isfile(f)})
-  if not files:
-    raise ValueError(f"data.paths={paths!r} matches no file")
-  if source == "files":
-    return files, [_read(f) for f in files]
-  if source == "hf_local":
-    try:
-      import datasets  # optional: pip install datasets
-    except ImportError as e:
-      raise ValueError("data.source='hf_local' needs the `datasets` package "
-                       "(pip install datasets)") from e
-    ext = os.path.splitext(files[0])[1].lstrip(".")
-    kind = {"jsonl": "json", "txt": "text"}.get(ext, ext)
-    ds = datasets.load_dataset(kind, data_files=files, split="train")
-    if "text" not in ds.column_names:
-      raise ValueError(f"hf_local dataset has no 'text' column: {ds.column_names}")
-    texts = list(ds["text"])
-    return [f"{files[0]}#{i}" for i in range(len(texts))], texts
-  raise ValueError(f"data.source must be stdlib, files or hf_local; got {source!r}")
-
-
-def split_documents(names, texts, val_fraction: float):
-  """A fixed held-out split by a hash of each document's name (not of the order)."""
-  train, val = [], []
-  for name, text in zip(names, texts):
-    bucket = zlib.crc32(name.encode()) % 10_000
-    (val if bucket < val_fraction * 10_000 else train).append(text)
-  if not train or (val_fraction > 0 and not val):
-    raise ValueError(f"data: split of {len(texts)} documents at val_fraction={val_fraction} "
-                     "leaves an empty train or validation set")
-  return train, val
 
 
 # Tokenizers --------------------------------------------------------------------
@@ -109,35 +58,25 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-  """A `tokenizers` byte-level BPE; id 0 is <|eos|>."""
+  """A `tokenizers` tokenizer: our byte-level BPE (id 0 is <|eos|>) or a Hugging Face
+  tokenizer.json, with the end-of-document id its prepared data used."""
 
-  def __init__(self, tok):
+  def __init__(self, tok, eos_id: int | None = None, bos_id: int | None = None):
     self.tok = tok
-    self.eos_id = tok.token_to_id(EOS)
+    self.eos_id = tok.token_to_id(EOS) if eos_id is None else eos_id
+    self.bos_id = bos_id
     self.vocab_size = tok.get_vocab_size()
 
   @classmethod
-  def train(cls, texts, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return cls(tok)
-
-  @classmethod
-  def load(cls, path):
+  def load(cls, path, eos_id: int | None = None, bos_id: int | None = None):
     from tokenizers import Tokenizer
-    return cls(Tokenizer.from_file(path))
+    return cls(Tokenizer.from_file(path), eos_id, bos_id)
 
   def save(self, path):
     self.tok.save(path)
 
   def encode_batch(self, texts):
-    return [e.ids for e in self.tok.encode_batch(texts)]
+    return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids):
     return self.tok.decode(list(ids))
@@ -148,125 +87,259 @@ def default_cache_dir() -> str:
                         os.path.join(os.path.expanduser("~"), ".cache", "deepseek_jax"))
 
 
-def _atomic_save(path, write):
-  tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
-
-
 # The packed dataset -------------------------------------------------------------
 
 @dataclass
 class Corpus:
+  """A run's prepared data: one source, or a weighted mixture of sources."""
   tokenizer: object
-  train_tokens: np.ndarray     # token stream, each document ended by eos
-  train_starts: np.ndarray     # int64 offset of each document in the stream
-  val_tokens: np.ndarray
-  val_starts: np.ndarray
+  train: list                  # shards.TokenStream per source: documents back to back
+  val: list
+  weights: list                # per source (1.0 for one source)
+  dirs: list                   # the prepared folders
+  manifest: dict               # the first source's (all share the tokenizer)
 
 
-_STREAMS = ("train_tokens", "train_starts", "val_tokens", "val_starts")
-
-
-def _stream(tokenizer, texts):
-  ids = tokenizer.encode_batch(texts)
-  lens = np.array([len(x) + 1 for x in ids], np.int64)
-  dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
-  tokens = np.empty(int(lens.sum()), dtype)
-  starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-  for x, at in zip(ids, starts):
-    tokens[at:at + len(x)] = x
-    tokens[at + len(x)] = tokenizer.eos_id
-  return tokens, starts
-
-
-def _cache_key(data_cfg, vocab_size: int, names, texts) -> str:
-  h = hashlib.sha256()
+def _cache_key(data_cfg, vocab_size: int, files: list[str]) -> str:
+  """The prepared default's folder: the inputs (paths, sizes, modification times), the
+  tokenizer, the vocabulary and the split."""
+  h = hashlib.sha256(shards.FORMAT.encode())
   for x in (data_cfg.source, data_cfg.tokenizer, str(vocab_size), str(data_cfg.val_fraction)):
     h.update(x.encode())
-  for name, text in zip(names, texts):
-    h.update(name.encode())
-    h.update(hashlib.sha256(text.encode("utf-8", "replace")).digest())
+  for f in files:
+    st = os.stat(f)
+    h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
   return h.hexdigest()[:16]
 
 
-def _tokenizer(data_cfg, vocab_size: int, cache: str, key: str, train_texts):
-  if data_cfg.tokenizer == "bytes":
-    tokenizer = ByteTokenizer()
-  elif data_cfg.tokenizer == "bpe":
-    tok_path = os.path.join(cache, f"tokenizer-{key}.json")
-    if os.path.exists(tok_path):
-      tokenizer = BPETokenizer.load(tok_path)
-    else:
-      logging.info("training a %d-token byte-level BPE on %d documents", vocab_size,
-                   len(train_texts))
-      tokenizer = BPETokenizer.train(train_texts, vocab_size)
-      _atomic_save(tok_path, tokenizer.save)
-  else:
+def _input_files(data_cfg) -> tuple[list[str], str | None]:
+  """(files, name root) of the stdlib / files sources (documents named relative to the
+  stdlib root, or by absolute path for files: the split the in-memory path used)."""
+  if data_cfg.source == "stdlib":
+    return stdlib_files(), sysconfig.get_paths()["stdlib"]
+  if not data_cfg.get("paths"):
+    raise ValueError(f"data.source={data_cfg.source!r} needs data.paths (comma-separated "
+                     "globs)")
+  try:
+    return inputs_lib.expand(data_cfg.paths), ""     # named by absolute path
+  except inputs_lib.InputError as e:
+    raise ValueError(f"data.paths: {e}") from None
+
+
+def prepared_dirs(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
+  """[(prepared folder, weight)] of a run's data: data.paths for source=prepared
+  ("DIR" or "DIR1:0.7,DIR2:0.3"), else the embedded or local-file inputs prepared on
+  first use into the cache directory (the same format and reader either way)."""
+  if data_cfg.source == "prepared":
+    if not data_cfg.get("paths"):
+      raise ValueError("data.source='prepared' needs data.paths: a folder written by "
+                       "experiments.prepare_data (or DIR1:W1,DIR2:W2 for a mixture)")
+    out = []
+    for part in data_cfg.paths.split(","):
+      directory, _, weight = part.strip().rpartition(":")
+      if not directory or not _is_number(weight):
+        directory, weight = part.strip(), "1"
+      out.append((os.path.expanduser(directory), float(weight)))
+    return out
+  if data_cfg.source not in ("stdlib", "files"):
+    raise ValueError(f"data.source must be stdlib, files or prepared; got "
+                     f"{data_cfg.source!r} (hf_local folders and jsonl/parquet files: "
+                     "python -m experiments.prepare_data, then source=prepared)")
+  if data_cfg.tokenizer not in ("bpe", "bytes"):
     raise ValueError(f"data.tokenizer must be bpe or bytes; got {data_cfg.tokenizer!r}")
-  if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                     f"{vocab_size}; raise model.vocab_size")
-  return tokenizer
+  files, root = _input_files(data_cfg)
+  cache = data_cfg.get("cache_dir") or default_cache_dir()
+  out = os.path.join(cache, f"prepared-{_cache_key(data_cfg, vocab_size, files)}")
+  if not os.path.exists(os.path.join(out, shards.MANIFEST)):
+    spec = "bytes" if data_cfg.tokenizer == "bytes" else f"bpe:{vocab_size}"
+    logging.info("preparing %d %s files (%s tokenizer) into %s", len(files),
+                 data_cfg.source, spec, out)
+    try:
+      prepare.prepare(files, spec, out, val_fraction=data_cfg.val_fraction, root=root)
+    except inputs_lib.InputError as e:
+      raise ValueError(f"data: {e}") from None
+  return [(out, 1.0)]
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False
+
+
+def open_prepared(directory: str, vocab_size: int, verify: bool = True):
+  try:
+    manifest = shards.read_manifest(directory)
+    if verify:
+      shards.verify(directory, manifest)
+  except shards.PreparedDataError as e:
+    raise ValueError(f"data: {e}") from None
+  tok = manifest["tokenizer"]
+  if tok["vocab_size"] > vocab_size:
+    raise ValueError(f"data: the tokenizer of {directory} has {tok['vocab_size']} tokens "
+                     f"but model.vocab_size={vocab_size}; raise model.vocab_size")
+  return manifest
+
+
+def _tokenizer_of(directory: str, manifest: dict):
+  tok = manifest["tokenizer"]
+  if tok["kind"] == "bytes":
+    return ByteTokenizer()
+  return BPETokenizer.load(os.path.join(directory, "tokenizer.json"), tok["eos_id"],
+                          tok["bos_id"])
 
 
 def load_tokenizer(data_cfg, vocab_size: int):
-  """Only the tokenizer of load_corpus (from its cache; trained again if absent)."""
-  if data_cfg.tokenizer == "bytes":
+  """The tokenizer a run's data was prepared with (the first source's, for a mixture)."""
+  if data_cfg.tokenizer == "bytes" and data_cfg.source != "prepared":
     return ByteTokenizer()
-  names, texts = load_documents(data_cfg.source, data_cfg.get("paths"))
-  cache = data_cfg.get("cache_dir") or default_cache_dir()
-  os.makedirs(cache, exist_ok=True)
-  train_texts, _ = split_documents(names, texts, data_cfg.val_fraction)
-  return _tokenizer(data_cfg, vocab_size, cache,
-                    _cache_key(data_cfg, vocab_size, names, texts), train_texts)
+  directory = prepared_dirs(data_cfg, vocab_size)[0][0]
+  return _tokenizer_of(directory, open_prepared(directory, vocab_size, verify=False))
 
 
 def load_corpus(data_cfg, vocab_size: int) -> Corpus:
-  """Builds (or reads from cache) the tokenizer and the tokenized train/val streams."""
-  names, texts = load_documents(data_cfg.source, data_cfg.get("paths"))
-  cache = data_cfg.get("cache_dir") or default_cache_dir()
-  os.makedirs(cache, exist_ok=True)
-  key = _cache_key(data_cfg, vocab_size, names, texts)
-  train_texts, val_texts = split_documents(names, texts, data_cfg.val_fraction)
-  tokenizer = _tokenizer(data_cfg, vocab_size, cache, key, train_texts)
+  """The run's prepared data (built on first use for the stdlib / files sources), as
+  memory-mapped train and validation streams, one per source of a mixture."""
+  dirs = prepared_dirs(data_cfg, vocab_size)
+  manifests = [open_prepared(d, vocab_size) for d, _ in dirs]
+  for (d, _), m in zip(dirs[1:], manifests[1:]):
+    if m["tokenizer"] != manifests[0]["tokenizer"]:
+      raise ValueError(f"data.paths: {d} was prepared with another tokenizer than "
+                       f"{dirs[0][0]} ({m['tokenizer']} vs {manifests[0]['tokenizer']}); "
+                       "a mixture needs one tokenizer")
+  train = [shards.TokenStream(d, m, "train") for (d, _), m in zip(dirs, manifests)]
+  val = [shards.TokenStream(d, m, "val") for (d, _), m in zip(dirs, manifests)]
+  if data_cfg.val_fraction > 0 and data_cfg.source != "prepared" and val[0].n_docs == 0:
+    raise ValueError(f"data: the validation split of {train[0].n_docs} documents at "
+                     f"data.val_fraction={data_cfg.val_fraction} is empty; raise "
+                     "data.val_fraction")
+  return Corpus(_tokenizer_of(dirs[0][0], manifests[0]), train, val,
+                [w for _, w in dirs], [d for d, _ in dirs], manifests[0])
 
-  stream_path = os.path.join(cache, f"tokens-{key}.npz")
-  if os.path.exists(stream_path):
-    with np.load(stream_path) as z:
-      arrays = [z[k] for k in _STREAMS]
-  else:
-    arrays = [*_stream(tokenizer, train_texts), *_stream(tokenizer, val_texts)]
 
-    def write(path):
-      with open(path, "wb") as fh:
-        np.savez(fh, **dict(zip(_STREAMS, arrays)))
-    _atomic_save(stream_path, write)
-  return Corpus(tokenizer, *arrays)
+def packed_rows(streams, weights, seq_len: int, seed: int, shuffle: bool = True):
+  """PackedRows of one stream, or a Mixture of several."""
+  rows = [PackedRows(s, seq_len=seq_len) for s in streams]
+  return rows[0] if len(rows) == 1 else Mixture(rows, weights, seed, shuffle)
 
 
 class PackedRows:
-  """Rows of seq_len + 1 tokens cut from a stream, with segment ids and positions."""
+  """Rows of seq_len + 1 tokens cut from a stream, with segment ids and positions.
 
-  def __init__(self, tokens, starts, seq_len: int):
+  stream: a shards.TokenStream (memory-mapped shards), or a token array with `starts`
+  (the offset of each document in it)."""
+
+  def __init__(self, stream, starts=None, seq_len: int = None):
+    if not isinstance(stream, shards.TokenStream):
+      stream = shards.ArrayStream(np.asarray(stream), np.asarray(starts, np.int64))
+    self.stream = stream
     self.width = seq_len + 1
-    self.n_rows = len(tokens) // self.width
+    self.n_rows = len(stream) // self.width
     if self.n_rows == 0:
-      raise ValueError(f"the stream has {len(tokens)} tokens: not one row of {self.width}")
-    self.tokens = tokens[:self.n_rows * self.width].reshape(self.n_rows, self.width)
-    self.starts = starts
+      raise ValueError(f"the stream has {len(stream)} tokens: not one row of {self.width}")
 
   def rows(self, idx) -> dict[str, np.ndarray]:
     idx = np.asarray(idx)
     offsets = idx[:, None] * self.width + np.arange(self.width)
-    docs = np.searchsorted(self.starts, offsets, side="right")
+    docs = self.stream.doc_ids(offsets)
     # Segment ids 1..n inside each row; positions restart where the document changes.
     change = np.concatenate([np.ones_like(docs[:, :1], bool), docs[:, 1:] != docs[:, :-1]], 1)
     segments = np.cumsum(change, axis=1).astype(np.int32)
     start = np.maximum.accumulate(np.where(change, np.arange(self.width), 0), axis=1)
     positions = (np.arange(self.width) - start).astype(np.int32)
-    return {"tokens": self.tokens[idx].astype(np.int32), "segments": segments,
+    tokens = np.stack([self.stream.read(int(r) * self.width, (int(r) + 1) * self.width)
+                       for r in idx]) if len(idx) else np.zeros((0, self.width), np.int32)
+    return {"tokens": tokens.astype(np.int32), "segments": segments,
             "positions": positions}
+
+
+class Mixture:
+  """Rows of several sources (PackedRows of one width) interleaved by weight: the row at
+  stream position p is a pure function of (seed, p).
+
+  Positions come in blocks of BLOCK rows; in every block source k holds exactly n_k rows
+  (BLOCK * w_k rounded by largest remainder), in an order drawn from (seed, block). Its
+  r-th row overall is row r mod N_k of its own permutation for epoch r // N_k (drawn from
+  (seed, k, epoch)), so each source runs through its own epochs at its own pace and its
+  position in the mixture (`locate`) is reproducible. shuffle=False (validation): blocks
+  and sources in order.
+  """
+
+  BLOCK = 1024
+
+  def __init__(self, sources, weights, seed: int, shuffle: bool = True):
+    weights = np.asarray(weights, np.float64)
+    if len(sources) != len(weights) or (weights <= 0).any():
+      raise ValueError(f"data.paths: mixture weights must be > 0; got {weights.tolist()}")
+    if len({r.width for r in sources}) != 1:
+      raise ValueError("mixture sources must have one row width")
+    share = weights / weights.sum() * self.BLOCK
+    counts = np.floor(share).astype(np.int64)
+    for k in np.argsort(-(share - counts), kind="stable")[:self.BLOCK - counts.sum()]:
+      counts[k] += 1
+    if (counts == 0).any():
+      raise ValueError(f"data.paths: a weight below 1/{self.BLOCK} of the total: "
+                       f"{weights.tolist()}")
+    self.sources, self.counts, self.seed, self.shuffle = sources, counts, seed, shuffle
+    self.weights = weights / weights.sum()
+    self.width = sources[0].width
+    # Validation (no shuffle): the positions before a source would repeat a row.
+    # Training: the sources' rows together (sources wrap around at their own pace).
+    self.n_rows = (int(min(r.n_rows // c for r, c in zip(sources, counts)) * self.BLOCK)
+                   if not shuffle else sum(r.n_rows for r in sources))
+    self._cache = {}
+
+  def _block(self, b: int):
+    """(source of each slot, rank of the slot among its source's slots) of block b."""
+    key = ("block", b)
+    if key not in self._cache:
+      slots = np.repeat(np.arange(len(self.counts)), self.counts)
+      if self.shuffle:
+        slots = np.random.default_rng([self.seed, 1 << 30, b]).permutation(slots)
+      rank = np.zeros(self.BLOCK, np.int64)
+      for k in range(len(self.counts)):
+        rank[slots == k] = np.arange(self.counts[k])
+      self._remember(key, (slots, rank))
+    return self._cache[key]
+
+  def _permutation(self, k: int, epoch: int):
+    key = ("perm", k, epoch)
+    if key not in self._cache:
+      n = self.sources[k].n_rows
+      self._remember(key, np.random.default_rng([self.seed, k, epoch]).permutation(n)
+                     if self.shuffle else np.arange(n))
+    return self._cache[key]
+
+  def _remember(self, key, value):
+    if len(self._cache) > 64:
+      self._cache.pop(next(iter(self._cache)))
+    self._cache[key] = value
+
+  def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
+    """(source, position within the source's own stream of rows) of each position."""
+    positions = np.asarray(positions, np.int64)
+    src = np.empty(positions.shape, np.int64)
+    pos = np.empty(positions.shape, np.int64)
+    for i, p in enumerate(positions.reshape(-1)):
+      b, j = divmod(int(p), self.BLOCK)
+      slots, rank = self._block(b)
+      src.reshape(-1)[i] = slots[j]
+      pos.reshape(-1)[i] = b * self.counts[slots[j]] + rank[j]
+    return src, pos
+
+  def rows(self, positions) -> dict[str, np.ndarray]:
+    src, pos = self.locate(positions)
+    parts, order = [], []
+    for k in np.unique(src):
+      sel = np.flatnonzero(src == k)
+      n = self.sources[k].n_rows
+      idx = [self._permutation(int(k), int(q) // n)[int(q) % n] for q in pos[sel]]
+      parts.append(self.sources[k].rows(np.asarray(idx, np.int64)))
+      order.append(sel)
+    order = np.argsort(np.concatenate(order), kind="stable")
+    return {key: np.concatenate([p[key] for p in parts])[order] for key in parts[0]}
 
 
 class BatchSchedule:
@@ -293,7 +366,7 @@ class BatchSchedule:
       raise ValueError(f"{rows.n_rows} rows cannot fill a batch of {biggest}")
     self.rows, self.batch_size, self.seed = rows, batch_size, seed
     gcd = math.gcd(*[b for _, b in stages])
-    self.epoch_rows = rows.n_rows // gcd * gcd
+    self.epoch_rows = rows.n_rows // gcd * gcd   # (unused for a Mixture)
     # (start step, stream position, batch) of every stage.
     self.stages, pos = [], 0
     for i, (start, batch) in enumerate(stages):
@@ -317,6 +390,8 @@ class BatchSchedule:
   def global_indices(self, step: int) -> np.ndarray:
     start, pos, batch = [st for st in self.stages if st[0] <= step][-1]
     first = pos + (step - start) * batch
+    if isinstance(self.rows, Mixture):   # the mixture orders its own rows
+      return np.arange(first, first + batch)
     epoch, i = divmod(first, self.epoch_rows)
     head = self._permutation(epoch)[i:min(i + batch, self.epoch_rows)]
     if len(head) == batch:
@@ -343,5 +418,8 @@ def validation_batches(rows: PackedRows, batch_size: int, n_batches: int | None,
 
 def describe(corpus: Corpus) -> str:
   return json.dumps({"tokenizer_vocab": corpus.tokenizer.vocab_size,
-                     "train_tokens": int(len(corpus.train_tokens)),
-                     "val_tokens": int(len(corpus.val_tokens))})
+                     "sources": [{"dir": d, "weight": w, "train_tokens": len(t),
+                                  "val_tokens": len(v), "train_docs": t.n_docs,
+                                  "val_docs": v.n_docs}
+                                 for d, w, t, v in zip(corpus.dirs, corpus.weights,
+                                                       corpus.train, corpus.val)]})

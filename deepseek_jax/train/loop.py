@@ -20,7 +20,9 @@ from absl import logging
 
 from deepseek_jax import balancing
 from deepseek_jax.train import data, sharding
-from deepseek_jax.train.checkpoint import Checkpointer, WorkdirLock, check_workdir_config
+from deepseek_jax.train.checkpoint import (Checkpointer, CheckpointNotSaved, WorkdirBusy,
+                                           WorkdirConflict, WorkdirLock,
+                                           check_workdir_config)
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
 from deepseek_jax.train.recipe import Recipe
@@ -32,6 +34,11 @@ from deepseek_jax.train.step import (TrainState, balance_hparams, init_state, ji
 
 class NonFiniteLoss(FloatingPointError):
   pass
+
+
+# Errors that stop a run with a message that says what happened and what to do: the
+# entry point prints the message alone, without a traceback.
+RUN_ERRORS = (NonFiniteLoss, CheckpointNotSaved, WorkdirBusy, WorkdirConflict)
 
 
 class ZeroGradWatch:
@@ -220,14 +227,15 @@ def _global_batch(local, batch_sh):
   return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
 
 
-def _packed_rows(tokens, starts, cfg, split: str):
+def _packed_rows(streams, weights, cfg, split: str):
   """A split's rows, refused before training when it cannot fill one batch (evaluation
   would otherwise fail after the last step, before the final save)."""
   fix = (f"{'raise' if split == 'validation' else 'lower'} data.val_fraction (now "
          f"{cfg.data.val_fraction}) or lower batch_size (now {cfg.batch_size}) or seq_len "
          f"(now {cfg.seq_len})")
   try:
-    rows = data.PackedRows(tokens, starts, cfg.seq_len)
+    rows = data.packed_rows(streams, weights, cfg.seq_len, cfg.seed,
+                            shuffle=split == "training")
   except ValueError as e:
     raise ValueError(f"the {split} split: {e}; {fix}") from None
   if rows.n_rows < cfg.batch_size:
@@ -283,8 +291,8 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
 
   # Input ----------------------------------------------------------------------------
   corpus = data.load_corpus(cfg.data, model_cfg.vocab_size)
-  train_rows = _packed_rows(corpus.train_tokens, corpus.train_starts, cfg, "training")
-  val_rows = _packed_rows(corpus.val_tokens, corpus.val_starts, cfg, "validation")
+  train_rows = _packed_rows(corpus.train, corpus.weights, cfg, "training")
+  val_rows = _packed_rows(corpus.val, corpus.weights, cfg, "validation")
   recipe = Recipe(cfg)
   schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed,
                                 [(s.start_step, s.batch) for s in recipe.stages])
@@ -304,7 +312,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
                    batch_size, cfg.seq_len, stage_cfgs[batch_size].microbatches)
     return train_fns[batch_size]
 
-  ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
+  ckpt = Checkpointer(workdir, cfg.keep_checkpoints, training=True)
   writer = MetricWriter(workdir, cfg.total_steps, enabled=is_main and not quiet)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed)), state_sh)
@@ -313,6 +321,13 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
     raise RuntimeError(f"{workdir} has checkpoints but no config.json; refusing to start over")
   if restored is not None:
     state, meta, step = restored
+    saved_tok = meta.get("tokenizer")
+    if saved_tok is not None and saved_tok != corpus.manifest["tokenizer"]:
+      raise WorkdirConflict(
+          f"the data's tokenizer ({corpus.manifest['tokenizer']}) is not the one step "
+          f"{step} in {ckpt.directory} was trained with ({saved_tok}): the prepared data "
+          "was rebuilt with another tokenizer. Use a new --workdir, or the data the run "
+          "started with; the saved run is left untouched.")
     logging.info("resumed from step %d (%s)", step, ckpt.directory)
     if is_main:
       writer.truncate_after(step)
@@ -401,6 +416,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
       batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
                             batch_sh)
       state, metrics = stage_train_fn(schedule.batch_size_at(step))(state, batch, hparams)
+      ckpt.poll()   # a finished background write is logged as saved, a failed one stops
       if pending is not None:
         record(pending[0], pull(pending))
       pending = (step, metrics)
@@ -417,9 +433,9 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
         record(pending[0], m, extra, console=eval_due, now=t_trained)
         pending = None
         if save_due:
-          ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict()},
-                    force=preempt.requested)
-          logging.info("checkpoint at step %d -> %s", step, ckpt.directory)
+          ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict(),
+                                  "tokenizer": corpus.manifest["tokenizer"]},
+                    force=preempt.requested)   # logged once its write is confirmed
         # Evaluation and saving are not training time.
         clock["pulled"] = clock["window"] = time.perf_counter()
         clock["since"] = step
