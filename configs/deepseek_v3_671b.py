@@ -39,7 +39,9 @@ def get_config(arg=None):
       remat=True, remat_policy="dots_no_batch",
       attention_impl="blockwise", attention_block=512,
       moe_dispatch="ragged",       # grouped matmul: each expert's weights read once
-      ep_capacity_factor=1.25)     # all-to-all buffers ~ tokens x K / shards
+      ep_capacity_factor=1.25,     # all-to-all buffers ~ tokens x K / shards, and
+      ep_overflow="rounds")        # what does not fit goes in more rounds: V3 drops
+                                   # no token (report 2.1.2)
   c = common.base_config(model)
   c.seq_len = 4096
   c.microbatches = -1          # one sequence per batch shard per microbatch

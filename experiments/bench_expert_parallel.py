@@ -3,7 +3,9 @@
   python -m experiments.bench_expert_parallel
   python -m experiments.bench_expert_parallel --meshes=2x4 --tokens=4096 --dtype=bfloat16
 
-For each data x expert mesh and each buffer setting (dropless; capacity) it reports:
+For each data x expert mesh and each buffer setting (dropless, C = tokens; rounds:
+C = ceil(f X fanout / S) and the overflow sent in further rounds; capacity: the same C,
+overflow dropped) it reports:
   - bytes the dispatch all-to-all moves off each shard per token, counted from the
     exchanged buffers (occupied rows), against the analytic K * D * itemsize * (S-1)/S
     (one row per routed assignment, uniform routing) and against the exact expectation
@@ -82,6 +84,7 @@ def main(argv):
   idx = np.asarray(idx_XK)
 
   settings = {"dropless": dict(moe_dispatch="dropless"),
+              "rounds": dict(moe_dispatch="dropless", ep_capacity_factor=_CAPACITY.value),
               "capacity": dict(moe_dispatch="capacity", capacity_factor=_CAPACITY.value)}
   single = {}
   for name, over in settings.items():
@@ -118,11 +121,12 @@ def main(argv):
           "analytic_measured_fraction": K * D * itemsize * off_shard_assign,
           "expected_dedup_bytes_per_token": D * itemsize * distinct_off,
           "wire_bytes_per_token": float(traffic["wire_bytes"]) / X,
+          "rounds": int(traffic["rounds"]),
           "ms_fwd": 1e3 * t_fwd, "ms_fwd_single": 1e3 * single[name][0],
           "ms_fwd_bwd": 1e3 * t_fwd_bwd, "ms_fwd_bwd_single": 1e3 * single[name][1],
       }
       results.append(r)
-      print(f"{mesh_name} {name:8s} C={r['capacity_rows']:4d} "
+      print(f"{mesh_name} {name:8s} C={r['capacity_rows']:4d} x {r['rounds']} round(s), "
             f"dropped {100 * r['dropped_frac']:.2f}% | dispatch bytes/token: measured "
             f"{r['payload_bytes_per_token']:.0f}, analytic K*D*b*(S-1)/S "
             f"{r['analytic_bytes_per_token']:.0f} (at the measured off-shard fraction "

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
+_EP_OVERFLOW = ("rounds", "drop")
 _DISPATCHES = ("dropless", "capacity", "ragged", "reference")
 _ATTENTION_IMPLS = ("plain", "blockwise", "cudnn", "tokamax")
 _GROUPED_MATMULS = ("xla", "tokamax")
@@ -82,8 +83,15 @@ class ModelConfig:
   # unless moe_dispatch == "capacity"). A number f sizes every buffer by tokens x K /
   # shards instead, whatever the local dispatch: C = ceil(f * tokens * fanout / Z) send
   # rows per destination shard, and with moe_dispatch "ragged" ceil(f * tokens * K)
-  # local expert rows on the receiving shard; what does not fit is dropped and counted.
+  # local expert rows on the receiving shard; what does not fit is dropped and counted
+  # when ep_overflow == "drop".
   ep_capacity_factor: float | None = None
+  # What happens to (token, shard) pairs past a destination's C rows under expert
+  # parallelism: "rounds" sends them in further rounds of the same all-to-all until every
+  # pair is sent (dropless, as V3; memory bounded by one round's buffers, rounds = the
+  # worst destination's queue / C, agreed by every shard); "drop" drops and counts them.
+  # moe_dispatch "capacity" always drops (it is the capacity baseline).
+  ep_overflow: str = "rounds"
   # The grouped matmul of moe_dispatch "ragged": "xla" (jax.lax.ragged_dot; XLA:GPU in
   # jaxlib 0.10 rewrites it into a dense product over every expert) or "tokamax"
   # (tokamax.ragged_dot: a grouped-GEMM kernel, Mosaic GPU on Hopper, Triton elsewhere,
@@ -228,6 +236,8 @@ def _validate(c: ModelConfig) -> None:
     bad("capacity_factor", "must be positive")
   if c.ep_capacity_factor is not None and not c.ep_capacity_factor > 0:
     bad("ep_capacity_factor", "must be positive or None (the dispatch's own rule)")
+  if c.ep_overflow not in _EP_OVERFLOW:
+    bad("ep_overflow", f"must be one of {_EP_OVERFLOW}")
   if c.moe_block_size is not None and (not isinstance(c.moe_block_size, int)
                                        or c.moe_block_size <= 0):
     bad("moe_block_size", "must be a positive integer or None (automatic)")

@@ -54,7 +54,7 @@ def _silu_parts(g):
   return g * sig.astype(g.dtype), sig
 
 
-def _zeros_like_all(shape, dtype, *like):
+def zeros_like_all(shape, dtype, *like):
   """Zeros of `shape` that vary over every manual mesh axis any of `like` varies over:
   inside shard_map (expert parallelism) a loop carry must keep one such type, and the
   loop's results mix per-shard tokens with per-shard weights."""
@@ -62,15 +62,15 @@ def _zeros_like_all(shape, dtype, *like):
   return jnp.broadcast_to(zero, shape)
 
 
-def _varying(a) -> frozenset:
+def varying_axes(a) -> frozenset:
   return jax.typeof(a).manual_axis_type.varying
 
 
-def _sum_to_type(grad, primal):
+def sum_to_type(grad, primal):
   """A weight gradient with the weight's dtype and manual-axis type: inside shard_map,
   summed over the axes the tokens vary over but the weight does not (what JAX's own
   transpose of the weight's implicit broadcast does)."""
-  extra = _varying(grad) - _varying(primal)
+  extra = varying_axes(grad) - varying_axes(primal)
   if extra:
     grad = jax.lax.psum(grad, tuple(sorted(extra)))
   return grad.astype(primal.dtype)
@@ -101,7 +101,7 @@ def _swiglu_blocks_fwd(x_nbD, expert_n, n_live, w_gate_EDF, w_up_EDF, w_down_EFD
     put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0)
     return put(y_nbD, y_bD), put(g_nbF, g_bF), put(u_nbF, u_bF)
 
-  zeros = lambda *shape: _zeros_like_all(shape, x_nbD.dtype, x_nbD, w_gate_EDF)
+  zeros = lambda *shape: zeros_like_all(shape, x_nbD.dtype, x_nbD, w_gate_EDF)
   y_nbD, g_nbF, u_nbF = jax.lax.fori_loop(0, n_live, body,
                                           (zeros(n, b, D), zeros(n, b, F), zeros(n, b, F)))
   return y_nbD, (x_nbD, expert_n, n_live, w_gate_EDF, w_up_EDF, w_down_EFD, g_nbF, u_nbF)
@@ -130,12 +130,12 @@ def _swiglu_blocks_bwd(res, dy_nbD):
             acc(dwg, x_bD.T @ dg_bF), acc(dwu, x_bD.T @ du_bF),
             acc(dwd, (s_bF * u_bF).T @ dy_bD))
 
-  zeros = lambda a, dtype: _zeros_like_all(a.shape, dtype, x_nbD, dy_nbD, w_gate_EDF)
+  zeros = lambda a, dtype: zeros_like_all(a.shape, dtype, x_nbD, dy_nbD, w_gate_EDF)
   init = (zeros(x_nbD, x_nbD.dtype), zeros(w_gate_EDF, f32), zeros(w_up_EDF, f32),
           zeros(w_down_EFD, f32))
   dx_nbD, dwg, dwu, dwd = jax.lax.fori_loop(0, n_live, body, init)
   return (dx_nbD, None, None) + tuple(
-      _sum_to_type(dw, w) for dw, w in ((dwg, w_gate_EDF), (dwu, w_up_EDF), (dwd, w_down_EFD)))
+      sum_to_type(dw, w) for dw, w in ((dwg, w_gate_EDF), (dwu, w_up_EDF), (dwd, w_down_EFD)))
 
 
 swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)

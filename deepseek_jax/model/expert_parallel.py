@@ -11,25 +11,31 @@ GSPMD; only the routed experts run here. Per shard, X tokens:
 
   1. dispatch   a token goes ONCE to each shard holding any of its experts (as V3 and
                 DeepEP do: node-limited routing then bounds the bytes, not just the
-                fan-out). The first C (token, shard) pairs per destination, in token
-                order, fill a send buffer [Z, C, D]; with each row travel the local
-                expert ids (E_l: none) and gates of that token there, [Z, C, J].
-                Pairs past C are dropped and their assignments counted.
+                fan-out). Each destination's (token, shard) pairs queue in token order;
+                C of them fill that destination's block of a send buffer [Z, C, D];
+                with each row travel the local expert ids (E_l: none) and gates of that
+                token there, [Z, C, J].
   2. all_to_all over "expert": block z of dim 0 goes to shard z.
   3. compute    the W = Z * C received rows through the local experts (J assignments a
                 row, gate-weighted sum) with dispatch.py's block-grouped dropless path,
-                or its grouped-matmul path for moe_dispatch "ragged", whose W * J
-                assignment rows are capped as below; what is cut is counted too.
+                or its grouped-matmul path for moe_dispatch "ragged".
   4. all_to_all back; y_x = sum over the shards x went to of their partial sums.
+  5. rounds     with ep_overflow="rounds" (the default) steps 1-4 repeat for queue
+                places [C, 2C), [2C, 3C), ... until every pair is sent: dropless, with
+                one round's memory. The round count is the longest queue anywhere over
+                C (a pmax, so every shard runs the same collectives); a balanced
+                routing needs one. With "drop", pairs past C are dropped and counted.
 
 Capacity C per destination shard (in tokens): C = ceil(f * X * fanout / Z), fanout the
 most shards a token can reach (min(K, Z), or topk_group when groups sit on shards), with
 f = cfg.ep_capacity_factor whenever it is set, else capacity_factor for moe_dispatch
-"capacity"; otherwise dropless, C = X: static shapes cannot be ragged
-(`ragged_all_to_all` would be, but XLA:CPU does not implement it). Dropless buffers grow
-as W = Z * X rows a shard, so at pod scale ep_capacity_factor sizes them by tokens x K
-instead: C as above, and the ragged local buffer ceil(f * X * K) rows (the mean a shard
-receives is X * K).
+"capacity" (which always drops: it is the capacity baseline); otherwise C = X, one round
+that holds any routing (static shapes cannot be ragged: `ragged_all_to_all` could be,
+but XLA:CPU does not implement it, and its receive buffer must still hold the worst
+case, Z times the mean). Those buffers grow as W = Z * X rows a shard, so at pod scale
+ep_capacity_factor sizes them by tokens x K instead, and the rounds carry the excess.
+Under "drop" the ragged local buffer is capped too, at ceil(f * X * K) rows (the mean a
+shard receives is X * K); in rounds it holds a round's W * J assignments.
 
 Node-limited routing (V3 2.1.2, M = topk_group nodes): with contiguous expert sharding,
 routing group g (E/G experts) lives on shard g * Z / G whenever G is a multiple of Z, so
@@ -44,6 +50,7 @@ takes this path whenever that mesh has an "expert" axis of size > 1.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -110,23 +117,22 @@ def check_mesh(cfg: ModelConfig, mesh, batch: int) -> None:
         f"topk_group={cfg.topk_group} shards)")
 
 
-def plan_dispatch(idx_XK, gates_XK, n_experts: int, n_shards: int, cap: int):
-  """Where each (token, destination shard) pair goes, and what travels with it.
+def queue_pairs(idx_XK, gates_XK, n_experts: int, n_shards: int):
+  """Each (token, destination shard) pair's place in its destination's queue, and what
+  travels with it.
 
-  Returns row_XZ (send-buffer row z * cap + slot, or Z * cap: not sent), ids_XZJ and
-  gates_XZJ (the token's local expert ids, E_l where none, and gates on shard z; J =
-  min(K, E_l) slots) and dropped_XZ (assignments lost because shard z was full)."""
+  Returns rank_XZ (pairs before it bound for shard z, in token order: earlier tokens go
+  first; -1 where the token has no expert on z), ids_XZJ and gates_XZJ (the token's local
+  expert ids, E_l where none, and gates on shard z; J = min(K, E_l) slots) and n_XZ (the
+  token's assignments on shard z)."""
   X, K = idx_XK.shape
   Z, E_l = n_shards, n_experts // n_shards
   shard_XK = idx_XK // E_l                           # padding sentinel E -> Z
   on_XZK = shard_XK[:, None, :] == jnp.arange(Z)[None, :, None]
   n_XZ = on_XZK.sum(-1)
   dest_U = jnp.where(n_XZ > 0, jnp.arange(Z)[None, :], Z).reshape(-1)
-  # Earlier tokens win a destination's slots (pairs are token-major).
-  rank_U, _ = dispatch.rank_in_expert(dest_U, Z)
-  kept_U = (dest_U < Z) & (rank_U < cap)
-  row_XZ = jnp.where(kept_U, dest_U * cap + rank_U, Z * cap).reshape(X, Z)
-  dropped_XZ = jnp.where(kept_U.reshape(X, Z), 0, n_XZ)
+  rank_U, _ = dispatch.rank_in_expert(dest_U, Z)     # pairs are token-major
+  rank_XZ = jnp.where(dest_U < Z, rank_U, -1).reshape(X, Z)
   # At most min(K, E_l) of a token's experts share a shard: keep those slots, in J order.
   J = min(K, E_l)
   first_XZJ = jnp.argsort(~on_XZK, axis=-1, stable=True)[..., :J]
@@ -135,6 +141,31 @@ def plan_dispatch(idx_XK, gates_XK, n_experts: int, n_shards: int, cap: int):
   gates_XZK = jnp.broadcast_to(gates_XK[:, None, :], (X, Z, K))
   ids_XZJ = jnp.where(on_XZJ, jnp.take_along_axis(local_XZK, first_XZJ, -1), E_l)
   gates_XZJ = jnp.where(on_XZJ, jnp.take_along_axis(gates_XZK, first_XZJ, -1), 0.0)
+  return rank_XZ, ids_XZJ, gates_XZJ, n_XZ
+
+
+def round_rows(rank_XZ, cap: int, r=0):
+  """Send-buffer rows of round r: the pairs at queue places [r * cap, (r + 1) * cap) of
+  each destination z go to rows z * cap + place % cap; others to row Z * cap (not sent)."""
+  Z = rank_XZ.shape[1]
+  sent_XZ = (rank_XZ >= 0) & (rank_XZ // cap == r)
+  return jnp.where(sent_XZ, jnp.arange(Z)[None, :] * cap + rank_XZ % cap, Z * cap)
+
+
+def rounds_needed(rank_XZ, cap: int):
+  """Rounds of `cap` rows per destination that send every pair of this shard."""
+  longest = jnp.max(rank_XZ, initial=-1) + 1         # the longest queue
+  return (longest + cap - 1) // cap
+
+
+def plan_dispatch(idx_XK, gates_XK, n_experts: int, n_shards: int, cap: int):
+  """One round, pairs past a destination's `cap` rows dropped.
+
+  Returns row_XZ (send-buffer row z * cap + slot, or Z * cap: not sent), ids_XZJ and
+  gates_XZJ (as queue_pairs) and dropped_XZ (assignments lost because shard z was full)."""
+  rank_XZ, ids_XZJ, gates_XZJ, n_XZ = queue_pairs(idx_XK, gates_XK, n_experts, n_shards)
+  row_XZ = round_rows(rank_XZ, cap)
+  dropped_XZ = jnp.where(rank_XZ >= cap, n_XZ, 0)
   return row_XZ, ids_XZJ, gates_XZJ, dropped_XZ
 
 
@@ -150,26 +181,110 @@ def _to_rows(values_U, row_U, n_rows: int, fill):
 
 
 def _local_experts(x_WD, ids_WJ, gates_WJ, w_gate, w_up, w_down, cfg: ModelConfig,
-                   n_tokens: int):
+                   n_rows: int | None):
   """Gate-weighted sum of each received row's local experts (id E_l: no expert), and the
-  assignments dropped here (only the capped ragged buffer drops)."""
+  assignments dropped here (only the ragged buffer capped at n_rows drops)."""
   ws = (w_gate, w_up, w_down)
   if cfg.moe_dispatch == "reference":
     return dispatch.experts_reference(x_WD, ids_WJ, gates_WJ, *ws)
   if cfg.moe_dispatch == "ragged":
-    return dispatch.experts_ragged(x_WD, ids_WJ, gates_WJ, *ws,
-                                   local_rows(n_tokens, cfg, ids_WJ.size),
+    return dispatch.experts_ragged(x_WD, ids_WJ, gates_WJ, *ws, n_rows,
                                    impl=cfg.grouped_matmul)
   E_l = w_gate.shape[0]
   block = cfg.moe_block_size or dispatch.dropless_block_size(ids_WJ.size, E_l)
   return dispatch.experts_dropless(x_WD, ids_WJ, gates_WJ, *ws, block)
 
 
+def exchange(r, x_XD, gates_XZJ, w_gate, w_up, w_down, rank_XZ, ids_XZJ, *,
+             cfg: ModelConfig, cap: int, fanout: int, local_cap: int | None):
+  """One round, inside shard_map: the pairs at queue places [r * cap, (r + 1) * cap) of
+  every destination go out in [Z, cap] buffers, through the local experts there, and
+  back. Returns (y_XD: each token's sum over the shards it reached this round, the
+  assignments the local buffer dropped)."""
+  X, D = x_XD.shape
+  Z, J = rank_XZ.shape[1], ids_XZJ.shape[-1]
+  E_l = w_gate.shape[0]
+  row_XZ = round_rows(rank_XZ, cap, r)
+  row_U = row_XZ.reshape(-1)
+  send_ZCD = dispatch.gather_rows(x_XD, row_U, Z * cap, Z).reshape(Z, cap, D)
+  send_ids_ZCJ = _to_rows(ids_XZJ.reshape(-1, J), row_U, Z * cap, E_l).reshape(Z, cap, J)
+  send_gates_ZCJ = _to_rows(gates_XZJ.reshape(-1, J), row_U, Z * cap, 0.0).reshape(Z, cap, J)
+  # Block z of dim 0 goes to shard z; what arrives is stacked by source shard.
+  a2a = lambda v: jax.lax.all_to_all(v, EXPERT, 0, 0)
+  recv_ZCD, recv_ids_ZCJ, recv_gates_ZCJ = a2a(send_ZCD), a2a(send_ids_ZCJ), a2a(
+      send_gates_ZCJ)
+  out_WD, local_dropped = _local_experts(
+      recv_ZCD.reshape(Z * cap, D), recv_ids_ZCJ.reshape(Z * cap, J),
+      recv_gates_ZCJ.reshape(Z * cap, J), w_gate, w_up, w_down, cfg, local_cap)
+  back_ZCD = a2a(out_WD.reshape(Z, cap, D))
+  # Each token's partial sums from the shards it went to: at most `fanout` of them, so
+  # gather [X, fanout] rows (the sent ones sort first; row Z*cap, not sent, gives 0)
+  # rather than one per (token, shard) pair, Z / fanout times more at Z = 64.
+  rows_XF = jnp.sort(row_XZ, axis=-1)[:, :fanout]
+  y_XD = dispatch.combine(back_ZCD.reshape(Z * cap, D), rows_XF.reshape(-1),
+                          jnp.ones((X, fanout), jnp.float32))
+  return y_XD, local_dropped
+
+
+def _typed_like(w, x):
+  """w made to vary over the manual axes x varies over (the implicit broadcast JAX
+  inserts when the two meet), so that a weight gradient can be summed over rounds before
+  the one psum over the token axes (dispatch.sum_to_type)."""
+  extra = dispatch.varying_axes(x) - dispatch.varying_axes(w)
+  return jax.lax.pcast(w, tuple(sorted(extra)), to="varying") if extra else w
+
+
+def all_rounds(round_fn):
+  """sum_{r < n_rounds} round_fn(r, x, gates, w_gate, w_up, w_down, rank, ids), n_rounds
+  traced (the same on every shard). XLA cannot differentiate a loop with a traced trip
+  count, so the backward is written out: a second loop that recomputes each round's
+  forward and pulls the cotangent back through it (jax.vjp), accumulating dx, dgates and
+  the weight gradients (float32); memory stays one round's, the price one more forward
+  of the routed experts (a remat of each round)."""
+
+  @jax.custom_vjp
+  def summed(x, g, wg, wu, wd, rank, ids, n_rounds):
+    return fwd(x, g, wg, wu, wd, rank, ids, n_rounds)[0]
+
+  def fwd(x, g, wg, wu, wd, rank, ids, n_rounds):
+    ws = tuple(_typed_like(w, x) for w in (wg, wu, wd))
+    body = lambda r, y: y + round_fn(r, x, g, *ws, rank, ids).astype(y.dtype)
+    y = jax.lax.fori_loop(0, n_rounds, body,
+                          dispatch.zeros_like_all(x.shape, x.dtype, x, *ws))
+    return y, (x, g, wg, wu, wd, rank, ids, n_rounds)
+
+  def bwd(res, dy):
+    x, g, wg, wu, wd, rank, ids, n_rounds = res
+    primals = (x, g) + tuple(_typed_like(w, x) for w in (wg, wu, wd))
+
+    def body(r, acc):
+      _, pull = jax.vjp(lambda *p: round_fn(r, *p, rank, ids), *primals)
+      return tuple(a + d.astype(a.dtype) for a, d in zip(acc, pull(dy)))
+
+    init = tuple(dispatch.zeros_like_all(p.shape, jnp.float32, p) for p in primals)
+    dx, dg, dwg, dwu, dwd = jax.lax.fori_loop(0, n_rounds, body, init)
+    return (dx.astype(x.dtype), dg.astype(g.dtype)) + tuple(
+        dispatch.sum_to_type(dw, w) for dw, w in ((dwg, wg), (dwu, wu), (dwd, wd))) + (
+            None, None, None)
+
+  summed.defvjp(fwd, bwd)
+  return summed
+
+
+def uses_rounds(cfg: ModelConfig, n_tokens: int, n_shards: int) -> bool:
+  """Whether a shard of n_tokens tokens sends in rounds: only when its buffers are
+  smaller than the dropless C = n_tokens (else one round holds any routing) and
+  overflow is to be sent, not dropped."""
+  return (cfg.ep_overflow == "rounds" and cfg.moe_dispatch != "capacity"
+          and shard_capacity(n_tokens, cfg, n_shards) < n_tokens)
+
+
 def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
                    cfg: ModelConfig, mesh, traffic: bool = False):
   """The expert-parallel routed-expert sum. Returns (y_BTD, load_E, dropped), the last
   two summed over every shard (global, as the balancing bias update needs); with
-  traffic=True also a dict of all-to-all bytes summed over shards (see the benchmark)."""
+  traffic=True also a dict of all-to-all bytes summed over shards and the rounds run
+  (see the benchmark)."""
   check_mesh(cfg, mesh, x_BTD.shape[0])
   E, Z = cfg.n_routed_experts, mesh.shape[EXPERT]
   # Tokens are split over every batch axis; under a "tensor" axis (which shards heads
@@ -185,51 +300,46 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     X, K = B * T, idx_BTK.shape[-1]
     C = shard_capacity(X, cfg, Z)
     x_XD, idx_XK = x_BTD.reshape(X, D), idx_BTK.reshape(X, K)
-    row_XZ, ids_XZJ, gates_XZJ, dropped_XZ = plan_dispatch(
-        idx_XK, gates_BTK.reshape(X, K), E, Z, C)
-    row_U = row_XZ.reshape(-1)
+    rank_XZ, ids_XZJ, gates_XZJ, n_XZ = queue_pairs(idx_XK, gates_BTK.reshape(X, K), E, Z)
     J = ids_XZJ.shape[-1]
-    send_ZCD = dispatch.gather_rows(x_XD, row_U, Z * C, Z).reshape(Z, C, D)
-    send_ids_ZCJ = _to_rows(ids_XZJ.reshape(-1, J), row_U, Z * C, E // Z).reshape(Z, C, J)
-    send_gates_ZCJ = _to_rows(gates_XZJ.reshape(-1, J), row_U, Z * C, 0.0).reshape(Z, C, J)
-    # Block z of dim 0 goes to shard z; what arrives is stacked by source shard.
-    a2a = lambda v: jax.lax.all_to_all(v, EXPERT, 0, 0)
-    recv_ZCD, recv_ids_ZCJ, recv_gates_ZCJ = a2a(send_ZCD), a2a(send_ids_ZCJ), a2a(
-        send_gates_ZCJ)
-    out_WD, local_dropped = _local_experts(
-        recv_ZCD.reshape(Z * C, D), recv_ids_ZCJ.reshape(Z * C, J),
-        recv_gates_ZCJ.reshape(Z * C, J), w_gate, w_up, w_down, cfg, X)
-    back_ZCD = a2a(out_WD.reshape(Z, C, D))
-    # Each token's partial sums from the shards it went to: at most `fanout` of them, so
-    # gather [X, fanout] rows (the sent ones sort first; row Z*C, not sent, gives 0)
-    # rather than one per (token, shard) pair, Z / fanout times more at Z = 64.
-    F = max_fanout(cfg, Z)
-    rows_XF = jnp.sort(row_XZ, axis=-1)[:, :F]
-    y_XD = dispatch.combine(back_ZCD.reshape(Z * C, D), rows_XF.reshape(-1),
-                            jnp.ones((X, F), jnp.float32))
+    rounds = uses_rounds(cfg, X, Z)
+    dropless = cfg.ep_overflow == "rounds" and cfg.moe_dispatch != "capacity"
+    one_round = functools.partial(
+        exchange, cfg=cfg, cap=C, fanout=max_fanout(cfg, Z),
+        local_cap=None if dropless else local_rows(X, cfg, Z * C * J))
+    args = (x_XD, gates_XZJ, w_gate, w_up, w_down, rank_XZ, ids_XZJ)
+    if rounds:
+      # Every shard runs as many rounds as the longest queue anywhere needs.
+      n_rounds = jax.lax.pmax(rounds_needed(rank_XZ, C), token_axes)
+      y_XD = all_rounds(lambda *a: one_round(*a)[0])(*args, n_rounds)
+      dropped = jnp.zeros((), jnp.float32)
+    else:
+      n_rounds = jnp.ones((), jnp.int32)
+      y_XD, local_dropped = one_round(0, *args)
+      # Refused by a full destination here, or cut from this shard's local buffer.
+      dropped = jnp.sum(jnp.where(rank_XZ >= C, n_XZ, 0)).astype(jnp.float32) + local_dropped
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
-    # Refused by a full destination here, or cut from this shard's local buffer.
-    dropped = jnp.sum(dropped_XZ).astype(jnp.float32) + local_dropped
     out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
            jax.lax.psum(dropped, token_axes))
     if not traffic:
       return out
     me = jax.lax.axis_index(EXPERT)
-    leaving_Z = (jnp.arange(Z) != me).astype(jnp.float32)
-    sent_Z = jnp.zeros((Z + 1,), jnp.float32).at[row_U // C].add(1.0)[:Z]
+    sent_XZ = (rank_XZ >= 0) & ((rank_XZ < C) | rounds)
+    leaving_Z = (jnp.arange(Z) != me)
     counts = {
         # occupied token rows that leave the shard, dispatch direction
-        "payload_rows": jnp.sum(sent_Z * leaving_Z),
-        # every buffer byte that leaves the shard, dispatch + combine
-        "wire_bytes": jnp.float32((Z - 1) * C * (
-            2 * D * send_ZCD.dtype.itemsize + J * (4 + send_gates_ZCJ.dtype.itemsize))),
+        "payload_rows": jnp.sum(sent_XZ & leaving_Z[None, :]).astype(jnp.float32),
+        # every buffer byte that leaves the shard, dispatch + combine, every round
+        "wire_bytes": n_rounds.astype(jnp.float32) * (Z - 1) * C * (
+            2 * D * x_XD.dtype.itemsize + J * (4 + gates_XZJ.dtype.itemsize)),
     }
-    return out + (jax.tree.map(lambda v: jax.lax.psum(v, token_axes), counts),)
+    counts = jax.tree.map(lambda v: jax.lax.psum(v, token_axes), counts)
+    return out + (dict(counts, rounds=n_rounds.astype(jnp.float32)),)
 
   tokens = PS(BATCH, seq_axis, None)
   experts = PS(EXPERT, None, None)
-  out_specs = (tokens, PS(), PS()) + (({"payload_rows": PS(), "wire_bytes": PS()},)
-                                      if traffic else ())
+  out_specs = (tokens, PS(), PS()) + (
+      ({"payload_rows": PS(), "wire_bytes": PS(), "rounds": PS()},) if traffic else ())
   fn = jax.shard_map(per_shard, mesh=mesh,
                      in_specs=(tokens, tokens, tokens, experts, experts, experts),
                      out_specs=out_specs)

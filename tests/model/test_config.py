@@ -34,6 +34,7 @@ def test_every_preset_validates(name):
     (dict(attention_impl="flash"), "attention_impl", "must be one of"),
     (dict(remat_policy="some"), "remat_policy", "must be one of"),
     (dict(ep_capacity_factor=0.0), "ep_capacity_factor", "must be positive"),
+    (dict(ep_overflow="spill"), "ep_overflow", "must be one of"),
     (dict(bias_mode="pow"), "bias_mode", "must be one of"),
     (dict(rope_factor=0.5), "rope_factor", ">= 1"),
     (dict(dtype="float64"), "dtype", "must be one of"),
@@ -146,7 +147,8 @@ def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips):
 def test_671b_config_follows_v3_where_the_report_is_explicit():
   """Against the report's numbers (SPEC.md section 6), not the config's own arithmetic:
   the bias update rate is 0 for the last 500B of 14.8T tokens; documents are packed
-  without cross-sample attention masking."""
+  without cross-sample attention masking; no token is dropped (report 2.1.2: the
+  expert-parallel buffers send their overflow in rounds)."""
   from configs import deepseek_v3_671b
   from deepseek_jax.train import step as train_step
   from deepseek_jax.train.recipe import Recipe
@@ -158,3 +160,4 @@ def test_671b_config_follows_v3_where_the_report_is_explicit():
   assert 0 <= r.tokens_at_step(freeze) - 14.3e12 < tokens_per_step
   assert c.balance.bias_rate == 0.001
   assert c.data.doc_attention_mask is False
+  assert c.model.ep_overflow == "rounds" and c.model.moe_dispatch != "capacity"

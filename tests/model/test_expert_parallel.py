@@ -1,7 +1,9 @@
 """Expert parallelism on 8 simulated CPU devices: the all-to-all layer equals the
 single-device layer (outputs, gradients, statistics, bias update) with the dropless and
 the ragged local dispatch, node-limited routing keeps every token on at most topk_group
-shards, and capacity drops (send buffers, capped ragged buffers) match a numpy count.
+shards, capacity drops (send buffers, capped ragged buffers) match a numpy count, and
+with ep_overflow="rounds" the same small buffers drop nothing: outputs and gradients
+equal one device's, in as many rounds as the longest queue needs.
 (Training on a data=2 x expert=4 mesh against one device: tests/test_train.py.)"""
 
 import functools
@@ -16,6 +18,7 @@ import pytest
 import reference_numpy as ref
 from deepseek_jax import balancing
 from deepseek_jax.model import config, expert_parallel, moe
+from deepseek_jax.model import dispatch as dispatch_mod
 from deepseek_jax.train import sharding
 
 B, T = 8, 4        # one sequence per batch shard
@@ -237,7 +240,7 @@ def test_ragged_capacity_drops_match_numpy_count():
   """ep_capacity_factor f caps both buffers: C = ceil(f X fanout / Z) send rows per
   destination and ceil(f X K) local rows; both kinds of drop are summed in `dropped`."""
   data, Z, f = 2, 4, 0.75
-  cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=f)
+  cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=f, ep_overflow="drop")
   p, (u, bias) = _params(cfg, seed=5), _inputs(cfg, seed=5)
   (_, (y, stats)), _ = _run(cfg, _mesh(data, Z), seed=5)
   X = B * T // 8
@@ -251,3 +254,89 @@ def test_ragged_capacity_drops_match_numpy_count():
   assert float(stats.dropped) == send_dropped + local_dropped
   np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model), y_want, rtol=1e-5,
                              atol=1e-5)
+
+
+def _skewed_routing(X_all, K, E, seed, hot):
+  """Chosen experts [X_all, K] where every token's first pick is one of the `hot` experts
+  (all on shard 0 when hot <= E / Z), the rest distinct and random, and a few padding
+  tokens (expert id E); gates in (0, 1)."""
+  rng = np.random.default_rng(seed)
+  idx = np.empty((X_all, K), np.int32)
+  for x in range(X_all):
+    first = rng.integers(hot)
+    rest = rng.permutation([e for e in range(E) if e != first])[:K - 1]
+    idx[x] = [first, *rest]
+  idx[::7] = E
+  gates = rng.uniform(0.1, 1.0, (X_all, K)).astype(np.float32)
+  return idx, gates
+
+
+@pytest.mark.parametrize("data,expert,f,dispatch_name", [
+    (2, 4, 0.25, "ragged"), (1, 8, 0.5, "dropless"), (4, 2, 0.3, "ragged")])
+def test_rounds_send_every_pair_and_match_one_device(data, expert, f, dispatch_name):
+    """Buffers far smaller than the skewed load (every token has an expert on shard 0):
+    with ep_overflow="rounds" nothing is dropped, y and the gradients wrt x, gates and
+    every expert weight equal experts_reference on one device, and the rounds run are
+    the longest (source, destination) queue over C, counted here in numpy. The same
+    buffers with "drop" lose assignments (so the rounds are really needed)."""
+    # Routing without groups, so a token may reach min(K, Z) shards (the fan-out bound).
+    cfg = CFG.replace(moe_dispatch=dispatch_name, ep_capacity_factor=f, n_group=1,
+                      topk_group=1)
+    E, K, D, Z = cfg.n_routed_experts, cfg.top_k, cfg.d_model, expert
+    Bt, Tt = 8, 16
+    X_all, X = Bt * Tt, Bt * Tt // 8
+    idx, gates = _skewed_routing(X_all, K, E, seed=expert, hot=E // Z)
+    p = _params(cfg, seed=3)
+    ws = (p["w_gate"], p["w_up"], p["w_down"])
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((X_all, D)).astype(np.float32)
+    ct = rng.standard_normal((X_all, D)).astype(np.float32)
+    C = math.ceil(f * X * expert_parallel.max_fanout(cfg, Z) / Z)
+    assert expert_parallel.shard_capacity(X, cfg, Z) == C < X
+    # numpy: pairs per (source shard, destination), in tokens with an expert there.
+    per = E // Z
+    queues = np.zeros((8, Z), int)
+    for x_i in range(X_all):
+      for z in {int(e) // per for e in idx[x_i] if e < E}:
+        queues[x_i // X, z] += 1
+    want_rounds = math.ceil(queues.max() / C)
+    assert want_rounds >= 3
+
+    def loss_ref(x, gates, *ws):
+      y, _ = dispatch_mod.experts_reference(x, idx, gates, *ws)
+      return jnp.sum(y * ct), y
+
+    (_, y0), g0 = jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+        x, gates, *ws)
+    mesh = _mesh(data, expert)
+    shape = lambda a: a.reshape(Bt, Tt, *a.shape[1:])
+
+    def run(cfg):
+      def loss(x, gates, *ws):
+        y, load, dropped, tr = expert_parallel.routed_experts(
+            shape(x), shape(idx), shape(gates), *ws, cfg, mesh, traffic=True)
+        y = y.reshape(X_all, D)
+        return jnp.sum(y * ct), (y, load, dropped, tr)
+      with jax.set_mesh(mesh):
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+            x, gates, *ws)
+
+    (_, (y1, load, dropped, tr)), g1 = run(cfg)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g0, g1):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert float(dropped) == 0.0
+    assert int(tr["rounds"]) == want_rounds
+    np.testing.assert_array_equal(load, np.bincount(idx[idx < E], minlength=E))
+    (_, (y2, _, dropped2, tr2)), _ = run(cfg.replace(ep_overflow="drop"))
+    assert float(dropped2) > 0 and int(tr2["rounds"]) == 1
+    assert not np.allclose(y2, y0, rtol=1e-3, atol=1e-3)
+
+
+def test_moe_layer_in_rounds_matches_single_device():
+  """The whole layer (router, shared experts, statistics) with send buffers of one row
+  per destination: the rounds make it dropless, so it equals one device."""
+  cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=0.5)
+  assert expert_parallel.shard_capacity(B * T // 8, cfg, 4) == 1
+  assert expert_parallel.uses_rounds(cfg, B * T // 8, 4)
+  _assert_matches_single_device(CFG.replace(moe_dispatch="reference"), cfg, _mesh(2, 4))
