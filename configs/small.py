@@ -7,7 +7,10 @@ Arguments (comma-separated key=value after the colon):
   strategy  a key of STRATEGIES (default bias)
   size      tiny (tests), small (default; the README's main job), medium
   rate      overrides the bias update rate u (the --sweep=rate and pareto runs)
-  alpha     overrides the classic aux loss's alpha (the --sweep=pareto runs)
+  alpha     overrides the alpha of the strategy's own loss: aux_alpha for aux,
+            seq_aux_alpha for seq_aux, batch_aux_alpha for batch_aux (the --sweep=pareto
+            runs)
+  gate      sigmoid (default; V3's and LFB's 1B gate) or softmax (V2's)
 """
 
 from configs import common
@@ -86,8 +89,22 @@ def get_config(arg=None):
   if "rate" in args:
     c.balance.bias_rate = float(args["rate"])
   if "alpha" in args:
-    c.balance.aux_alpha = float(args["alpha"])
+    loss = ALPHA_OF.get(args.get("strategy", "bias"))
+    if loss is None:
+      raise ValueError(f"alpha= applies to the strategies {sorted(ALPHA_OF)}; got "
+                       f"strategy={args.get('strategy', 'bias')}")
+    common.set_path(c, loss, float(args["alpha"]))
+  gate = args.get("gate", "sigmoid")
+  if gate not in GATES:
+    raise ValueError(f"unknown gate {gate!r}; known: {GATES}")
+  c.model.score_func = gate
   return c
+
+
+# The loss whose alpha `alpha=` sets, per strategy (one knob each: the Pareto families).
+ALPHA_OF = {"aux": "balance.aux_alpha",
+            "seq_aux": "balance.seq_aux_alpha", "batch_aux": "balance.batch_aux_alpha"}
+GATES = ("sigmoid", "softmax")
 
 
 def apply_strategy(c, name: str):

@@ -3,7 +3,9 @@
   python -m experiments.balancing_ablation --workdir=/tmp/ablation
   python -m experiments.balancing_ablation --workdir=DIR --strategies=aux,bias --steps=1000
   python -m experiments.balancing_ablation --workdir=DIR --sweep=rate
-  python -m experiments.balancing_ablation --workdir=DIR --sweep=pareto
+  python -m experiments.balancing_ablation --workdir=DIR --sweep=pareto --seeds=0,1,2 \
+      --reuse=runs/ablation            # the main job's runs are not retrained
+  python -m experiments.balancing_ablation --workdir=DIR --sweep=pareto --gate=softmax
   python -m experiments.balancing_ablation --workdir=DIR --seeds=0,1,2   # intervals
   python -m experiments.balancing_ablation --workdir=DIR --size=medium --cpu_devices=8 \
       --override=mesh.data=8
@@ -31,9 +33,15 @@ _SEEDS = flags.DEFINE_list("seeds", None, "Several seeds (e.g. 0,1,2): every str
                            "differences against aux. Overrides --seed.")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "medium"], "Model size.")
 _SWEEP = flags.DEFINE_string("sweep", "", "Instead of --strategies: 'rate' (the bias at u "
-                             "in {1e-4, 1e-3, 1e-2}) or 'pareto' (aux at alpha in {1e-4, "
-                             "1e-3, 1e-2, 1e-1}, the bias at u in {1e-4, 1e-3, 1e-2}, and "
-                             "none: validation loss against MaxVio_global).")
+                             "in {1e-4, 1e-3, 1e-2}) or 'pareto' (the aux, batch_aux and "
+                             "seq_aux losses at alpha in {1e-4, 1e-3, 1e-2, 1e-1}, the bias "
+                             "at u in {1e-4, 1e-3, 1e-2}, quantile and none: validation "
+                             "loss against MaxVio_global).")
+_GATE = flags.DEFINE_enum("gate", "sigmoid", ["sigmoid", "softmax"], "The router's "
+                          "affinities for every run: sigmoid (V3, LFB's 1B) or softmax "
+                          "(V2; LFB's softmax comparison).")
+_REUSE = flags.DEFINE_list("reuse", [], "Folders of earlier ablations whose finished runs "
+                           "with the same config are copied in instead of retrained.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "Config overrides key=value "
                                       "(e.g. mesh.data=8), applied to every run.")
 _PEAK = flags.DEFINE_float("peak_flops", None, "Declared peak FLOP/s for MFU.")
@@ -78,7 +86,12 @@ def main(argv):
   try:
     ablation.run(small.get_config, runs, _WORKDIR.value, size=_SIZE.value,
                  steps=_STEPS.value, seeds=seeds, peak_flops=_PEAK.value,
-                 overrides=dict(_parse(kv) for kv in _OVERRIDE.value), parallel=parallel)
+                 overrides=dict(_parse(kv) for kv in _OVERRIDE.value), parallel=parallel,
+                 reuse=_REUSE.value, gate=_GATE.value)
+  except ValueError as e:
+    if "--reuse" not in str(e):
+      raise
+    raise app.UsageError(str(e)) from None
   except ablation.Interrupted as e:
     print(f"=== interrupted: {e}")
     return 1

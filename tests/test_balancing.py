@@ -336,41 +336,138 @@ def test_an_interrupted_run_stops_the_ablation(tmp_path, monkeypatch):
   assert trained == ["aux"]
 
 
-def test_pareto_sweep_and_seeds_end_to_end_at_tiny_size(tmp_path, monkeypatch):
-  """--sweep=pareto with --seeds=0,1 (a shortened sweep: two alphas, one rate): every run
-  on every seed, the seed table with intervals, the Pareto table, its plot and a verdict
-  worded from the frontier."""
+def test_pareto_sweep_and_seeds_end_to_end_at_tiny_size(tmp_path, monkeypatch, capsys):
+  """--sweep=pareto --gate=softmax --seeds=0,1 --reuse=EARLIER (a shortened sweep: two
+  loss families at two alphas, one rate, quantile, none): the earlier folder's finished
+  runs of the same config are copied, not retrained; every run on every seed with the
+  softmax gate; the seed table, the Pareto table with intervals, the paired verdict per
+  family, the plot."""
   from configs import small
   from deepseek_jax.ablation import runner as ablation
   monkeypatch.setattr(ablation, "PARETO_ALPHAS", (1e-3, 1e-1))
+  monkeypatch.setattr(ablation, "PARETO_LOSSES", ("aux", "seq_aux"))
   monkeypatch.setattr(ablation, "RATE_SWEEP", (1e-2,))
   runs = ablation.plan([], "pareto")
-  assert [n for n, _ in runs] == ["none", "aux_a0.001", "aux_a0.1", "bias_u0.01"]
+  assert [n for n, _ in runs] == ["none", "aux_a0.001", "aux_a0.1", "seq_aux_a0.001",
+                                  "seq_aux_a0.1", "bias_u0.01", "quantile"]
+  kw = dict(size="tiny", steps=3, seeds=(0, 1), peak_flops=1e11, gate="softmax",
+            overrides={"data.cache_dir": str(tmp_path / "cache"), "mesh.data": -1,
+                       "data.source": "files", "data.paths": _small_corpus(),
+                       "data.val_fraction": 0.25, "eval_batches": 1,
+                       "final_eval_batches": 1})
+  earlier = tmp_path / "earlier"      # e.g. the main job: one seed, runs named by strategy
+  ablation.run(small.get_config, ablation.plan(["none"], None), str(earlier),
+               **dict(kw, seeds=(0,)))
+  trained = []
+  real_train = ablation.trainer.train
+  monkeypatch.setattr(ablation.trainer, "train", lambda cfg, wd, **k: (
+      trained.append((os.path.basename(wd), os.path.exists(os.path.join(wd, "config.json")))),
+      real_train(cfg, wd, **k))[1])
   out = tmp_path / "pareto"
-  ablation.run(small.get_config, runs, str(out), size="tiny", steps=3, seeds=(0, 1),
-               peak_flops=1e11,
-               overrides={"data.cache_dir": str(tmp_path / "cache"), "mesh.data": -1,
-                          "data.source": "files", "data.paths": _small_corpus(),
-                          "data.val_fraction": 0.25, "eval_batches": 1,
-                          "final_eval_batches": 1})
+  ablation.run(small.get_config, runs, str(out), reuse=[str(earlier)], **kw)
+  assert "none_seed0: reusing" in capsys.readouterr().out
+  # The copies arrive finished (their config.json already there): resumed at the end.
+  assert [n for n, existed in trained if existed] == ["none_seed0"]
+  assert (out / "none_seed0" / "metrics.jsonl").read_text() == (
+      earlier / "none" / "metrics.jsonl").read_text()
   saved = json.loads((out / "results.json").read_text())
   assert set(saved["runs"]) == {f"{n}_seed{s}" for n, _ in runs for s in (0, 1)}
   assert saved["runs"]["aux_a0.1_seed1"]["balance"]["aux_alpha"] == 0.1
+  assert saved["runs"]["seq_aux_a0.1_seed0"]["balance"]["seq_aux_alpha"] == 0.1
   assert saved["runs"]["bias_u0.01_seed0"]["seed"] == 0
+  cfg = json.loads((out / "seq_aux_a0.1_seed0" / "config.json").read_text())
+  assert cfg["model"]["score_func"] == "softmax"
   assert saved["seeds"]["aux_a0.1"]["val_loss"]["n"] == 2
   assert np.isfinite(saved["seeds"]["aux_a0.1"]["val_loss"]["ci95"])
-  assert {p["family"] for p in saved["pareto"]} == {"none", "aux", "bias"}
+  assert {p["family"] for p in saved["pareto"]} == {"none", "aux", "seq_aux", "bias",
+                                                     "quantile"}
+  assert set(saved["matched"]) == {"aux", "seq_aux"}
   report_md = (out / "report.md").read_text()
   assert "Over seeds" in report_md and "± " in report_md
   assert "Pareto frontier" in report_md and "| aux_a0.1 | aux | 0.1 |" in report_md
   assert "Aux loss from alpha 0.001 to 0.1" in report_md
+  assert "- **seq_aux**:" in report_md and "The bias (bias_u0.01) sits" in report_md
   assert (out / "pareto.png").stat().st_size > 0
 
 
-def _summary(loss, vio, alpha=0.0, rate=0.0, seed=0):
-  return {"val_loss": loss, "maxvio_global": vio, "seed": seed,
-          "balance": {"aux_alpha": alpha, "bias_rate": rate, "seq_aux_alpha": 0.0,
-                      "batch_aux_alpha": 0.0, "bias_rule": "sign"}}
+def _summary(loss, vio, alpha=0.0, rate=0.0, seed=0, loss_name="aux_alpha", rule="sign"):
+  balance = {"aux_alpha": 0.0, "bias_rate": rate, "seq_aux_alpha": 0.0,
+             "batch_aux_alpha": 0.0, "bias_rule": rule}
+  balance[loss_name] = alpha
+  return {"val_loss": loss, "maxvio_global": vio, "seed": seed, "balance": balance}
+
+
+def test_pareto_families_intervals_and_matched_pairs_against_hand_values():
+  """Three seeds, every family: the points' means and t-intervals, dominance on the
+  means with the overlapping ones marked, each loss family's trade-off and the bias
+  against its matched point as paired intervals, and the words they give, all against
+  values computed here by hand."""
+  from deepseek_jax.ablation import report
+  runs = {}
+  table = {  # name: (losses, MaxVios over seeds 0-2, summary kwargs)
+      "none": ([3.99, 3.98, 4.00], [7.0, 7.2, 7.1], {}),
+      "aux_a0.001": ([4.00, 4.01, 4.02], [3.0, 3.1, 3.2], dict(alpha=1e-3)),
+      "aux_a0.1": ([4.30, 4.32, 4.34], [2.0, 2.1, 2.2], dict(alpha=0.1)),
+      "batch_aux_a0.001": ([3.99, 4.00, 4.01], [1.0, 1.2, 1.1],
+                           dict(alpha=1e-3, loss_name="batch_aux_alpha")),
+      "batch_aux_a0.1": ([4.05, 4.03, 4.10], [0.3, 0.4, 0.35],
+                         dict(alpha=0.1, loss_name="batch_aux_alpha")),
+      "bias_u0.001": ([3.98, 4.00, 3.99], [0.40, 0.45, 0.35], dict(rate=1e-3)),
+      "quantile": ([3.995, 4.0, 3.99], [0.6, 0.5, 0.7], dict(rate=1.0, rule="quantile")),
+  }
+  for name, (losses, vios, kw) in table.items():
+    for seed in range(3):
+      runs[f"{name}_seed{seed}"] = _summary(losses[seed], vios[seed], seed=seed, **kw)
+  groups = report.group_by_strategy(runs)
+  pts = {p["name"]: p for p in report.pareto_points(groups)}
+  t2 = 4.303  # t quantile, 2 degrees of freedom
+  half = lambda v: t2 * np.std(v, ddof=1) / np.sqrt(3)
+  assert (pts["batch_aux_a0.1"]["family"], pts["batch_aux_a0.1"]["knob"]) == ("batch_aux", 0.1)
+  assert pts["quantile"]["family"] == "quantile" and pts["none"]["family"] == "none"
+  np.testing.assert_allclose(pts["batch_aux_a0.1"]["val_loss"], 4.06)
+  np.testing.assert_allclose(pts["batch_aux_a0.1"]["val_loss_ci95"], half([4.05, 4.03, 4.10]),
+                             rtol=1e-3)
+  np.testing.assert_allclose(pts["aux_a0.1"]["maxvio_global_ci95"], half([2.0, 2.1, 2.2]),
+                             rtol=1e-3)
+  # Means: bias (3.99, 0.40) dominates none (3.99, 7.1), aux_a0.001 (4.01, 3.1) and
+  # batch_aux_a0.001 (4.00, 1.1); batch_aux_a0.1 (4.06, 0.35) is on the frontier.
+  assert {"bias_u0.001", "batch_aux_a0.001"} <= set(pts["aux_a0.001"]["dominated_by"])
+  assert pts["batch_aux_a0.1"]["dominated_by"] == [] and pts["bias_u0.001"]["dominated_by"] == []
+  # quantile (3.995, 0.6) against the bias: losses overlap (|0.005| < 0.0248 + 0.0124) and
+  # MaxVios overlap (|0.2| < 0.248 + 0.124): dominated, not resolved.
+  assert pts["quantile"]["dominated_by"] == ["bias_u0.001"]
+  assert pts["quantile"]["within_noise"] == ["bias_u0.001"]
+  # batch_aux_a0.001's MaxVio (1.1 +- 0.248) is clear of the bias's (0.40 +- 0.124).
+  assert "bias_u0.001" not in pts["batch_aux_a0.001"]["within_noise"]
+
+  comp = report.matched_comparisons(groups, list(pts.values()))
+  # batch_aux reaches the bias's balance (0.35 <= 0.40): paired bias - batch_aux_a0.1.
+  b = comp["batch_aux"]
+  assert (b["bias"], b["match"], b["reaches"]) == ("bias_u0.001", "batch_aux_a0.1", True)
+  d = np.array([3.98, 4.00, 3.99]) - np.array([4.05, 4.03, 4.10])
+  np.testing.assert_allclose(b["val_loss"]["mean"], d.mean())
+  np.testing.assert_allclose(b["val_loss"]["ci95"], half(d), rtol=1e-3)
+  # Its own trade-off, a0.001 -> a0.1: MaxVio -0.75 (resolved), loss +0.06 +- 0.0745.
+  np.testing.assert_allclose(b["trade"]["maxvio_global"]["mean"], -0.75)
+  np.testing.assert_allclose(b["trade"]["val_loss"]["ci95"], half([0.06, 0.03, 0.09]),
+                             rtol=1e-3)
+  # aux never reaches 0.40: matched with its best-balanced point, aux_a0.1.
+  a = comp["aux"]
+  assert (a["match"], a["reaches"]) == ("aux_a0.1", False)
+  np.testing.assert_allclose(a["val_loss"]["mean"], np.mean([-0.32, -0.32, -0.35]))
+  words = "\n".join(report.dilemma_verdict(comp))
+  aux_line = next(l for l in words.splitlines() if l.startswith("- **aux**"))
+  batch_line = next(l for l in words.splitlines() if l.startswith("- **batch_aux**"))
+  assert "shows the dilemma" in aux_line and "sits below the family's curve" in aux_line
+  assert "does not reach its balance" in aux_line
+  assert "balance improves at no resolved loss cost" in batch_line
+  assert "sits inside the noise of the family's curve" in batch_line
+  # One seed gives no verdict, never a verdict from means.
+  one = report.group_by_strategy({n: r for n, r in runs.items() if n.endswith("_seed0")})
+  one_pts = report.pareto_points(one)
+  assert all(p["within_noise"] == [] for p in one_pts)
+  assert all("no verdict" in l for l in report.dilemma_verdict(
+      report.matched_comparisons(one, one_pts)))
 
 
 def test_pareto_points_mark_the_dominated_runs():

@@ -255,23 +255,48 @@ def seeded_verdict(groups: dict, base: str = "aux") -> list[str]:
 
 # The Pareto view (LFB's aux-loss dilemma) --------------------------------------------------
 
+LOSS_FAMILIES = ("aux", "batch_aux", "seq_aux")   # the losses that can trade (one alpha)
+FAMILIES = LOSS_FAMILIES + ("bias", "quantile", "none", "other")
+_LABEL = {"aux": "aux loss (alpha)", "batch_aux": "batch-wise aux, normalised (alpha)",
+          "seq_aux": "sequence-wise aux, normalised (alpha)", "bias": "sign-rule bias (u)",
+          "quantile": "Quantile Balancing", "none": "none", "other": "other strategies"}
+_COLOR = {"aux": "tab:red", "batch_aux": "tab:orange", "seq_aux": "tab:purple",
+          "bias": "tab:blue", "quantile": "tab:green", "none": "black", "other": "tab:gray"}
+
+
 def family(balance: dict) -> tuple[str, float] | None:
-  """("aux", alpha) / ("bias", u) / ("none", 0) for the single-knob runs of a sweep."""
-  b = {k: balance.get(k, 0.0) for k in ("aux_alpha", "seq_aux_alpha", "batch_aux_alpha",
-                                        "bias_rate")}
-  sign = balance.get("bias_rule", "sign") == "sign"
-  if b["aux_alpha"] and not (b["seq_aux_alpha"] or b["batch_aux_alpha"] or b["bias_rate"]):
-    return "aux", b["aux_alpha"]
-  if b["bias_rate"] and sign and not (b["aux_alpha"] or b["seq_aux_alpha"]
-                                      or b["batch_aux_alpha"]):
-    return "bias", b["bias_rate"]
-  if not any(b.values()):
+  """(loss, alpha) for a run with one balance loss and no bias, ("bias", u) for the
+  sign-rule bias alone, ("quantile", 0) / ("none", 0); None for combinations."""
+  alpha = {"aux": balance.get("aux_alpha", 0.0),
+           "batch_aux": balance.get("batch_aux_alpha", 0.0),
+           "seq_aux": balance.get("seq_aux_alpha", 0.0)}
+  rate, rule = balance.get("bias_rate", 0.0), balance.get("bias_rule", "sign")
+  losses = [k for k, v in alpha.items() if v]
+  if len(losses) == 1 and not rate:
+    return losses[0], alpha[losses[0]]
+  if losses:
+    return None
+  if rate and rule == "sign":
+    return "bias", rate
+  if rate and rule == "quantile":
+    return "quantile", 0.0
+  if not rate:
     return "none", 0.0
   return None
 
 
+def _overlap(p: dict, q: dict, key: str) -> bool:
+  """The two points' 95% intervals of `key` overlap (False without intervals)."""
+  cp, cq = p[f"{key}_ci95"], q[f"{key}_ci95"]
+  if math.isnan(cp) or math.isnan(cq):
+    return False
+  return abs(p[key] - q[key]) <= cp + cq
+
+
 def pareto_points(groups: dict) -> list[dict]:
-  """One point per strategy with MaxVio: its family, knob and (mean) loss and MaxVio."""
+  """One point per strategy with MaxVio: its family, knob, mean loss and MaxVio over its
+  seeds with their 95% half-widths, the points that dominate it on the means, and of
+  those the ones whose intervals overlap its own on both axes (not resolved)."""
   pts = []
   for name, by_seed in groups.items():
     rs = list(by_seed.values())
@@ -280,93 +305,182 @@ def pareto_points(groups: dict) -> list[dict]:
     fam = family(rs[0].get("balance", {}))
     loss, vio = interval([r["val_loss"] for r in rs]), interval([r["maxvio_global"] for r in rs])
     pts.append({"name": name, "family": fam[0] if fam else "other",
-                "knob": fam[1] if fam else float("nan"), "val_loss": loss["mean"],
-                "maxvio_global": vio["mean"], "val_loss_ci95": loss["ci95"],
-                "maxvio_global_ci95": vio["ci95"]})
+                "knob": fam[1] if fam else float("nan"), "n": loss["n"],
+                "val_loss": loss["mean"], "maxvio_global": vio["mean"],
+                "val_loss_ci95": loss["ci95"], "maxvio_global_ci95": vio["ci95"]})
   for p in pts:   # dominated: another point is no worse on both and better on one
     p["dominated_by"] = [q["name"] for q in pts if q is not p
                          and q["val_loss"] <= p["val_loss"]
                          and q["maxvio_global"] <= p["maxvio_global"]
                          and (q["val_loss"] < p["val_loss"]
                               or q["maxvio_global"] < p["maxvio_global"])]
+    by_name = {q["name"]: q for q in pts}
+    p["within_noise"] = [n for n in p["dominated_by"]
+                         if _overlap(p, by_name[n], "val_loss")
+                         and _overlap(p, by_name[n], "maxvio_global")]
   return pts
 
 
-def plot_pareto(points: list[dict], path: str):
+def plot_pareto(points: list[dict], path: str, title: str = ""):
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  colors = {"aux": "tab:red", "bias": "tab:blue", "none": "black", "other": "tab:gray"}
-  for fam in ("aux", "bias", "none", "other"):
+  fig, ax = plt.subplots(figsize=(7.5, 5.0))
+  for fam in FAMILIES:
     pts = sorted((p for p in points if p["family"] == fam), key=lambda p: p["knob"])
     if not pts:
       continue
-    x = [p["maxvio_global"] for p in pts]
-    y = [p["val_loss"] for p in pts]
-    names = {"aux": "aux loss (alpha)", "bias": "sign-rule bias (u)", "none": "none",
-             "other": "other strategies"}
-    ax.plot(x, y, "-" if fam in ("aux", "bias") else "", color=colors[fam], alpha=0.6,
-            label=names[fam])
+    ax.plot([p["maxvio_global"] for p in pts], [p["val_loss"] for p in pts],
+            "-" if fam in LOSS_FAMILIES + ("bias",) else "", color=_COLOR[fam], alpha=0.6,
+            label=_LABEL[fam])
     for p in pts:
       dominated = bool(p["dominated_by"])
       ax.errorbar(p["maxvio_global"], p["val_loss"],
                   xerr=None if math.isnan(p["maxvio_global_ci95"]) else p["maxvio_global_ci95"],
                   yerr=None if math.isnan(p["val_loss_ci95"]) else p["val_loss_ci95"],
-                  fmt="o", ms=7, color=colors[fam], mfc="white" if dominated else colors[fam],
+                  fmt="o", ms=6, color=_COLOR[fam], mfc="white" if dominated else _COLOR[fam],
                   capsize=2)
-      label = p["name"] if fam in ("none", "other") else f"{fam} {p['knob']:g}"
+      label = (p["name"] if fam in ("none", "other", "quantile")
+               else f"{p['knob']:g}")
       ax.annotate(label, (p["maxvio_global"], p["val_loss"]), textcoords="offset points",
-                  xytext=(5, 4), fontsize=7)
+                  xytext=(5, 4), fontsize=6, color=_COLOR[fam])
   ax.set_xscale("log")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   ax.set_xlabel("MaxVio_global (log; lower = better balanced)")
   ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title("Balance vs loss: aux alpha sweep, bias u sweep\n"
-               "(hollow: Pareto-dominated by another run)")
+  n = max((p["n"] for p in points), default=1)
+  ax.set_title((title + "\n" if title else "") + "Balance vs loss per family; hollow: "
+               "dominated on the means" + (f"; bars: 95% intervals over {n} seeds"
+                                           if n > 1 else ""), fontsize=9)
   ax.grid(alpha=0.3, which="both")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
+def _best_bias(points: list[dict]) -> dict | None:
+  bias = [p for p in points if p["family"] == "bias"]
+  return min(bias, key=lambda p: p["maxvio_global"]) if bias else None
+
+
 def pareto_verdict(points: list[dict]) -> list[str]:
-  """The frontier in words: who is on it, who dominates whom, the aux trade-off."""
+  """The frontier on the means in words: who is on it, who dominates whom, each loss
+  family's trade-off."""
   by_fam = {f: sorted((p for p in points if p["family"] == f), key=lambda p: p["knob"])
-            for f in ("aux", "bias")}
-  if not by_fam["aux"] or not by_fam["bias"]:
+            for f in LOSS_FAMILIES + ("bias",)}
+  if not by_fam["bias"] or not any(by_fam[f] for f in LOSS_FAMILIES):
     return []
   frontier = [p["name"] for p in points if not p["dominated_by"]]
-  out = [f"**Pareto frontier** (validation loss and MaxVio_global both lower is better): "
-         f"{', '.join(frontier)}."]
-  aux_dom = [p["name"] for p in by_fam["aux"]
-             if any(q in {b["name"] for b in by_fam["bias"]} for q in p["dominated_by"])]
-  bias_dom = [p["name"] for p in by_fam["bias"]
-              if any(q in {a["name"] for a in by_fam["aux"]} for q in p["dominated_by"])]
-  out.append(f"Aux runs dominated by a bias run: {len(aux_dom)} of {len(by_fam['aux'])}"
-             + (f" ({', '.join(aux_dom)})" if aux_dom else "")
-             + f"; bias runs dominated by an aux run: {len(bias_dom)} of "
-             f"{len(by_fam['bias'])}" + (f" ({', '.join(bias_dom)})" if bias_dom else "") + ".")
-  a = by_fam["aux"]
-  if len(a) >= 2:
-    vio_falls = all(x["maxvio_global"] >= y["maxvio_global"] for x, y in zip(a, a[1:]))
-    loss_rises = all(x["val_loss"] <= y["val_loss"] for x, y in zip(a, a[1:]))
-    out.append(
-        f"Aux loss from alpha {a[0]['knob']:g} to {a[-1]['knob']:g}: MaxVio_global "
-        f"{a[0]['maxvio_global']:.3f} -> {a[-1]['maxvio_global']:.3f}, validation loss "
-        f"{a[0]['val_loss']:.4f} -> {a[-1]['val_loss']:.4f} ("
-        + ("the dilemma LFB describes: each larger alpha balances better and costs loss"
-           if vio_falls and loss_rises else "not a monotone trade-off at this scale")
-        + ").")
-  best_bias = min(by_fam["bias"], key=lambda p: p["maxvio_global"])
-  matched = [p for p in a if p["maxvio_global"] <= best_bias["maxvio_global"]]
-  if matched:
-    m = min(matched, key=lambda p: p["val_loss"])
-    out.append(f"An aux run reaches the best bias balance ({best_bias['name']}, "
-               f"{best_bias['maxvio_global']:.3f}): {m['name']} at loss "
-               f"{m['val_loss']:.4f} vs {best_bias['val_loss']:.4f}.")
-  else:
-    out.append(f"No aux alpha reaches the bias's best balance ({best_bias['name']}, "
-               f"MaxVio_global {best_bias['maxvio_global']:.3f}; the best aux run: "
-               f"{min(a, key=lambda p: p['maxvio_global'])['maxvio_global']:.3f}).")
+  out = [f"**Pareto frontier** (on the means; validation loss and MaxVio_global both lower "
+         f"is better): {', '.join(frontier)}."]
+  noisy = [f"{p['name']} by {', '.join(p['within_noise'])}" for p in points
+           if p["within_noise"]]
+  if noisy:
+    out.append("Dominated on the means but with overlapping 95% intervals on both axes "
+               "(not resolved by these seeds): " + "; ".join(noisy) + ".")
+  bias_names = {b["name"] for b in by_fam["bias"]}
+  best_bias = _best_bias(points)
+  for fam in LOSS_FAMILIES:
+    a = by_fam[fam]
+    if not a:
+      continue
+    word = "Aux" if fam == "aux" else fam
+    dom = [p["name"] for p in a if bias_names & set(p["dominated_by"])]
+    back = [p["name"] for p in by_fam["bias"]
+            if {q["name"] for q in a} & set(p["dominated_by"])]
+    out.append(f"{word} runs dominated by a bias run: {len(dom)} of {len(a)}"
+               + (f" ({', '.join(dom)})" if dom else "")
+               + f"; bias runs dominated by one of them: {len(back)} of "
+               f"{len(by_fam['bias'])}" + (f" ({', '.join(back)})" if back else "") + ".")
+    if len(a) >= 2:
+      vio_falls = all(x["maxvio_global"] >= y["maxvio_global"] for x, y in zip(a, a[1:]))
+      loss_rises = all(x["val_loss"] <= y["val_loss"] for x, y in zip(a, a[1:]))
+      out.append(
+          f"{word} loss from alpha {a[0]['knob']:g} to {a[-1]['knob']:g}: MaxVio_global "
+          f"{a[0]['maxvio_global']:.3f} -> {a[-1]['maxvio_global']:.3f}, validation loss "
+          f"{a[0]['val_loss']:.4f} -> {a[-1]['val_loss']:.4f} ("
+          + ("the dilemma LFB describes: each larger alpha balances better and costs loss"
+             if vio_falls and loss_rises else "not a monotone trade-off on the means")
+          + ").")
+    matched = [p for p in a if p["maxvio_global"] <= best_bias["maxvio_global"]]
+    if matched:
+      m = min(matched, key=lambda p: p["val_loss"])
+      out.append(f"A {fam} run reaches the best bias balance ({best_bias['name']}, "
+                 f"{best_bias['maxvio_global']:.3f}): {m['name']} at loss "
+                 f"{m['val_loss']:.4f} vs {best_bias['val_loss']:.4f}.")
+    else:
+      out.append(f"No {fam} alpha reaches the bias's best balance ({best_bias['name']}, "
+                 f"MaxVio_global {best_bias['maxvio_global']:.3f}; the best {fam} run: "
+                 f"{min(a, key=lambda p: p['maxvio_global'])['maxvio_global']:.3f}).")
+  return out
+
+
+def matched_comparisons(groups: dict, points: list[dict]) -> dict:
+  """Per loss family, seed-paired differences (bias - family point) at matched balance:
+  the bias point is the bias run with the best mean balance; its match in the family is
+  the lowest-loss point whose mean MaxVio_global is at least as low, else (flagged
+  reaches=False) the family's best-balanced point. And the family's own trade-off: its
+  best-balanced point minus its smallest alpha, paired."""
+  best = _best_bias(points)
+  out = {}
+  for fam in LOSS_FAMILIES:
+    a = sorted((p for p in points if p["family"] == fam), key=lambda p: p["knob"])
+    if not a or best is None:
+      continue
+    reach = [p for p in a if p["maxvio_global"] <= best["maxvio_global"]]
+    match = (min(reach, key=lambda p: p["val_loss"]) if reach
+             else min(a, key=lambda p: p["maxvio_global"]))
+    balanced = min(a, key=lambda p: p["maxvio_global"])
+    out[fam] = {
+        "bias": best["name"], "match": match["name"], "reaches": bool(reach),
+        "val_loss": paired(groups, match["name"], best["name"], "val_loss"),
+        "maxvio_global": paired(groups, match["name"], best["name"], "maxvio_global"),
+        "trade": {"from": a[0]["name"], "to": balanced["name"],
+                  "val_loss": paired(groups, a[0]["name"], balanced["name"], "val_loss"),
+                  "maxvio_global": paired(groups, a[0]["name"], balanced["name"],
+                                          "maxvio_global")}}
+  return out
+
+
+def _sign(iv) -> int:
+  """-1 / +1 when the 95% interval lies below / above 0; 0 when it contains 0 or when
+  there is no interval (one seed)."""
+  if iv is None or iv["n"] < 2 or math.isnan(iv["ci95"]):
+    return 0
+  if iv["mean"] + iv["ci95"] < 0:
+    return -1
+  return 1 if iv["mean"] - iv["ci95"] > 0 else 0
+
+
+def dilemma_verdict(comparisons: dict) -> list[str]:
+  """Each family's trade-off and where the bias sits against it, worded from the paired
+  95% intervals only."""
+  out = []
+  for fam, c in comparisons.items():
+    t = c["trade"]
+    ivs = (t["val_loss"], t["maxvio_global"], c["val_loss"], c["maxvio_global"])
+    if any(iv is None or iv["n"] < 2 for iv in ivs):
+      out.append(f"- **{fam}**: fewer than two paired seeds, no intervals: no verdict.")
+      continue
+    if t["from"] == t["to"]:
+      trade = (f"its best balance is at its smallest alpha ({t['from']}): larger alphas do "
+               "not balance better, so it shows no trade-off to speak of")
+    else:
+      dv, dl = _sign(t["maxvio_global"]), _sign(t["val_loss"])
+      what = {(-1, 1): "shows the dilemma: balance improves and loss rises, both resolved",
+              (-1, 0): "balance improves at no resolved loss cost",
+              (-1, -1): "balance improves and loss falls: no dilemma here"}.get(
+                  (dv, dl), "balance does not improve resolvably")
+      trade = (f"from {t['from']} to {t['to']}: " + _compare(t["maxvio_global"],
+               "MaxVio_global", "") + "; " + _compare(t["val_loss"], "validation loss",
+                                                      " nats") + f": {what}")
+    dl = _sign(c["val_loss"])
+    where = ({-1: "below the family's curve (lower loss", 1: "above the family's curve "
+              "(higher loss", 0: "inside the noise of the family's curve (loss"}[dl]
+             + f" than {c['match']}, " + ("which reaches its balance" if c["reaches"]
+                                         else "the family's best-balanced point, which "
+                                         "does not reach its balance") + ")")
+    out.append(f"- **{fam}**: {trade}. The bias ({c['bias']}) sits {where}: "
+               + _compare(c["val_loss"], "its validation loss", " nats") + "; "
+               + _compare(c["maxvio_global"], "its MaxVio_global", "") + ".")
   return out
 
 
@@ -384,9 +498,11 @@ def write_report(runs: dict, out_dir: str, title: str = "Balancing ablation") ->
   groups = group_by_strategy(results)
   multi_seed = any(len(v) > 1 for v in groups.values())
   points = pareto_points(groups)
-  # The Pareto view is for sweeps: both families present, one of them at several knobs.
-  n_fam = {f: sum(p["family"] == f for p in points) for f in ("aux", "bias")}
-  pareto = min(n_fam.values()) >= 1 and max(n_fam.values()) >= 2
+  # The Pareto view is for sweeps: the bias and a loss family present, one family at
+  # several knobs.
+  n_fam = {f: sum(p["family"] == f for p in points) for f in LOSS_FAMILIES + ("bias",)}
+  pareto = (n_fam["bias"] >= 1 and any(n_fam[f] for f in LOSS_FAMILIES)
+            and max(n_fam.values()) >= 2)
   summary = {n: {k: v for k, v in r.items() if k != "val_load"} for n, r in results.items()}
   extra = {}
   if multi_seed:
@@ -396,6 +512,8 @@ def write_report(runs: dict, out_dir: str, title: str = "Balancing ablation") ->
                               for s in groups if s != "aux" and "aux" in groups}
   if pareto:
     extra["pareto"] = points
+    if multi_seed:
+      extra["matched"] = matched_comparisons(groups, points)
   with open(os.path.join(out_dir, "results.json"), "w") as fh:
     json.dump({"runs": summary, **extra}, fh, indent=1)
   plot_val_loss(runs, os.path.join(out_dir, "val_loss.png"))
@@ -441,14 +559,27 @@ def write_report(runs: dict, out_dir: str, title: str = "Balancing ablation") ->
     if pv:
       lines += ["", "Paired differences against aux, seed by seed:", "", *pv]
   if pareto:
-    lines += ["", "Pareto view (mean over seeds where several):", "",
+    lines += ["", "Pareto view (mean ± 95% half-width over seeds where several; "
+              "dominance on the means, * where the intervals overlap on both axes):", "",
               "| run | family | knob | val loss | MaxVio_global | dominated by |",
               "|---|---|---|---|---|---|"]
-    for p in sorted(points, key=lambda p: (p["family"], p["knob"])):
-      lines.append(f"| {p['name']} | {p['family']} | {p['knob']:g} | {p['val_loss']:.4f} | "
-                   f"{p['maxvio_global']:.3f} | {', '.join(p['dominated_by']) or '-'} |")
-    plot_pareto(points, os.path.join(out_dir, "pareto.png"))
-    lines += ["", *pareto_verdict(points), "", "![pareto](pareto.png)"]
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    for p in sorted(points, key=lambda p: (order[p["family"]], p["knob"])):
+      dom = ", ".join(n + ("*" if n in p["within_noise"] else "") for n in p["dominated_by"])
+      lines.append(
+          f"| {p['name']} | {p['family']} | {p['knob']:g} | "
+          f"{_pm(dict(n=p['n'], mean=p['val_loss'], ci95=p['val_loss_ci95']))} | "
+          f"{_pm(dict(n=p['n'], mean=p['maxvio_global'], ci95=p['maxvio_global_ci95']), '.3f')}"
+          f" | {dom or '-'} |")
+    any_gate = next(iter(runs.values()))["config"]["model"].get("score_func", "")
+    plot_pareto(points, os.path.join(out_dir, "pareto.png"), title=f"{any_gate} gate")
+    lines += ["", *pareto_verdict(points)]
+    if "matched" in extra:
+      lines += ["", "The dilemma per family, and the bias against it (seed-paired 95% "
+                "intervals; the bias run with the best mean balance against the family's "
+                "lowest-loss run at least as balanced):", "",
+                *dilemma_verdict(extra["matched"])]
+    lines += ["", "![pareto](pareto.png)"]
   lines += ["", "LFB Table 2 (validation perplexity / MaxVio_global):", "",
             "| model | strategy | PPL | MaxVio_global |", "|---|---|---|---|"]
   lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PAPER_TABLE]

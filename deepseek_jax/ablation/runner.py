@@ -6,24 +6,37 @@ finished run is not retrained.
 
 Sweeps (instead of a strategy list):
   rate    the sign-rule bias at u in RATE_SWEEP (LFB Fig. 4)
-  pareto  the aux-loss dilemma (LFB Sec. 2.2): the classic aux loss at every alpha of
-          PARETO_ALPHAS, the sign-rule bias at every u of RATE_SWEEP, and no balancing;
-          the report draws validation loss against MaxVio_global per family
+  pareto  the aux-loss dilemma (LFB Sec. 2.2; V3 4.5.3): every family that can trade
+          balance for loss, each at every alpha of PARETO_ALPHAS (the classic aux loss
+          alpha * sum_i f_i mean(s_i); the batch-wise and sequence-wise losses on
+          normalised affinities), the sign-rule bias at every u of RATE_SWEEP, Quantile
+          Balancing, and no balancing; the report draws validation loss against
+          MaxVio_global per family
+
+`reuse` folders (earlier ablations, e.g. the main job's) lend their finished runs: a run
+whose config.json equals a planned run's config is copied in instead of retrained. An
+interrupted sweep resumes by run name (each run's workdir resumes itself).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import time
 
 from absl import logging
 
 from configs import common
 from deepseek_jax.ablation import report
+from deepseek_jax.train import checkpoint
 from deepseek_jax.train import loop as trainer
 
 RATE_SWEEP = (1e-4, 1e-3, 1e-2)          # LFB Fig. 4
-PARETO_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)  # the aux loss's alpha, LFB's 1e-3 in the middle
+PARETO_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)  # every loss's alpha, LFB's 1e-3 in the middle
+# The balance losses that can trade balance for loss (configs/small.py ALPHA_OF).
+PARETO_LOSSES = ("aux", "batch_aux", "seq_aux")
 SWEEPS = ("rate", "pareto")
 
 
@@ -39,7 +52,9 @@ def plan(strategies, sweep: str | None):
     return rate
   if sweep == "pareto":
     return ([("none", "strategy=none")]
-            + [(f"aux_a{a:g}", f"strategy=aux,alpha={a:g}") for a in PARETO_ALPHAS] + rate)
+            + [(f"{loss}_a{a:g}", f"strategy={loss},alpha={a:g}")
+               for loss in PARETO_LOSSES for a in PARETO_ALPHAS]
+            + rate + [("quantile", "strategy=quantile")])
   if sweep:
     raise ValueError(f"--sweep must be one of {SWEEPS} or empty; got {sweep!r}")
   return [(s, f"strategy={s}") for s in strategies]
@@ -49,16 +64,61 @@ def run_name(name: str, seed: int, seeds) -> str:
   return name if len(seeds) == 1 else f"{name}_seed{seed}"
 
 
+def config_key(cfg_dict: dict) -> str:
+  """A run's identity: the hash of its config as config.json records it."""
+  text = json.dumps(json.loads(json.dumps(cfg_dict)), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished_runs(folders) -> dict:
+  """{config_key: run folder} of every finished run (its last evaluation at its last
+  step) directly under `folders`; the first folder wins a tie."""
+  found = {}
+  for folder in folders:
+    if not os.path.isdir(folder):
+      raise ValueError(f"--reuse: {folder} is not a folder")
+    for entry in sorted(os.listdir(folder)):
+      d = os.path.join(folder, entry)
+      if not os.path.isfile(os.path.join(d, checkpoint.CONFIG_FILE)):
+        continue
+      try:
+        run = report.load_run(d)
+        done = report.summarize(run)["steps"] == run["config"]["total_steps"]
+      except (OSError, ValueError, KeyError):
+        done = False
+      if done:
+        found.setdefault(config_key(run["config"]), d)
+  return found
+
+
+def copy_reusable(jobs, workdir: str, folders) -> list[str]:
+  """Copies each job's finished twin from `folders` into workdir/<name> (when that does
+  not exist yet). Returns the names reused."""
+  found = finished_runs(folders)
+  reused = []
+  for name, cfg in jobs:
+    dst = os.path.join(workdir, name)
+    src = found.get(config_key(cfg.to_dict()))
+    if src and not os.path.exists(dst) and os.path.abspath(src) != os.path.abspath(dst):
+      shutil.copytree(src, dst)
+      reused.append(name)
+      print(f"=== {name}: reusing {src} (the same config, finished)", flush=True)
+  return reused
+
+
 def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(0,),
-        peak_flops: float | None = None, overrides=None, parallel: int = 1):
+        peak_flops: float | None = None, overrides=None, parallel: int = 1, reuse=(),
+        gate: str = "sigmoid"):
   """Trains every (name, arg) of `runs` on every seed, then writes the report. parallel > 1
-  trains that many runs at once, each in its own process (see _run_in_lanes)."""
+  trains that many runs at once, each in its own process (see _run_in_lanes); `reuse`
+  folders lend finished runs of the same config (copy_reusable); `gate` is the router's
+  affinity function for every run (sigmoid or softmax)."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   jobs = []
   for seed in seeds:
     for name, arg in runs:
-      cfg = get_config(f"{arg},size={size}")
+      cfg = get_config(f"{arg},size={size},gate={gate}")
       if steps:
         cfg.total_steps = steps
         cfg.eval_every = max(steps // 6, 1)
@@ -68,6 +128,8 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
       for k, v in (overrides or {}).items():
         common.set_path(cfg, k, v)
       jobs.append((run_name(name, seed, seeds), cfg))
+  if reuse:
+    copy_reusable(jobs, workdir, reuse)
   if parallel > 1 and len(jobs) > 1:
     _run_in_lanes(jobs, workdir, peak_flops, parallel, t0)
   else:
