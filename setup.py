@@ -28,7 +28,8 @@ setup(
         # pytest-xdist: pytest.ini runs the suite in 2 worker processes (XLA compiles
         # on one core each; BUILD_NOTES.md, issue 19).
         # tokamax: the GPU kernels' libraries are tested on CPU through their XLA paths.
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "tokamax==0.0.12"],
+        # pyarrow: prepare_data's parquet and save_to_disk readers are tested.
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "tokamax==0.0.12", "pyarrow>=14"],
         # The Hugging Face reference for the parity tests. torch is pinned to the CPU
         # wheel: an unpinned torch pulls a multi-GB CUDA build.
         "parity": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],

@@ -230,3 +230,29 @@ def test_a_mixture_keeps_its_weights_and_is_a_pure_function_of_the_step(tmp_path
   with pytest.raises(ValueError, match="another tokenizer"):
     prepare.prepare(str(tmp_path / "b.jsonl"), "bpe:300", str(tmp_path / "c"))
     data.load_corpus(_cfg(tmp_path, f"{dirs[0]}:1,{tmp_path / 'c'}:1").data, 512)
+
+
+def test_parquet_and_a_saved_dataset_are_read_row_by_row(tmp_path):
+  """A .parquet file and a `save_to_disk` folder (Arrow stream files beside
+  dataset_info.json): every row's text becomes one document, in row order (a row
+  without text is counted as malformed), each file its own shard."""
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  root = tmp_path / "in"
+  (root / "ds").mkdir(parents=True)
+  par = [f"parquet row {i}: " + "ü" * i for i in range(7)]
+  pq.write_table(pa.table({"text": par + [None], "n": list(range(8))}), root / "p.parquet",
+                 row_group_size=3)
+  saved = [f"saved row {i}" for i in range(5)]
+  (root / "ds" / "dataset_info.json").write_text("{}")
+  for k, part in enumerate((saved[:2], saved[2:])):
+    table = pa.table({"text": part})
+    with pa.ipc.new_stream(str(root / "ds" / f"data-{k:05d}-of-00002.arrow"),
+                           table.schema) as w:
+      w.write_table(table)
+  out = tmp_path / "out"
+  m = prepare.prepare(f"{root}/p.parquet,{root}/ds", "bytes", str(out))
+  assert len(m["shards"]) == 2 and m["malformed_records"] == 1
+  stream = shards.TokenStream(str(out), shards.read_manifest(str(out)), "train")
+  want = [t for text in saved + par for t in list(text.encode()) + [256]]   # ds sorts first
+  np.testing.assert_array_equal(stream.read(0, len(stream)), want)
