@@ -703,3 +703,24 @@ def test_a_non_finite_step_is_skipped_not_applied(tmp_path):
   assert finite["head"] and finite["final_norm"], finite
   # The good step did move them.
   assert not np.array_equal(good.expert_bias, state.expert_bias)
+
+
+def test_a_run_is_reused_by_its_numbers_not_its_logging_or_loader():
+  from configs import small
+  from deepseek_jax.ablation import runner as ablation
+  a = small.get_config("strategy=aux,size=tiny").to_dict()
+  b = small.get_config("strategy=aux,alpha=0.001,size=tiny,gate=sigmoid").to_dict()
+  assert ablation.config_key(a) == ablation.config_key(b)
+  b["log_every"], b["data"]["prefetch"] = 1, 0
+  del b["data"]["loader_threads"]          # a run recorded before the field existed
+  assert ablation.config_key(a) == ablation.config_key(b)
+  for path, value in (("seed", 1), ("model.score_func", "softmax"),
+                      ("balance.aux_alpha", 0.01)):
+    c = small.get_config("strategy=aux,size=tiny").to_dict()
+    section, _, name = path.rpartition(".")
+    (c[section] if section else c)[name] = value
+    assert ablation.config_key(c) != ablation.config_key(a), path
+  with pytest.raises(ValueError, match="alpha= applies to"):
+    small.get_config("strategy=bias,alpha=0.1")
+  with pytest.raises(ValueError, match="unknown gate"):
+    small.get_config("gate=relu")

@@ -65,8 +65,12 @@ def run_name(name: str, seed: int, seeds) -> str:
 
 
 def config_key(cfg_dict: dict) -> str:
-  """A run's identity: the hash of its config as config.json records it."""
-  text = json.dumps(json.loads(json.dumps(cfg_dict)), sort_keys=True)
+  """A run's identity: the hash of its config as config.json records it, without the
+  fields a run may change on resume (logging, loader settings: checkpoint.resumable)."""
+  def strip(d, prefix=""):
+    return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in d.items() if not checkpoint.resumable(prefix + k)}
+  text = json.dumps(strip(json.loads(json.dumps(cfg_dict))), sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -35,7 +35,12 @@ CONFIG_FILE = "config.json"
 # total_steps is not one: the learning-rate schedule and the bias freeze are fractions of
 # it, so a changed total would rescale the schedule of the steps already trained.
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
-                     "keep_checkpoints")
+                     "keep_checkpoints", "data.prefetch", "data.loader_threads")
+
+
+def resumable(path: str) -> bool:
+  """A config field (dotted path) a run may change on resume: it changes no number."""
+  return path in RESUMABLE_CHANGES or path.split(".")[0] in RESUMABLE_CHANGES
 
 
 class WorkdirConflict(ValueError):
@@ -107,7 +112,7 @@ def check_workdir_config(workdir: str, cfg_dict: dict) -> bool:
   with open(path) as fh:
     old = json.load(fh)
   diffs = sorted(_diff(old, json.loads(json.dumps(cfg_dict))))
-  hard = [d for d in diffs if d.split(".")[0] not in RESUMABLE_CHANGES]
+  hard = [d for d in diffs if not resumable(d)]
   if hard:
     raise WorkdirConflict(
         f"workdir {workdir} holds a run of a different config (differs in: "

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sysconfig
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,6 +256,24 @@ class PackedRows:
             "positions": positions}
 
 
+class _Cache:
+  """A small thread-safe memo (the loader's threads share it), oldest entry out first."""
+
+  def __init__(self, size: int):
+    self.size, self.items, self.lock = size, {}, threading.Lock()
+
+  def get(self, key, compute):
+    with self.lock:
+      if key in self.items:
+        return self.items[key]
+    value = compute()
+    with self.lock:
+      if key not in self.items and len(self.items) >= self.size:
+        self.items.pop(next(iter(self.items)))
+      self.items.setdefault(key, value)
+    return value
+
+
 class Mixture:
   """Rows of several sources (PackedRows of one width) interleaved by weight: the row at
   stream position p is a pure function of (seed, p).
@@ -289,33 +308,25 @@ class Mixture:
     # Training: the sources' rows together (sources wrap around at their own pace).
     self.n_rows = (int(min(r.n_rows // c for r, c in zip(sources, counts)) * self.BLOCK)
                    if not shuffle else sum(r.n_rows for r in sources))
-    self._cache = {}
+    self._cache = _Cache(64)
 
   def _block(self, b: int):
     """(source of each slot, rank of the slot among its source's slots) of block b."""
-    key = ("block", b)
-    if key not in self._cache:
+    def compute():
       slots = np.repeat(np.arange(len(self.counts)), self.counts)
       if self.shuffle:
         slots = np.random.default_rng([self.seed, 1 << 30, b]).permutation(slots)
       rank = np.zeros(self.BLOCK, np.int64)
       for k in range(len(self.counts)):
         rank[slots == k] = np.arange(self.counts[k])
-      self._remember(key, (slots, rank))
-    return self._cache[key]
+      return slots, rank
+    return self._cache.get(("block", b), compute)
 
   def _permutation(self, k: int, epoch: int):
-    key = ("perm", k, epoch)
-    if key not in self._cache:
-      n = self.sources[k].n_rows
-      self._remember(key, np.random.default_rng([self.seed, k, epoch]).permutation(n)
-                     if self.shuffle else np.arange(n))
-    return self._cache[key]
-
-  def _remember(self, key, value):
-    if len(self._cache) > 64:
-      self._cache.pop(next(iter(self._cache)))
-    self._cache[key] = value
+    n = self.sources[k].n_rows
+    return self._cache.get(("perm", k, epoch), lambda: (
+        np.random.default_rng([self.seed, k, epoch]).permutation(n) if self.shuffle
+        else np.arange(n)))
 
   def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
     """(source, position within the source's own stream of rows) of each position."""
@@ -374,15 +385,11 @@ class BatchSchedule:
         prev_start, prev_pos, prev_batch = self.stages[-1]
         pos = prev_pos + (start - prev_start) * prev_batch
       self.stages.append((start, pos, batch))
-    self._perms = {}
+    self._perms = _Cache(3)
 
   def _permutation(self, epoch):
-    if epoch not in self._perms:
-      if len(self._perms) > 2:
-        self._perms.pop(min(self._perms))
-      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-          self.rows.n_rows)
-    return self._perms[epoch]
+    return self._perms.get(epoch, lambda: np.random.default_rng(
+        [self.seed, epoch]).permutation(self.rows.n_rows))
 
   def batch_size_at(self, step: int) -> int:
     return [b for start, _, b in self.stages if start <= step][-1]
@@ -403,6 +410,45 @@ class BatchSchedule:
     idx = self.global_indices(step)
     per = len(idx) // process_count
     return self.rows.rows(idx[process_index * per:(process_index + 1) * per])
+
+
+class Prefetcher:
+  """batch(step) for steps taken in order, built ahead in background threads.
+
+  `make(step)` (BatchSchedule.batch with this process's slice) is a pure function of
+  the step, so building ahead changes nothing but when: `get(s)` returns make(s) and
+  queues s + 1 .. s + depth on `threads` threads (numpy's gathers and the memory-mapped
+  reads release the GIL), so the next batches are read while the step runs. A get()
+  out of order (a resume, a batch-size stage) is built on the spot and the queue moves
+  there. depth 0: built in the caller, nothing in the background."""
+
+  def __init__(self, make, depth: int = 2, threads: int = 1):
+    if depth < 0 or threads < 1:
+      raise ValueError(f"prefetch depth must be >= 0 and threads >= 1; got {depth}, "
+                       f"{threads}")
+    self.make, self.depth = make, depth
+    self.pool = None
+    if depth:
+      from concurrent.futures import ThreadPoolExecutor
+      self.pool = ThreadPoolExecutor(threads, thread_name_prefix="batches")
+    self.ahead = {}
+
+  def get(self, step: int):
+    if self.pool is None:
+      return self.make(step)
+    for s in [s for s in self.ahead if not step <= s <= step + self.depth]:
+      self.ahead.pop(s).cancel()
+    for s in range(step, step + self.depth + 1):
+      if s not in self.ahead:
+        self.ahead[s] = self.pool.submit(self.make, s)
+    return self.ahead.pop(step).result()
+
+  def close(self):
+    if self.pool is not None:
+      for f in self.ahead.values():
+        f.cancel()
+      self.pool.shutdown(wait=True)
+      self.pool, self.ahead = None, {}
 
 
 def validation_batches(rows: PackedRows, batch_size: int, n_batches: int | None,

@@ -106,6 +106,8 @@ _NUMBER_RULES = (
     ("balance.aux_alpha", lambda x: x >= 0, "must be >= 0"),
     ("balance.seq_aux_alpha", lambda x: x >= 0, "must be >= 0"),
     ("balance.batch_aux_alpha", lambda x: x >= 0, "must be >= 0"),
+    ("data.prefetch", lambda x: x >= 0, "must be >= 0 (0: build each batch in the loop)"),
+    ("data.loader_threads", lambda x: x >= 1, "must be >= 1"),
 )
 
 
@@ -411,10 +413,12 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
     writer.write(s, m)
     last = m
 
+  loader = data.Prefetcher(
+      lambda s: schedule.batch(s, jax.process_index(), jax.process_count()),
+      cfg.data.prefetch, cfg.data.loader_threads)
   try:
     while step < cfg.total_steps:
-      batch = _global_batch(schedule.batch(step, jax.process_index(), jax.process_count()),
-                            batch_sh)
+      batch = _global_batch(loader.get(step), batch_sh)
       state, metrics = stage_train_fn(schedule.batch_size_at(step))(state, batch, hparams)
       ckpt.poll()   # a finished background write is logged as saved, a failed one stops
       if pending is not None:
@@ -442,6 +446,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
         if preempt.requested:
           break
   finally:
+    loader.close()
     ckpt.close()
     writer.close()
     preempt.restore()

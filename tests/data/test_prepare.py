@@ -256,3 +256,38 @@ def test_parquet_and_a_saved_dataset_are_read_row_by_row(tmp_path):
   stream = shards.TokenStream(str(out), shards.read_manifest(str(out)), "train")
   want = [t for text in saved + par for t in list(text.encode()) + [256]]   # ds sorts first
   np.testing.assert_array_equal(stream.read(0, len(stream)), want)
+
+
+def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp_path):
+  """The loader builds batches ahead in threads; whatever the depth and thread count,
+  get(s) is exactly BatchSchedule.batch(s), for steps in order, after a jump (a resume)
+  and across batch-size stages, over a mixture (whose memo the threads share); with
+  depth 0 nothing is built in the background."""
+  import threading
+  root, _ = _corpus(tmp_path)
+  a = prepare.prepare(str(root / "a*.jsonl"), "bytes", str(tmp_path / "a"))
+  b = prepare.prepare(str(root / "t*.txt"), "bytes", str(tmp_path / "b"))
+  del a, b
+  streams = [shards.TokenStream(str(tmp_path / d), shards.read_manifest(str(tmp_path / d)),
+                                "train") for d in ("a", "b")]
+  rows = data.packed_rows(streams, [0.7, 0.3], 15, seed=3)
+  schedule = data.BatchSchedule(rows, 4, seed=3, stages=[(0, 4), (5, 8)])
+  steps = list(range(0, 9)) + [3, 4] + list(range(12, 20))
+  want = [schedule.batch(s, 1, 2) for s in steps]
+  for depth, threads in ((0, 1), (1, 1), (3, 4)):
+    built_on = []
+
+    def make(s):
+      built_on.append(threading.current_thread().name)
+      return data.BatchSchedule(rows, 4, seed=3, stages=[(0, 4), (5, 8)]).batch(s, 1, 2) \
+          if s % 5 == 0 else schedule.batch(s, 1, 2)
+    loader = data.Prefetcher(make, depth, threads)
+    got = [loader.get(s) for s in steps]
+    loader.close()
+    for g, w in zip(got, want):
+      for k in w:
+        np.testing.assert_array_equal(g[k], w[k], err_msg=f"depth {depth} {k}")
+    background = [n for n in built_on if n.startswith("batches")]
+    assert (len(background) == len(built_on)) if depth else not background
+  with pytest.raises(ValueError, match="threads >= 1"):
+    data.Prefetcher(lambda s: s, 2, 0)

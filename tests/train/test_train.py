@@ -358,11 +358,12 @@ def _free_port():
 def test_two_processes_match_one(reference_run, short_single_run, tmp_path):
   """Two processes of 2 devices each (jax.distributed on localhost), data=4, train the
   same 4 steps as one device: same losses, validation loss and global expert loads;
-  resumed from step 2 in one process, the same again. (4 devices each, data=8, measured 185 s of a 13-minute suite on 2 cores
+  resumed from step 2 in one process with other loader settings, the same again. (4 devices each, data=8, measured 185 s of a 13-minute suite on 2 cores
   against ~100 s: the processes' 8 device threads fought over the cores.)"""
   ref_tmp, _ = reference_run
   overrides = {"mesh.data": 4, **SHORT, "checkpoint_every": 2}
-  cfg_file = write_config_file(ref_tmp, **overrides)
+  # Built in the loop here; ahead on two threads in the resumed run below.
+  cfg_file = write_config_file(ref_tmp, **overrides, **{"data.prefetch": 0})
   port = _free_port()
   procs = []
   for i in range(2):
@@ -377,11 +378,12 @@ def test_two_processes_match_one(reference_run, short_single_run, tmp_path):
   _assert_matches_single_device(_records(tmp_path / "multi"), short_single_run({}))
   assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2", "4"]
   # Elastic resume (issue 24): as if killed after step 2, the run goes on in ONE process
-  # of 4 devices from the two processes' checkpoint and data position, and steps 3-4
-  # match the single-device run as the uninterrupted run did.
+  # of 4 devices, with other loader settings, from the two processes' checkpoint and
+  # data position, and steps 3-4 match the single-device run as the uninterrupted run did.
   shutil.rmtree(tmp_path / "multi" / "checkpoints" / "4")
-  _train(tiny_run_config(ref_tmp, **overrides), tmp_path / "multi",
-         devices=jax.devices()[:4])
+  _train(tiny_run_config(ref_tmp, **overrides, **{"data.prefetch": 3,
+                                                  "data.loader_threads": 2}),
+         tmp_path / "multi", devices=jax.devices()[:4])
   _assert_matches_single_device(_records(tmp_path / "multi"), short_single_run({}))
 
 
