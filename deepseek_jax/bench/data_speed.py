@@ -1,7 +1,7 @@
 """How fast the input pipeline delivers batches, against what the train step consumes.
 
-The loader is data.BatchSchedule over memory-mapped prepared shards (the reader every run
-uses). Two rates, tokens per second as ready host batches:
+The loader is the training loop's: data.Prefetcher over data.BatchSchedule over
+memory-mapped prepared shards. Two rates, tokens per second as ready host batches:
 - at the train bench's batch (8 x 256 on the bench model), to compare with the train
   part's train_tokens_per_s in the same run (goal: >= 20x, so input never stalls a step);
 - at one TPU v5p host's share of the 671B batch on v5p-512 (15,360 sequences of 4,096 over
@@ -23,13 +23,18 @@ V5P_512_STEP_S = 69.8
 V3_BATCH, V3_SEQ, V5P_512_HOSTS = 15_360, 4_096, 128
 
 
-def _rate(rows, batch: int, steps: int) -> float:
+def _rate(rows, batch: int, steps: int, prefetch: int = 2) -> float:
+  """Ready batches per second through the training loop's loader (data.Prefetcher with
+  the default depth, one thread), consumed as fast as they come."""
   schedule = data.BatchSchedule(rows, batch, seed=0)
-  schedule.batch(0)                           # the first epoch's permutation
+  loader = data.Prefetcher(schedule.batch, prefetch, 1)
+  loader.get(0)                               # the first epoch's permutation
   t0 = time.perf_counter()
   for s in range(1, steps + 1):
-    schedule.batch(s)
-  return batch * rows.width * steps / (time.perf_counter() - t0)
+    loader.get(s)
+  took = time.perf_counter() - t0
+  loader.close()
+  return batch * rows.width * steps / took
 
 
 def run(tiny: bool = False, train_tokens_per_s: float | None = None) -> dict:
