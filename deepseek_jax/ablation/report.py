@@ -322,35 +322,52 @@ def pareto_points(groups: dict) -> list[dict]:
 
 
 def plot_pareto(points: list[dict], path: str, title: str = ""):
+  """Loss against MaxVio_global per family with 95% bars; a second panel zooms on the
+  points within 0.05 nats of the best loss when others lie far above them."""
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(7.5, 5.0))
-  for fam in FAMILIES:
-    pts = sorted((p for p in points if p["family"] == fam), key=lambda p: p["knob"])
-    if not pts:
-      continue
-    ax.plot([p["maxvio_global"] for p in pts], [p["val_loss"] for p in pts],
-            "-" if fam in LOSS_FAMILIES + ("bias",) else "", color=_COLOR[fam], alpha=0.6,
-            label=_LABEL[fam])
-    for p in pts:
-      dominated = bool(p["dominated_by"])
-      ax.errorbar(p["maxvio_global"], p["val_loss"],
-                  xerr=None if math.isnan(p["maxvio_global_ci95"]) else p["maxvio_global_ci95"],
-                  yerr=None if math.isnan(p["val_loss_ci95"]) else p["val_loss_ci95"],
-                  fmt="o", ms=6, color=_COLOR[fam], mfc="white" if dominated else _COLOR[fam],
-                  capsize=2)
-      label = (p["name"] if fam in ("none", "other", "quantile")
-               else f"{p['knob']:g}")
-      ax.annotate(label, (p["maxvio_global"], p["val_loss"]), textcoords="offset points",
-                  xytext=(5, 4), fontsize=6, color=_COLOR[fam])
-  ax.set_xscale("log")
-  ax.legend(fontsize=7)
-  ax.set_xlabel("MaxVio_global (log; lower = better balanced)")
-  ax.set_ylabel("validation loss (nats/token)")
+  from matplotlib.ticker import NullFormatter
+  best = min(p["val_loss"] for p in points)
+  near = [p for p in points if p["val_loss"] <= best + 0.05]
+  zoom = len(near) < len(points)
+  fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(13 if zoom else 7.5, 5.0),
+                           squeeze=False)
+  for ax in axes[0]:
+    for fam in FAMILIES:
+      pts = sorted((p for p in points if p["family"] == fam), key=lambda p: p["knob"])
+      if not pts:
+        continue
+      ax.plot([p["maxvio_global"] for p in pts], [p["val_loss"] for p in pts],
+              "-" if fam in LOSS_FAMILIES + ("bias",) else "", color=_COLOR[fam],
+              alpha=0.6, label=_LABEL[fam])
+      for p in pts:
+        dominated = bool(p["dominated_by"])
+        ax.errorbar(p["maxvio_global"], p["val_loss"],
+                    xerr=None if math.isnan(p["maxvio_global_ci95"])
+                    else p["maxvio_global_ci95"],
+                    yerr=None if math.isnan(p["val_loss_ci95"]) else p["val_loss_ci95"],
+                    fmt="o", ms=6, color=_COLOR[fam],
+                    mfc="white" if dominated else _COLOR[fam], capsize=2)
+        label = (p["name"] if fam in ("none", "other", "quantile") else f"{p['knob']:g}")
+        ax.annotate(label, (p["maxvio_global"], p["val_loss"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=6, color=_COLOR[fam])
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("MaxVio_global (log; lower = better balanced)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+  axes[0][0].legend(fontsize=7)
   n = max((p["n"] for p in points), default=1)
-  ax.set_title((title + "\n" if title else "") + "Balance vs loss per family; hollow: "
-               "dominated on the means" + (f"; bars: 95% intervals over {n} seeds"
-                                           if n > 1 else ""), fontsize=9)
-  ax.grid(alpha=0.3, which="both")
+  axes[0][0].set_title((title + ": " if title else "") + "balance vs loss per family; "
+                       "hollow: dominated on the means" + (
+                           f"; bars: 95% intervals over {n} seeds" if n > 1 else ""),
+                       fontsize=9)
+  if zoom:
+    lo = min(p["val_loss"] - (0 if math.isnan(p["val_loss_ci95"]) else p["val_loss_ci95"])
+             for p in near)
+    hi = max(p["val_loss"] + (0 if math.isnan(p["val_loss_ci95"]) else p["val_loss_ci95"])
+             for p in near)
+    axes[0][1].set_ylim(lo - 0.005, hi + 0.005)
+    axes[0][1].set_title("zoom: the runs within 0.05 nats of the best loss", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -473,11 +490,12 @@ def dilemma_verdict(comparisons: dict) -> list[str]:
                "MaxVio_global", "") + "; " + _compare(t["val_loss"], "validation loss",
                                                       " nats") + f": {what}")
     dl = _sign(c["val_loss"])
-    where = ({-1: "below the family's curve (lower loss", 1: "above the family's curve "
-              "(higher loss", 0: "inside the noise of the family's curve (loss"}[dl]
-             + f" than {c['match']}, " + ("which reaches its balance" if c["reaches"]
-                                         else "the family's best-balanced point, which "
-                                         "does not reach its balance") + ")")
+    where = ({-1: "below the family's curve (lower loss than", 1: "above the family's "
+              "curve (higher loss than", 0: "inside the noise of the family's curve (loss "
+              "indistinguishable from"}[dl]
+             + f" {c['match']}, " + ("which reaches its balance" if c["reaches"]
+                                     else "the family's best-balanced point, which does "
+                                     "not reach its balance") + ")")
     out.append(f"- **{fam}**: {trade}. The bias ({c['bias']}) sits {where}: "
                + _compare(c["val_loss"], "its validation loss", " nats") + "; "
                + _compare(c["maxvio_global"], "its MaxVio_global", "") + ".")
