@@ -421,8 +421,10 @@ def test_batch_ramp_trains_each_stage_and_resumes_exactly_across_it(reference_ru
   process and gives the uninterrupted run's curve exactly."""
   from deepseek_jax.train import data
   ref_tmp, _ = reference_run
+  # Batches built in the loop (prefetch 0): the SIGTERM below is sent from the building
+  # of step 1's batch, which the default prefetch would do during step 0.
   over = {"schedule.batch_size": "4 for 384; 8", "total_steps": 7, "eval_every": 7,
-          "checkpoint_every": 7}
+          "checkpoint_every": 7, "data.prefetch": 0}
   cfg = tiny_run_config(ref_tmp, **over)      # shares the reference's token cache
   _train(cfg, tmp_path / "full", devices=jax.devices()[:1])
   full = {r["step"]: r for r in _records(tmp_path / "full")}
