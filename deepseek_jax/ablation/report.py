@@ -420,7 +420,7 @@ def pareto_verdict(points: list[dict]) -> list[str]:
     matched = [p for p in a if p["maxvio_global"] <= best_bias["maxvio_global"]]
     if matched:
       m = min(matched, key=lambda p: p["val_loss"])
-      out.append(f"A {fam} run reaches the best bias balance ({best_bias['name']}, "
+      out.append(f"{'An' if fam == 'aux' else 'A'} {fam} run reaches the best bias balance ({best_bias['name']}, "
                  f"{best_bias['maxvio_global']:.3f}): {m['name']} at loss "
                  f"{m['val_loss']:.4f} vs {best_bias['val_loss']:.4f}.")
     else:
