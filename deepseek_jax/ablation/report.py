@@ -378,6 +378,15 @@ def _best_bias(points: list[dict]) -> dict | None:
   return min(bias, key=lambda p: p["maxvio_global"]) if bias else None
 
 
+def _matched(family_points: list[dict], best: dict) -> tuple[dict, bool]:
+  """The family's point at the bias's balance: its lowest-loss point whose mean MaxVio
+  is at most `best`'s (True), else its best-balanced point (False)."""
+  reach = [p for p in family_points if p["maxvio_global"] <= best["maxvio_global"]]
+  if reach:
+    return min(reach, key=lambda p: p["val_loss"]), True
+  return min(family_points, key=lambda p: p["maxvio_global"]), False
+
+
 def pareto_verdict(points: list[dict]) -> list[str]:
   """The frontier on the means in words: who is on it, who dominates whom, each loss
   family's trade-off."""
@@ -417,16 +426,15 @@ def pareto_verdict(points: list[dict]) -> list[str]:
           + ("the dilemma LFB describes: each larger alpha balances better and costs loss"
              if vio_falls and loss_rises else "not a monotone trade-off on the means")
           + ").")
-    matched = [p for p in a if p["maxvio_global"] <= best_bias["maxvio_global"]]
-    if matched:
-      m = min(matched, key=lambda p: p["val_loss"])
+    m, reaches = _matched(a, best_bias)
+    if reaches:
       out.append(f"{'An' if fam == 'aux' else 'A'} {fam} run reaches the best bias balance ({best_bias['name']}, "
                  f"{best_bias['maxvio_global']:.3f}): {m['name']} at loss "
                  f"{m['val_loss']:.4f} vs {best_bias['val_loss']:.4f}.")
     else:
       out.append(f"No {fam} alpha reaches the bias's best balance ({best_bias['name']}, "
                  f"MaxVio_global {best_bias['maxvio_global']:.3f}; the best {fam} run: "
-                 f"{min(a, key=lambda p: p['maxvio_global'])['maxvio_global']:.3f}).")
+                 f"{m['maxvio_global']:.3f}).")
   return out
 
 
@@ -442,12 +450,10 @@ def matched_comparisons(groups: dict, points: list[dict]) -> dict:
     a = sorted((p for p in points if p["family"] == fam), key=lambda p: p["knob"])
     if not a or best is None:
       continue
-    reach = [p for p in a if p["maxvio_global"] <= best["maxvio_global"]]
-    match = (min(reach, key=lambda p: p["val_loss"]) if reach
-             else min(a, key=lambda p: p["maxvio_global"]))
+    match, reaches = _matched(a, best)
     balanced = min(a, key=lambda p: p["maxvio_global"])
     out[fam] = {
-        "bias": best["name"], "match": match["name"], "reaches": bool(reach),
+        "bias": best["name"], "match": match["name"], "reaches": reaches,
         "val_loss": paired(groups, match["name"], best["name"], "val_loss"),
         "maxvio_global": paired(groups, match["name"], best["name"], "maxvio_global"),
         "trade": {"from": a[0]["name"], "to": balanced["name"],

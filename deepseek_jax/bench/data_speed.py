@@ -23,11 +23,11 @@ V5P_512_STEP_S = 69.8
 V3_BATCH, V3_SEQ, V5P_512_HOSTS = 15_360, 4_096, 128
 
 
-def _rate(rows, batch: int, steps: int, prefetch: int = 2) -> float:
+def _rate(rows, batch: int, steps: int) -> float:
   """Ready batches per second through the training loop's loader (data.Prefetcher with
-  the default depth, one thread), consumed as fast as they come."""
+  its default depth, one thread), consumed as fast as they come."""
   schedule = data.BatchSchedule(rows, batch, seed=0)
-  loader = data.Prefetcher(schedule.batch, prefetch, 1)
+  loader = data.Prefetcher(schedule.batch)
   loader.get(0)                               # the first epoch's permutation
   t0 = time.perf_counter()
   for s in range(1, steps + 1):

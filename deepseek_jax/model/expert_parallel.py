@@ -158,17 +158,6 @@ def rounds_needed(rank_XZ, cap: int):
   return (longest + cap - 1) // cap
 
 
-def plan_dispatch(idx_XK, gates_XK, n_experts: int, n_shards: int, cap: int):
-  """One round, pairs past a destination's `cap` rows dropped.
-
-  Returns row_XZ (send-buffer row z * cap + slot, or Z * cap: not sent), ids_XZJ and
-  gates_XZJ (as queue_pairs) and dropped_XZ (assignments lost because shard z was full)."""
-  rank_XZ, ids_XZJ, gates_XZJ, n_XZ = queue_pairs(idx_XK, gates_XK, n_experts, n_shards)
-  row_XZ = round_rows(rank_XZ, cap)
-  dropped_XZ = jnp.where(rank_XZ >= cap, n_XZ, 0)
-  return row_XZ, ids_XZJ, gates_XZJ, dropped_XZ
-
-
 def _to_rows(values_U, row_U, n_rows: int, fill):
   """Buffer of n_rows: row r holds the values of the pair placed at r, else `fill`.
   A gather (its gradient a scatter-add), as dispatch.gather_rows."""
@@ -271,12 +260,16 @@ def all_rounds(round_fn):
   return summed
 
 
+def sends_overflow(cfg: ModelConfig) -> bool:
+  """Whether what does not fit a buffer is sent later (dropless) rather than dropped:
+  ep_overflow="rounds", except for the capacity baseline, which always drops."""
+  return cfg.ep_overflow == "rounds" and cfg.moe_dispatch != "capacity"
+
+
 def uses_rounds(cfg: ModelConfig, n_tokens: int, n_shards: int) -> bool:
-  """Whether a shard of n_tokens tokens sends in rounds: only when its buffers are
-  smaller than the dropless C = n_tokens (else one round holds any routing) and
-  overflow is to be sent, not dropped."""
-  return (cfg.ep_overflow == "rounds" and cfg.moe_dispatch != "capacity"
-          and shard_capacity(n_tokens, cfg, n_shards) < n_tokens)
+  """Whether a shard of n_tokens tokens sends in rounds: only when overflow is sent and
+  its buffers are smaller than C = n_tokens (else one round holds any routing)."""
+  return sends_overflow(cfg) and shard_capacity(n_tokens, cfg, n_shards) < n_tokens
 
 
 def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
@@ -303,10 +296,9 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     rank_XZ, ids_XZJ, gates_XZJ, n_XZ = queue_pairs(idx_XK, gates_BTK.reshape(X, K), E, Z)
     J = ids_XZJ.shape[-1]
     rounds = uses_rounds(cfg, X, Z)
-    dropless = cfg.ep_overflow == "rounds" and cfg.moe_dispatch != "capacity"
     one_round = functools.partial(
         exchange, cfg=cfg, cap=C, fanout=max_fanout(cfg, Z),
-        local_cap=None if dropless else local_rows(X, cfg, Z * C * J))
+        local_cap=None if sends_overflow(cfg) else local_rows(X, cfg, Z * C * J))
     args = (x_XD, gates_XZJ, w_gate, w_up, w_down, rank_XZ, ids_XZJ)
     if rounds:
       # Every shard runs as many rounds as the longest queue anywhere needs.

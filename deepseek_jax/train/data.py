@@ -422,11 +422,12 @@ class Prefetcher:
   out of order (a resume, a batch-size stage) is built on the spot and the queue moves
   there. depth 0: built in the caller, nothing in the background."""
 
-  def __init__(self, make, depth: int = 2, threads: int = 1):
+  def __init__(self, make, depth: int = 2, threads: int = 1, stop: int | None = None):
+    """stop: the first step never asked for (the run's total): nothing is built past it."""
     if depth < 0 or threads < 1:
       raise ValueError(f"prefetch depth must be >= 0 and threads >= 1; got {depth}, "
                        f"{threads}")
-    self.make, self.depth = make, depth
+    self.make, self.depth, self.stop = make, depth, stop
     self.pool = None
     if depth:
       from concurrent.futures import ThreadPoolExecutor
@@ -438,7 +439,8 @@ class Prefetcher:
       return self.make(step)
     for s in [s for s in self.ahead if not step <= s <= step + self.depth]:
       self.ahead.pop(s).cancel()
-    for s in range(step, step + self.depth + 1):
+    last = step + self.depth if self.stop is None else min(step + self.depth, self.stop - 1)
+    for s in range(step, max(last, step) + 1):
       if s not in self.ahead:
         self.ahead[s] = self.pool.submit(self.make, s)
     return self.ahead.pop(step).result()

@@ -415,7 +415,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
 
   loader = data.Prefetcher(
       lambda s: schedule.batch(s, jax.process_index(), jax.process_count()),
-      cfg.data.prefetch, cfg.data.loader_threads)
+      cfg.data.prefetch, cfg.data.loader_threads, stop=cfg.total_steps)
   try:
     while step < cfg.total_steps:
       batch = _global_batch(loader.get(step), batch_sh)

@@ -289,5 +289,11 @@ def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp
         np.testing.assert_array_equal(g[k], w[k], err_msg=f"depth {depth} {k}")
     background = [n for n in built_on if n.startswith("batches")]
     assert (len(background) == len(built_on)) if depth else not background
+  # Nothing past the run's last step is built (stop = total steps).
+  built = []
+  loader = data.Prefetcher(lambda s: built.append(s) or s, 3, 2, stop=6)
+  assert [loader.get(s) for s in range(6)] == list(range(6))
+  loader.close()
+  assert sorted(built) == list(range(6))
   with pytest.raises(ValueError, match="threads >= 1"):
     data.Prefetcher(lambda s: s, 2, 0)

@@ -169,7 +169,8 @@ def test_node_limited_routing_visits_at_most_topk_group_shards(data, expert, M):
   scores = moe.affinities(jnp.asarray(u).reshape(B * T, -1) @ _params(cfg, seed=4)["w_router"],
                           cfg)
   idx, gates = moe.route(scores, jnp.asarray(bias), cfg)
-  row_XZ = expert_parallel.plan_dispatch(idx, gates, cfg.n_routed_experts, expert, B * T)[0]
+  rank_XZ = expert_parallel.queue_pairs(idx, gates, cfg.n_routed_experts, expert)[0]
+  row_XZ = expert_parallel.round_rows(rank_XZ, B * T)
   sent = (row_XZ < expert * B * T).sum(-1)[VALID.reshape(-1)]
   np.testing.assert_array_equal(sent, counts)
   # Without the group limit the same tokens spread over more than M shards.
