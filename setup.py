@@ -23,6 +23,8 @@ setup(
         "tokenizers>=0.20",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        # The loader's ordered, threaded prefetch (train/data.py Prefetcher).
+        "grain>=0.2.18",
     ],
     extras_require={
         # pytest-xdist: pytest.ini runs the suite in 2 worker processes (XLA compiles

@@ -35,7 +35,8 @@ CONFIG_FILE = "config.json"
 # total_steps is not one: the learning-rate schedule and the bias freeze are fractions of
 # it, so a changed total would rescale the schedule of the steps already trained.
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
-                     "keep_checkpoints", "data.prefetch", "data.loader_threads")
+                     "keep_checkpoints", "data.prefetch", "data.loader_threads",
+                     "data.cache_dir")
 
 
 def resumable(path: str) -> bool:

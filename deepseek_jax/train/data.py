@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import sysconfig
 import threading
 from dataclasses import dataclass
@@ -413,44 +414,40 @@ class BatchSchedule:
 
 
 class Prefetcher:
-  """batch(step) for steps taken in order, built ahead in background threads.
+  """batch(step) for steps taken in order, built ahead by a Grain iterator.
 
   `make(step)` (BatchSchedule.batch with this process's slice) is a pure function of
-  the step, so building ahead changes nothing but when: `get(s)` returns make(s) and
-  queues s + 1 .. s + depth on `threads` threads (numpy's gathers and the memory-mapped
-  reads release the GIL), so the next batches are read while the step runs. A get()
-  out of order (a resume, a batch-size stage) is built on the spot and the queue moves
-  there. depth 0: built in the caller, nothing in the background."""
+  the step, so the loader is Grain's `MapDataset.range(stop).map(make)` read through
+  its thread-prefetching iterator (`ReadOptions(num_threads=threads,
+  prefetch_buffer_size=depth)`): `get(s)` returns make(s) while steps s + 1 .. s + depth
+  are read on the threads (numpy's gathers and the memory-mapped reads release the
+  GIL). The iterator's state is its next index, i.e. the step, so a get() out of order
+  (a resume, a jump back) moves it there (`set_state`) and nothing else is saved.
+  depth 0: built in the caller, nothing in the background (the reference path)."""
 
   def __init__(self, make, depth: int = 2, threads: int = 1, stop: int | None = None):
     """stop: the first step never asked for (the run's total): nothing is built past it."""
     if depth < 0 or threads < 1:
       raise ValueError(f"prefetch depth must be >= 0 and threads >= 1; got {depth}, "
                        f"{threads}")
-    self.make, self.depth, self.stop = make, depth, stop
-    self.pool = None
+    self.make, self.it = make, None
     if depth:
-      from concurrent.futures import ThreadPoolExecutor
-      self.pool = ThreadPoolExecutor(threads, thread_name_prefix="batches")
-    self.ahead = {}
+      import grain
+      steps = grain.MapDataset.range(sys.maxsize if stop is None else stop).map(make)
+      self.it = iter(steps.to_iter_dataset(
+          grain.ReadOptions(num_threads=threads, prefetch_buffer_size=depth)))
 
   def get(self, step: int):
-    if self.pool is None:
+    if self.it is None:
       return self.make(step)
-    for s in [s for s in self.ahead if not step <= s <= step + self.depth]:
-      self.ahead.pop(s).cancel()
-    last = step + self.depth if self.stop is None else min(step + self.depth, self.stop - 1)
-    for s in range(step, max(last, step) + 1):
-      if s not in self.ahead:
-        self.ahead[s] = self.pool.submit(self.make, s)
-    return self.ahead.pop(step).result()
+    if self.it.get_state()["next_index"] != step:
+      self.it.set_state({"next_index": step})   # cancels what was read ahead
+    return next(self.it)
 
   def close(self):
-    if self.pool is not None:
-      for f in self.ahead.values():
-        f.cancel()
-      self.pool.shutdown(wait=True)
-      self.pool, self.ahead = None, {}
+    if self.it is not None:
+      self.it.close()
+      self.it = None
 
 
 def validation_batches(rows: PackedRows, batch_size: int, n_batches: int | None,

@@ -286,13 +286,35 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
     return _train(cfg, workdir, mesh, peak_flops, quiet, stages)
 
 
+def _load_corpus(data_cfg, vocab_size: int) -> data.Corpus:
+  """The run's data. With several processes, a default built on first use (stdlib /
+  files) is prepared by process 0 while the others wait; they then find it (a shared
+  file system) or prepare their own copy (a disk per host), so a shared cache is
+  prepared once. A failure in process 0 reaches the others as their own: it is raised
+  after the barrier, and they meet the same input."""
+  if jax.process_count() > 1 and data_cfg.source != "prepared":
+    failed = None
+    if jax.process_index() == 0:
+      try:
+        data.prepared_dirs(data_cfg, vocab_size)
+      except Exception as e:  # noqa: BLE001 (re-raised below, after the barrier)
+        failed = e
+    else:
+      logging.info("waiting for process 0 to prepare the data")
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("deepseek_jax_data_prepared")
+    if failed is not None:
+      raise failed
+  return data.load_corpus(data_cfg, vocab_size)
+
+
 def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
   model_cfg = model_config_from(cfg.model)
   resuming = check_workdir_config(workdir, cfg.to_dict())
   is_main = jax.process_index() == 0
 
   # Input ----------------------------------------------------------------------------
-  corpus = data.load_corpus(cfg.data, model_cfg.vocab_size)
+  corpus = _load_corpus(cfg.data, model_cfg.vocab_size)
   train_rows = _packed_rows(corpus.train, corpus.weights, cfg, "training")
   val_rows = _packed_rows(corpus.val, corpus.weights, cfg, "validation")
   recipe = Recipe(cfg)

@@ -259,7 +259,7 @@ def test_parquet_and_a_saved_dataset_are_read_row_by_row(tmp_path):
 
 
 def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp_path):
-  """The loader builds batches ahead in threads; whatever the depth and thread count,
+  """The loader builds batches ahead in Grain's threads; whatever the depth and thread count,
   get(s) is exactly BatchSchedule.batch(s), for steps in order, after a jump (a resume)
   and across batch-size stages, over a mixture (whose memo the threads share); with
   depth 0 nothing is built in the background."""
@@ -287,7 +287,7 @@ def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp
     for g, w in zip(got, want):
       for k in w:
         np.testing.assert_array_equal(g[k], w[k], err_msg=f"depth {depth} {k}")
-    background = [n for n in built_on if n.startswith("batches")]
+    background = [n for n in built_on if n.startswith("grain-prefetch")]
     assert (len(background) == len(built_on)) if depth else not background
   # Nothing past the run's last step is built (stop = total steps).
   built = []

@@ -357,13 +357,15 @@ def _free_port():
 
 def test_two_processes_match_one(reference_run, short_single_run, tmp_path):
   """Two processes of 2 devices each (jax.distributed on localhost), data=4, train the
-  same 4 steps as one device: same losses, validation loss and global expert loads;
-  resumed from step 2 in one process with other loader settings, the same again. (4 devices each, data=8, measured 185 s of a 13-minute suite on 2 cores
+  same 4 steps as one device: same losses, validation loss and global expert loads,
+  on data that process 0 alone prepared into a fresh cache; resumed from step 2 in one process with other loader settings, the same again. (4 devices each, data=8, measured 185 s of a 13-minute suite on 2 cores
   against ~100 s: the processes' 8 device threads fought over the cores.)"""
   ref_tmp, _ = reference_run
   overrides = {"mesh.data": 4, **SHORT, "checkpoint_every": 2}
   # Built in the loop here; ahead on two threads in the resumed run below.
-  cfg_file = write_config_file(ref_tmp, **overrides, **{"data.prefetch": 0})
+  # A cache of its own: process 0 prepares the files source while process 1 waits.
+  cfg_file = write_config_file(ref_tmp, **overrides, **{"data.prefetch": 0,
+                                                         "data.cache_dir": str(tmp_path / "cache")})
   port = _free_port()
   procs = []
   for i in range(2):
@@ -375,6 +377,8 @@ def test_two_processes_match_one(reference_run, short_single_run, tmp_path):
   outs = [p.communicate(timeout=300)[0].decode() for p in procs]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
+  assert ["preparing" in o for o in outs] == [True, False], "prepared in both processes"
+  assert "waiting for process 0 to prepare the data" in outs[1]
   _assert_matches_single_device(_records(tmp_path / "multi"), short_single_run({}))
   assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2", "4"]
   # Elastic resume (issue 24): as if killed after step 2, the run goes on in ONE process
