@@ -308,13 +308,13 @@ def pareto_points(groups: dict) -> list[dict]:
                 "knob": fam[1] if fam else float("nan"), "n": loss["n"],
                 "val_loss": loss["mean"], "maxvio_global": vio["mean"],
                 "val_loss_ci95": loss["ci95"], "maxvio_global_ci95": vio["ci95"]})
+  by_name = {q["name"]: q for q in pts}
   for p in pts:   # dominated: another point is no worse on both and better on one
     p["dominated_by"] = [q["name"] for q in pts if q is not p
                          and q["val_loss"] <= p["val_loss"]
                          and q["maxvio_global"] <= p["maxvio_global"]
                          and (q["val_loss"] < p["val_loss"]
                               or q["maxvio_global"] < p["maxvio_global"])]
-    by_name = {q["name"]: q for q in pts}
     p["within_noise"] = [n for n in p["dominated_by"]
                          if _overlap(p, by_name[n], "val_loss")
                          and _overlap(p, by_name[n], "maxvio_global")]

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import functools
 import json
 import math
 import os
 import sys
 import sysconfig
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,24 +257,6 @@ class PackedRows:
             "positions": positions}
 
 
-class _Cache:
-  """A small thread-safe memo (the loader's threads share it), oldest entry out first."""
-
-  def __init__(self, size: int):
-    self.size, self.items, self.lock = size, {}, threading.Lock()
-
-  def get(self, key, compute):
-    with self.lock:
-      if key in self.items:
-        return self.items[key]
-    value = compute()
-    with self.lock:
-      if key not in self.items and len(self.items) >= self.size:
-        self.items.pop(next(iter(self.items)))
-      self.items.setdefault(key, value)
-    return value
-
-
 class Mixture:
   """Rows of several sources (PackedRows of one width) interleaved by weight: the row at
   stream position p is a pure function of (seed, p).
@@ -309,25 +291,25 @@ class Mixture:
     # Training: the sources' rows together (sources wrap around at their own pace).
     self.n_rows = (int(min(r.n_rows // c for r, c in zip(sources, counts)) * self.BLOCK)
                    if not shuffle else sum(r.n_rows for r in sources))
-    self._cache = _Cache(64)
+    # Memos shared by the loader's threads (functools.lru_cache is thread-safe): the
+    # blocks around the current position, each source's current and next epoch.
+    self._block = functools.lru_cache(64)(self._new_block)
+    self._permutation = functools.lru_cache(4 * len(sources))(self._new_permutation)
 
-  def _block(self, b: int):
+  def _new_block(self, b: int):
     """(source of each slot, rank of the slot among its source's slots) of block b."""
-    def compute():
-      slots = np.repeat(np.arange(len(self.counts)), self.counts)
-      if self.shuffle:
-        slots = np.random.default_rng([self.seed, 1 << 30, b]).permutation(slots)
-      rank = np.zeros(self.BLOCK, np.int64)
-      for k in range(len(self.counts)):
-        rank[slots == k] = np.arange(self.counts[k])
-      return slots, rank
-    return self._cache.get(("block", b), compute)
+    slots = np.repeat(np.arange(len(self.counts)), self.counts)
+    if self.shuffle:
+      slots = np.random.default_rng([self.seed, 1 << 30, b]).permutation(slots)
+    rank = np.zeros(self.BLOCK, np.int64)
+    for k in range(len(self.counts)):
+      rank[slots == k] = np.arange(self.counts[k])
+    return slots, rank
 
-  def _permutation(self, k: int, epoch: int):
+  def _new_permutation(self, k: int, epoch: int):
     n = self.sources[k].n_rows
-    return self._cache.get(("perm", k, epoch), lambda: (
-        np.random.default_rng([self.seed, k, epoch]).permutation(n) if self.shuffle
-        else np.arange(n)))
+    return (np.random.default_rng([self.seed, k, epoch]).permutation(n) if self.shuffle
+            else np.arange(n))
 
   def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
     """(source, position within the source's own stream of rows) of each position."""
@@ -386,11 +368,11 @@ class BatchSchedule:
         prev_start, prev_pos, prev_batch = self.stages[-1]
         pos = prev_pos + (start - prev_start) * prev_batch
       self.stages.append((start, pos, batch))
-    self._perms = _Cache(3)
+    # A thread-safe memo of the current and neighbouring epochs' permutations.
+    self._permutation = functools.lru_cache(3)(self._new_permutation)
 
-  def _permutation(self, epoch):
-    return self._perms.get(epoch, lambda: np.random.default_rng(
-        [self.seed, epoch]).permutation(self.rows.n_rows))
+  def _new_permutation(self, epoch):
+    return np.random.default_rng([self.seed, epoch]).permutation(self.rows.n_rows)
 
   def batch_size_at(self, step: int) -> int:
     return [b for start, _, b in self.stages if start <= step][-1]
