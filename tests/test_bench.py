@@ -116,3 +116,26 @@ def test_gpu_bench_smoke_run_on_cpu(tmp_path):
               "gemm/xla/fwd_bwd_ms", "matmul_bf16_flops"):
     assert np.isfinite(res[key]) and res[key] > 0, key
   assert 4.0 < res["train/cudnn+tokamax/loss"] < 7.0   # ~ln(256) after 3 tiny steps
+
+
+def test_profile_attributes_cpu_ops_and_gpu_kernels_to_model_parts():
+  """A trace's op times go to the model part named by each instruction's op_name: by the
+  event's hlo_op (XLA:CPU, TPU), or, where hlo_op names a CUDA-graph command buffer (seen
+  on the H200), by the kernel's name, which is the fusion's HLO name with '.' -> '_'."""
+  from deepseek_jax.bench import profiling
+  hlo = "\n".join([
+      '  %fusion.3 = f32[4] fusion(%p), op_name="jit(step)/jvp(T)/layer_1/attn/dot_general"',
+      '  %gemm_fusion_dot.518 = bf16[8] fusion(%q), kind=kCustom, metadata={op_name='
+      '"jit(step)/transpose(jvp(T))/layer_9/moe/while/body/dot_general"}',
+      '  ROOT %loop-add_fusion.2 = f32[8] fusion(%r), op_name="jit(step)/jvp(T)/layer_2/ffn/add"',
+  ])
+  ev = lambda name, op, dur: {"ph": "X", "name": name, "dur": dur, "args": {"hlo_op": op}}
+  events = [ev("fusion.3", "fusion.3", 3000.0),                      # CPU: hlo_op itself
+            ev("gemm_fusion_dot_518", "command_buffer_7", 6000.0),   # GPU: kernel name
+            ev("loop_add_fusion_2", "command_buffer_7", 1500.0),
+            ev("cudnn_sdpa_kernel", "command_buffer_7", 900.0),      # a library's kernel
+            {"ph": "X", "name": "host work", "dur": 1e6, "args": {}},  # no hlo_op: host
+            {"ph": "M", "name": "process_name", "args": {"hlo_op": "fusion.3"}}]
+  by_part = profiling.op_ms_by_part(events, hlo, calls=3)
+  assert dict(by_part) == pytest.approx({"attention/fwd": 1.0, "moe_routed/bwd": 2.0,
+                                         "dense_ffn/fwd": 0.5, "other/fwd": 0.3})

@@ -70,11 +70,31 @@ def profile(run, hlo_text: str, trace_dir: str, calls: int = 3) -> dict:
     raise FileNotFoundError(f"the profiler wrote no trace.json.gz under {trace_dir}")
   with gzip.open(traces[-1]) as fh:
     events = json.load(fh)["traceEvents"]
+  # The module beside its trace: the trace names ops by HLO instruction, this text says
+  # what each one is (read offline, e.g. when the trace comes back from another machine).
+  with gzip.open(os.path.join(trace_dir, "module.hlo.txt.gz"), "wt") as fh:
+    fh.write(hlo_text)
+  by_part = op_ms_by_part(events, hlo_text, calls)
+  return {"op_ms_per_call": {k: round(v, 2) for k, v in by_part.most_common()},
+          "total_op_ms_per_call": round(sum(by_part.values()), 2), "trace_dir": trace_dir}
+
+
+def _kernel_key(name: str) -> str:
+  return re.sub(r"[.\-]", "_", name)
+
+
+def op_ms_by_part(events, hlo_text: str, calls: int) -> collections.Counter:
+  """{part/direction: ms per call} of a trace's device ops. An op is found by its
+  `hlo_op` argument (XLA:CPU, TPU) or, where that names a CUDA-graph command buffer
+  (XLA:GPU wraps fusions in them), by the kernel's own name: the fusion's HLO name with
+  '.' and '-' written '_'. Kernels of libraries (cuDNN, cuBLAS) match no instruction
+  and count as other."""
   names = _op_names(hlo_text)
+  by_key = {_kernel_key(k): v for k, v in names.items()}
   by_part = collections.Counter()
   for e in events:
     op = e.get("args", {}).get("hlo_op") if e.get("ph") == "X" else None
     if op is not None:
-      by_part[part_of(names.get(op, ""))] += e["dur"] / 1e3 / calls
-  return {"op_ms_per_call": {k: round(v, 2) for k, v in by_part.most_common()},
-          "total_op_ms_per_call": round(sum(by_part.values()), 2), "trace_dir": trace_dir}
+      op_name = names.get(op) or by_key.get(_kernel_key(e.get("name", "")), "")
+      by_part[part_of(op_name)] += e["dur"] / 1e3 / calls
+  return by_part

@@ -43,7 +43,10 @@ def _category(path: tuple[str, ...]) -> str:
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
   """{category: count, "total": main model, "activated": main model per token, "mtp": ...}."""
-  params = abstract_variables(Transformer(cfg))["params"]
+  # The parameters do not depend on the kernels: trace the plain paths (a GPU kernel
+  # need not build on this backend to count its weights).
+  plain = cfg.replace(attention_impl="plain", grouped_matmul="xla")
+  params = abstract_variables(Transformer(plain))["params"]
   counts = Counter()
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
