@@ -38,10 +38,12 @@ def get_config(arg=None):
       # chips at 64.8 GiB against 48.6 with "nothing", and skips a ~1/4 recompute)
       remat=True, remat_policy="dots_no_batch",
       attention_impl="blockwise", attention_block=512,
-      moe_dispatch="ragged",       # grouped matmul: each expert's weights read once
-      ep_capacity_factor=1.25,     # all-to-all buffers ~ tokens x K / shards, and
-      ep_overflow="rounds")        # what does not fit goes in more rounds: V3 drops
-                                   # no token (report 2.1.2)
+      moe_dispatch="ragged",       # grouped matmul: each expert's weights read once,
+      grouped_matmul="megablox",   # over the tiles that hold rows (forward and backward)
+      ep_exchange="ragged",        # ragged_all_to_all: only assignments travel, into
+      ep_capacity_factor=1.25,     # a receive buffer of 1.25 x tokens x K rows; what a
+      ep_overflow="rounds")        # destination cannot take goes in more rounds: V3
+                                   # drops no token (report 2.1.2)
   c = common.base_config(model)
   c.seq_len = 4096
   c.microbatches = -1          # one sequence per batch shard per microbatch

@@ -28,7 +28,8 @@ def get_config(arg=None):
       dtype="bfloat16", param_dtype="float32",
       # the 671B config's code paths (configs/deepseek_v3_671b.py)
       scan_layers=True, remat=True, remat_policy="nothing", attention_impl="blockwise",
-      attention_block=32, moe_dispatch="ragged", ep_capacity_factor=1.25)
+      attention_block=32, moe_dispatch="ragged", grouped_matmul="megablox",
+      ep_exchange="ragged", ep_capacity_factor=1.25)
   c = common.base_config(model)
   c.total_steps = 20
   c.batch_size, c.seq_len = 8, 64
@@ -38,6 +39,7 @@ def get_config(arg=None):
   c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 2, 2
   if arg == "guard":
     c.model.vocab_size = 65536
+    c.model.moe_ffn_dim = 128                  # Mosaic's lane width: megablox's tiles
     c.model.attention_block = 128
     c.model.remat_policy = "dots_no_batch"     # the 671B config's policy
     c.batch_size, c.seq_len, c.microbatches = 8, 1024, -1

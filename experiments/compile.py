@@ -7,10 +7,11 @@
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8 \
       --stage=1          # the batch ramp's first stage (default: the largest)
 
-Prints the per-chip memory, the collectives and a roofline estimate (deepseek_jax/train/
-aot.py), writes them as JSON with --out, and exits with status 1 when the program does
-not fit the chips' HBM. No TPU is needed: libtpu compiles for the topology's abstract
-devices.
+Prints the per-chip memory, the executed work against the useful work by class, HBM and
+collective bytes and a roofline step (deepseek_jax/train/aot.py, train/hlo.py), writes
+them as JSON with --out (--dump_hlo=FILE: the optimised HLO text too), and exits with
+status 1 when the program does not fit the chips' HBM. No TPU is needed: libtpu
+compiles for the topology's abstract devices.
 """
 
 import json
@@ -35,6 +36,8 @@ _OUT = flags.DEFINE_string("out", None, "Write the report as JSON to this file."
 _STAGE = flags.DEFINE_string("stage", "largest", "With a batch-size ramp (schedule."
                              "batch_size): the stage to compile, by number (1 = first), "
                              "by a token count it covers (200B), or 'largest'.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the compiled (optimised) HLO text "
+                                "of the train step to this file.")
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -49,7 +52,7 @@ def main(argv):
     if stage.batch != cfg.batch_size:
       cfg = cfg.copy_and_resolve_references()
       cfg.batch_size = stage.batch
-    r = aot.report(cfg, _TOPOLOGY.value)
+    r = aot.report(cfg, _TOPOLOGY.value, dump_hlo=_DUMP_HLO.value)
     r["stage"] = {"batch": stage.batch, "start_step": stage.start_step,
                   "start_tokens": stage.start_tokens}
   except (aot.TopologyError, ValueError) as e:

@@ -27,7 +27,18 @@ def remat_block(cfg: ModelConfig):
     return Block
   # prevent_cse=False: inside a scan XLA cannot merge the recomputation away anyway, and
   # the CSE barriers only cost (the flax/JAX advice for scanned remat).
-  return nn.remat(Block, policy=_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+  return nn.remat(Block, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
+
+
+def remat_policy(cfg: ModelConfig):
+  """cfg.remat_policy's jax.checkpoint policy, also saving the routed experts' values
+  that cfg.remat_save_experts names."""
+  policy = _POLICIES[cfg.remat_policy]
+  names = [n for n in cfg.remat_save_experts.split(",") if n]
+  if names:
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        policy, jax.checkpoint_policies.save_only_these_names(*names))
+  return policy
 
 
 class Block(nn.Module):

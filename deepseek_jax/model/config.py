@@ -14,9 +14,13 @@ import jax.numpy as jnp
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
 _EP_OVERFLOW = ("rounds", "drop")
+_EP_EXCHANGES = ("padded", "ragged")
+# The routed experts' values remat_save_experts can keep (dispatch.experts_ragged and
+# expert_parallel.ragged_round name them).
+SAVEABLE_EXPERT_NAMES = ("moe_gate", "moe_up", "moe_recv")
 _DISPATCHES = ("dropless", "capacity", "ragged", "reference")
 _ATTENTION_IMPLS = ("plain", "blockwise", "cudnn", "tokamax")
-_GROUPED_MATMULS = ("xla", "tokamax")
+_GROUPED_MATMULS = ("xla", "tokamax", "megablox")
 # jax.checkpoint policies by name (layers.remat_policy): what a rematerialised block keeps.
 REMAT_POLICIES = ("nothing", "dots", "dots_no_batch", "everything")
 _BIAS_MODES = ("add", "mul")
@@ -92,10 +96,29 @@ class ModelConfig:
   # worst destination's queue / C, agreed by every shard); "drop" drops and counts them.
   # moe_dispatch "capacity" always drops (it is the capacity baseline).
   ep_overflow: str = "rounds"
+  # How tokens travel under expert parallelism (expert_parallel.py). "padded": one row per
+  # (token, destination shard) in [Z, C] all_to_all buffers (C from ep_capacity_factor),
+  # the local experts over every received row's expert slots; the readable path, and the
+  # capacity baselines'. "ragged": one row per assignment moved by ragged_all_to_all into
+  # a receive buffer of ceil(f * tokens * K) rows (f = ep_capacity_factor, required),
+  # rounds only when a destination's total exceeds it, the grouped matmul over those rows
+  # (moe_dispatch "ragged"; dropless: ep_overflow "rounds").
+  ep_exchange: str = "padded"
+  # Under remat, also save these named values of the routed experts (comma-separated;
+  # "" saves none): "moe_gate", "moe_up" (the gate and up products: the backward then
+  # recomputes no routed matmul of the first round) and "moe_recv" (the rows the
+  # expert-parallel exchange received: no exchange is run again either). Overflow
+  # rounds recompute theirs. Costs their memory in every layer (BUILD_NOTES, "Pod
+  # efficiency").
+  remat_save_experts: str = ""
   # The grouped matmul of moe_dispatch "ragged": "xla" (jax.lax.ragged_dot; XLA:GPU in
   # jaxlib 0.10 rewrites it into a dense product over every expert) or "tokamax"
   # (tokamax.ragged_dot: a grouped-GEMM kernel, Mosaic GPU on Hopper, Triton elsewhere,
   # its XLA fallback on CPU). Needs `pip install -e ".[cuda]"` (or tokamax) for "tokamax".
+  # "megablox" (jax's Pallas grouped matmul for TPU: gmm, and tgmm for the weight
+  # gradient, both over the tiles that hold rows; XLA's TPU lowering of ragged_dot
+  # computes the weight gradient as a masked product over every group, E times the work;
+  # BUILD_NOTES "Pod efficiency"; jax.lax.ragged_dot off TPU).
   grouped_matmul: str = "xla"
   rope_theta: float = 10000.0
   # YaRN (V3 4.3). rope_factor 1.0 switches it off.
@@ -238,6 +261,18 @@ def _validate(c: ModelConfig) -> None:
     bad("ep_capacity_factor", "must be positive or None (the dispatch's own rule)")
   if c.ep_overflow not in _EP_OVERFLOW:
     bad("ep_overflow", f"must be one of {_EP_OVERFLOW}")
+  if c.ep_exchange not in _EP_EXCHANGES:
+    bad("ep_exchange", f"must be one of {_EP_EXCHANGES}")
+  if c.ep_exchange == "ragged" and (c.ep_capacity_factor is None
+                                    or c.moe_dispatch != "ragged"
+                                    or c.ep_overflow != "rounds"):
+    bad("ep_exchange", "'ragged' sizes its receive buffer by ep_capacity_factor (set "
+        "one, e.g. 1.25), runs the grouped matmul of moe_dispatch='ragged' and sends what "
+        "does not fit in further rounds (ep_overflow='rounds')")
+  names = [n for n in str(c.remat_save_experts).split(",") if n]
+  if not isinstance(c.remat_save_experts, str) or set(names) - set(SAVEABLE_EXPERT_NAMES):
+    bad("remat_save_experts", f"must be comma-separated names from "
+        f"{SAVEABLE_EXPERT_NAMES} (or empty)")
   if c.moe_block_size is not None and (not isinstance(c.moe_block_size, int)
                                        or c.moe_block_size <= 0):
     bad("moe_block_size", "must be a positive integer or None (automatic)")

@@ -26,6 +26,8 @@ import math
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from absl import logging
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.model.config import ModelConfig
 
@@ -274,16 +276,64 @@ def experts_dropless(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, b
           jnp.zeros((), jnp.float32))
 
 
-def grouped_matmul(x_RD, w_EDF, size_E, impl: str = "xla"):
+def megablox_row_tile(m: int, groups: int) -> int:
+  """megablox's tm for m rows in `groups` groups: a group runs whole row tiles (one more
+  where it starts or ends inside one), so the largest of 512, 256, 128 that a group's
+  share m / groups fills; m rounded up to 16 when m itself is smaller."""
+  if m < 128:
+    return -(-m // 16) * 16
+  return next((t for t in (512, 256) if t <= m / groups and m % t == 0), 128)
+
+
+def megablox_tiling(m: int, k: int, n: int, groups: int) -> tuple[int, int, int]:
+  """megablox's (tm, tk, tn) (the caller pads m to a multiple of tm: grouped_rows); k and
+  n in one tile size (its VJP reuses the tiling with k and n swapped), the largest of
+  1024 .. 128 that divides both, else 128 (Mosaic's lane width: a tile past a small
+  dim's end is computed all the same)."""
+  t = next((t for t in (1024, 512, 256, 128) if k % t == 0 and n % t == 0), 128)
+  return megablox_row_tile(m, groups), t, t
+
+
+def grouped_rows(n_rows: int, impl: str, groups: int) -> int:
+  """A grouped-matmul buffer's row count for `impl`: megablox takes whole row tiles."""
+  if impl != "megablox":
+    return n_rows
+  if n_rows < 128:
+    return -(-n_rows // 16) * 16
+  tm = next((t for t in (512, 256) if t <= n_rows / groups), 128)
+  return -(-n_rows // tm) * tm
+
+
+_logged_megablox_fallback = []
+
+
+def grouped_matmul(x_RD, w_EDF, size_E, impl: str = "xla", interpret: bool = False):
   """[R, D] x [E, D, F] -> [R, F]: rows [start_e, start_e + size_e) times expert e's
-  weights. "xla": jax.lax.ragged_dot; "tokamax": tokamax.ragged_dot (a grouped-GEMM
-  kernel on GPU, its XLA path on CPU; imported only when used)."""
+  weights; rows past sum(size_E) are left out of every group (0 here or undefined,
+  by implementation: callers mask them). "xla": jax.lax.ragged_dot; "tokamax":
+  tokamax.ragged_dot (a grouped-GEMM kernel on GPU, its XLA path on CPU; imported only
+  when used); "megablox": jax's Pallas kernels for TPU (gmm; its VJP's tgmm computes
+  the weight gradient over the tiles that hold rows), jax.lax.ragged_dot on other
+  backends unless interpret=True (the kernels in Pallas' interpreter: the tests)."""
   if impl == "xla":
     return jax.lax.ragged_dot(x_RD, w_EDF, size_E)
   if impl == "tokamax":
     from deepseek_jax.model.fused_attention import import_tokamax
     return import_tokamax().ragged_dot(x_RD, w_EDF, size_E)
-  raise ValueError(f"unknown grouped matmul {impl!r}; known: 'xla', 'tokamax'")
+  if impl == "megablox":
+    from deepseek_jax.model.layers import target_platform
+    if target_platform() != "tpu" and not interpret:
+      if not _logged_megablox_fallback:
+        _logged_megablox_fallback.append(True)
+        logging.info("grouped_matmul='megablox' off TPU: jax.lax.ragged_dot instead "
+                     "(same result, no Pallas kernel)")
+      return jax.lax.ragged_dot(x_RD, w_EDF, size_E)
+    from jax.experimental.pallas.ops.tpu import megablox
+    E, D, F = w_EDF.shape
+    tiling = megablox_tiling(x_RD.shape[0], D, F, E)
+    return megablox.gmm(x_RD, w_EDF, size_E.astype(jnp.int32), x_RD.dtype, tiling,
+                        interpret=interpret)
+  raise ValueError(f"unknown grouped matmul {impl!r}; known: 'xla', 'tokamax', 'megablox'")
 
 
 def experts_ragged(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, n_rows=None,
@@ -308,18 +358,24 @@ def experts_ragged(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, n_r
   counts_E = jnp.zeros((E + 1,), jnp.int32).at[e_A].add(1)[:E]
   n_real = jnp.sum(counts_E)
   n_kept = jnp.minimum(n_real, R)
-  # Rows [start_e, start_e + size_e) hold expert e; sizes sum to n_kept <= R.
+  # Rows [start_e, start_e + size_e) hold expert e; sizes sum to n_kept <= R. The buffer
+  # is R rows, padded to what the kernel tiles (grouped_rows): the padding is dead.
   start_E = jnp.cumsum(counts_E) - counts_E
   size_E = jnp.clip(R - start_E, 0, counts_E).astype(jnp.int32)
-  live_R = jnp.arange(R) < n_kept
-  row_A = jnp.where(pos_A < n_kept, pos_A, R)  # R: dropped or no expert
-  buf_RD = take_rows(x_XD, order_A[:R] // K)
-  buf_RD = jnp.where(live_R[:, None], buf_RD, jnp.zeros((), x_XD.dtype))
+  P = grouped_rows(R, impl, E)
+  live_P = jnp.arange(P) < n_kept
+  row_A = jnp.where(pos_A < n_kept, pos_A, P)  # P: dropped or no expert
+  src_P = jnp.concatenate([order_A[:R], jnp.full((P - R,), A - 1, order_A.dtype)])
+  buf_PD = take_rows(x_XD, src_P // K)
+  buf_PD = jnp.where(live_P[:, None], buf_PD, jnp.zeros((), x_XD.dtype))
   dot = lambda a, w: grouped_matmul(a, w, size_E, impl)
-  h_RF = nn.silu(dot(buf_RD, w_gate_EDF)) * dot(buf_RD, w_up_EDF)
+  # Named for remat_save_experts: saved, the backward needs no routed matmul again.
+  g_PF = checkpoint_name(dot(buf_PD, w_gate_EDF), "moe_gate")
+  u_PF = checkpoint_name(dot(buf_PD, w_up_EDF), "moe_up")
+  h_PF = nn.silu(g_PF) * u_PF
   # ragged_dot leaves rows past sum(size_E) out of every group: jax's CPU lowering gives
   # them 0, a TPU/GPU kernel need not write them at all. Masking here (and the buffer
   # above) keeps whatever they hold out of y and, via `where`'s select, out of dx.
-  out_RD = jnp.where(live_R[:, None], dot(h_RF, w_down_EFD), jnp.zeros((), x_XD.dtype))
+  out_PD = jnp.where(live_P[:, None], dot(h_PF, w_down_EFD), jnp.zeros((), x_XD.dtype))
   dropped = (n_real - n_kept).astype(jnp.float32)
-  return combine(out_RD, row_A, gates_XK), dropped
+  return combine(out_PD, row_A, gates_XK), dropped

@@ -26,6 +26,24 @@ GSPMD; only the routed experts run here. Per shard, X tokens:
                 C (a pmax, so every shard runs the same collectives); a balanced
                 routing needs one. With "drop", pairs past C are dropped and counted.
 
+Two exchanges (cfg.ep_exchange). "padded" is steps 1-5 above. "ragged" (the 671B
+config's) moves one row per assignment and only the live ones: each shard sorts its
+assignments by destination, the [Z, Z] send counts are all-gathered over the expert
+axis, and jax.lax.ragged_all_to_all (ragged_a2a.py; a padded stand-in on XLA:CPU) writes
+them into a receive buffer of ceil(f X K) rows (f = ep_capacity_factor; a shard receives
+X K at balanced routing), where the grouped matmul (dispatch.experts_ragged) runs over
+exactly those rows, sorted by expert; the results go back the same way into a buffer
+laid out as the send buffer, and each token sums its K rows with its gates. A round is a
+window of every destination's receive stream (sources in order), so a second round
+runs only when some destination's TOTAL exceeds its buffer, however long one source's
+queue is. Round 0 runs outside any loop (remat_save_experts can keep its products); the
+overflow rounds run in a loop named OVERFLOW_SCOPE, counted by the compile report at
+the rounds a routing needs. Without the per-(token, shard) de-duplication: at V3's
+layout (8 groups of 32 experts over 8 shards each, 4 groups kept) a token's 8 experts,
+drawn uniformly, live on 7.36 distinct shards on average (a simulation of 20,000
+tokens), so it would save about 8% of the wire bytes at the cost of the padded path's
+J-slot bookkeeping.
+
 Capacity C per destination shard (in tokens): C = ceil(f * X * fanout / Z), fanout the
 most shards a token can reach (min(K, Z), or topk_group when groups sit on shards), with
 f = cfg.ep_capacity_factor whenever it is set, else capacity_factor for moe_dispatch
@@ -57,12 +75,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as PS
 
-from deepseek_jax.model import dispatch
+from jax.ad_checkpoint import checkpoint_name
+
+from deepseek_jax.model import dispatch, ragged_a2a
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.partitioning import BATCH
 
 EXPERT = "expert"
 TENSOR = "tensor"
+# The scope of the overflow-rounds loops of the ragged exchange (train/hlo.py counts
+# them at the extra rounds a routing needs: none at balanced routing).
+OVERFLOW_SCOPE = "overflow_rounds"
 
 
 def expert_mesh():
@@ -223,38 +246,50 @@ def _typed_like(w, x):
   return jax.lax.pcast(w, tuple(sorted(extra)), to="varying") if extra else w
 
 
-def all_rounds(round_fn):
-  """sum_{r < n_rounds} round_fn(r, x, gates, w_gate, w_up, w_down, rank, ids), n_rounds
-  traced (the same on every shard). XLA cannot differentiate a loop with a traced trip
-  count, so the backward is written out: a second loop that recomputes each round's
-  forward and pulls the cotangent back through it (jax.vjp), accumulating dx, dgates and
-  the weight gradients (float32); memory stays one round's, the price one more forward
-  of the routed experts (a remat of each round)."""
+def summed_rounds(round_fn, first: int = 0, scope: str | None = None):
+  """f(diff, static, n_rounds) = sum_{first <= r < n_rounds} round_fn(r, *diff, *static),
+  n_rounds traced (the same on every shard). diff: float arrays, the first one varying
+  over the token axes, its shape and dtype the result's; static: integer arrays. XLA
+  cannot differentiate a loop with a traced trip count, so the backward is written out:
+  a second loop that recomputes each round's forward and pulls the cotangent back
+  through it (jax.vjp), accumulating every diff gradient in float32 (weight gradients
+  summed over the token axes once, at the end); memory stays one round's, the price one
+  more forward of the rounds. scope: a name for both loops (jax.named_scope; the compile
+  report finds the overflow rounds by it)."""
+
+  def loop(body, init, n):
+    if scope is None:
+      return jax.lax.fori_loop(first, n, body, init)
+    with jax.named_scope(scope):
+      return jax.lax.fori_loop(first, n, body, init)
+
+  def typed(diff):
+    return (diff[0],) + tuple(_typed_like(d, diff[0]) for d in diff[1:])
 
   @jax.custom_vjp
-  def summed(x, g, wg, wu, wd, rank, ids, n_rounds):
-    return fwd(x, g, wg, wu, wd, rank, ids, n_rounds)[0]
+  def summed(diff, static, n_rounds):
+    return fwd(diff, static, n_rounds)[0]
 
-  def fwd(x, g, wg, wu, wd, rank, ids, n_rounds):
-    ws = tuple(_typed_like(w, x) for w in (wg, wu, wd))
-    body = lambda r, y: y + round_fn(r, x, g, *ws, rank, ids).astype(y.dtype)
-    y = jax.lax.fori_loop(0, n_rounds, body,
-                          dispatch.zeros_like_all(x.shape, x.dtype, x, *ws))
-    return y, (x, g, wg, wu, wd, rank, ids, n_rounds)
+  def fwd(diff, static, n_rounds):
+    ds = typed(diff)
+    x = ds[0]
+    body = lambda r, y: y + round_fn(r, *ds, *static).astype(y.dtype)
+    y = loop(body, dispatch.zeros_like_all(x.shape, x.dtype, *ds), n_rounds)
+    return y, (diff, static, n_rounds)
 
   def bwd(res, dy):
-    x, g, wg, wu, wd, rank, ids, n_rounds = res
-    primals = (x, g) + tuple(_typed_like(w, x) for w in (wg, wu, wd))
+    diff, static, n_rounds = res
+    primals = typed(diff)
 
     def body(r, acc):
-      _, pull = jax.vjp(lambda *p: round_fn(r, *p, rank, ids), *primals)
+      _, pull = jax.vjp(lambda *p: round_fn(r, *p, *static), *primals)
       return tuple(a + d.astype(a.dtype) for a, d in zip(acc, pull(dy)))
 
     init = tuple(dispatch.zeros_like_all(p.shape, jnp.float32, p) for p in primals)
-    dx, dg, dwg, dwu, dwd = jax.lax.fori_loop(0, n_rounds, body, init)
-    return (dx.astype(x.dtype), dg.astype(g.dtype)) + tuple(
-        dispatch.sum_to_type(dw, w) for dw, w in ((dwg, wg), (dwu, wu), (dwd, wd))) + (
-            None, None, None)
+    acc = loop(body, init, n_rounds)
+    grads = (acc[0].astype(diff[0].dtype),) + tuple(
+        dispatch.sum_to_type(g, d) for g, d in zip(acc[1:], diff[1:]))
+    return grads, tuple(None for _ in static), None
 
   summed.defvjp(fwd, bwd)
   return summed
@@ -270,6 +305,94 @@ def uses_rounds(cfg: ModelConfig, n_tokens: int, n_shards: int) -> bool:
   """Whether a shard of n_tokens tokens sends in rounds: only when overflow is sent and
   its buffers are smaller than C = n_tokens (else one round holds any routing)."""
   return sends_overflow(cfg) and shard_capacity(n_tokens, cfg, n_shards) < n_tokens
+
+
+def receive_rows(n_tokens: int, cfg: ModelConfig, n_shards: int) -> int:
+  """Rows of the ragged exchange's receive buffer on a shard whose senders route
+  n_tokens tokens each: ceil(f * n_tokens * K) (a shard receives n_tokens * K at balanced
+  routing), padded to the grouped matmul's row tiles."""
+  rows = math.ceil(cfg.ep_capacity_factor * n_tokens * cfg.top_k)
+  return dispatch.grouped_rows(rows, cfg.grouped_matmul, cfg.n_routed_experts // n_shards)
+
+
+def ragged_round(r, x_send_AD, w_gate, w_up, w_down, counts_SD, ids_send_A, *,
+                 cfg: ModelConfig, cap: int):
+  """Round r of the ragged exchange, inside shard_map: this round's rows (the plan of
+  ragged_a2a.exchange_plan) go out by ragged_all_to_all into a [cap, D] receive buffer,
+  through the local experts (sorted by expert, grouped matmul over the received rows)
+  and back into a buffer laid out as the send buffer [A, D] (rows of other rounds 0)."""
+  A, D = x_send_AD.shape
+  E_l = w_gate.shape[0]
+  me = jax.lax.axis_index(EXPERT)
+  out_plan, back_plan = ragged_a2a.exchange_plan(counts_SD, me, cap, r)
+  a2a = functools.partial(ragged_a2a.ragged_all_to_all, axis_name=EXPERT,
+                          max_rows=min(cap, A))
+  recv_RD = a2a(x_send_AD, jnp.zeros((cap, D), x_send_AD.dtype), *out_plan)
+  recv_RD = checkpoint_name(recv_RD, "moe_recv")
+  ids_R = a2a(ids_send_A, jnp.full((cap,), E_l, ids_send_A.dtype), *out_plan)
+  out_RD, _ = dispatch.experts_ragged(recv_RD, ids_R[:, None],
+                                      jnp.ones((cap, 1), jnp.float32), w_gate, w_up, w_down,
+                                      impl=cfg.grouped_matmul)
+  return a2a(out_RD, jnp.zeros((A, D), out_RD.dtype), *back_plan)
+
+
+def ragged_experts(x_XD, idx_XK, gates_XK, w_gate, w_up, w_down, cfg: ModelConfig,
+                   token_axes):
+  """The ragged exchange on one shard (inside shard_map): one row per assignment, sorted
+  by destination; the [Z, Z] send counts all-gathered over the expert axis; round 0
+  outside any loop (its residuals are ordinary: remat_save_experts can keep them), the
+  rounds a destination's overflow needs in a loop named OVERFLOW_SCOPE. Returns (y_XD,
+  rounds run, rows this shard sent to other shards)."""
+  X, D = x_XD.shape
+  K = idx_XK.shape[1]
+  E, Z, E_l = cfg.n_routed_experts, jax.lax.axis_size(EXPERT), w_gate.shape[0]
+  cap = receive_rows(X, cfg, Z)
+  e_A = idx_XK.reshape(-1)
+  dest_A = jnp.where(e_A < E, e_A // E_l, Z)       # padding (expert E) goes nowhere
+  order_A = jnp.argsort(dest_A, stable=True)       # send order: by destination
+  pos_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(X * K, dtype=order_A.dtype))
+  counts_Z = jnp.zeros((Z + 1,), jnp.int32).at[dest_A].add(1)[:Z]
+  counts_SD = jax.lax.all_gather(counts_Z, EXPERT)                 # [source, destination]
+  x_send_AD = dispatch.take_rows(x_XD, order_A // K)
+  ids_send_A = jnp.where(e_A < E, e_A % E_l, E_l).astype(jnp.int32)[order_A]
+  round_fn = functools.partial(ragged_round, cfg=cfg, cap=cap)
+  # Every shard runs as many rounds as the fullest destination anywhere needs.
+  n_rounds = jax.lax.pmax(ragged_a2a.rounds_needed(counts_SD, cap), token_axes)
+  static = (counts_SD, ids_send_A)
+  back_AD = round_fn(0, x_send_AD, w_gate, w_up, w_down, *static)
+  back_AD = back_AD + summed_rounds(round_fn, first=1, scope=OVERFLOW_SCOPE)(
+      (x_send_AD, w_gate, w_up, w_down), static, n_rounds)
+  y_XD = dispatch.combine(back_AD, pos_A, gates_XK)
+  me = jax.lax.axis_index(EXPERT)
+  sent_away = jnp.sum(jnp.where(jnp.arange(Z) != me, counts_Z, 0))
+  return y_XD, n_rounds, sent_away
+
+
+def kernel_mesh():
+  """The context mesh when it has more than one device (else None): a Pallas kernel
+  (megablox) cannot be partitioned by GSPMD and must run inside a shard_map there."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def local_ragged_experts(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD,
+                         cfg: ModelConfig, mesh):
+  """dispatch.experts_ragged without expert parallelism on a mesh of several devices:
+  each batch shard sorts and multiplies its own tokens (the weights whole on every
+  shard, as GSPMD gathers them for any data-parallel layer); the drops summed."""
+  axes = tuple(a for a in BATCH if a in mesh.axis_names and mesh.shape[a] > 1)
+  if x_XD.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    axes = ()
+
+  def per_shard(x, idx, gates, wg, wu, wd):
+    y, dropped = dispatch.experts_ragged(x, idx, gates, wg, wu, wd,
+                                         impl=cfg.grouped_matmul)
+    return y, jax.lax.psum(dropped, axes) if axes else dropped
+
+  tokens = PS(axes or None, None)
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens,) * 3 + (PS(),) * 3,
+                       out_specs=(tokens, PS()), check_vma=False)(
+                           x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
@@ -291,8 +414,21 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
   def per_shard(x_BTD, idx_BTK, gates_BTK, w_gate, w_up, w_down):
     B, T, D = x_BTD.shape
     X, K = B * T, idx_BTK.shape[-1]
-    C = shard_capacity(X, cfg, Z)
     x_XD, idx_XK = x_BTD.reshape(X, D), idx_BTK.reshape(X, K)
+    load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
+    if cfg.ep_exchange == "ragged":
+      y_XD, n_rounds, sent = ragged_experts(x_XD, idx_XK, gates_BTK.reshape(X, K), w_gate,
+                                            w_up, w_down, cfg, token_axes)
+      out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
+             jnp.zeros((), jnp.float32))
+      if not traffic:
+        return out
+      counts = {"payload_rows": sent.astype(jnp.float32),
+                # only live rows travel: each out and back, with its expert id
+                "wire_bytes": sent.astype(jnp.float32) * (2 * D * x_XD.dtype.itemsize + 4)}
+      counts = jax.tree.map(lambda v: jax.lax.psum(v, token_axes), counts)
+      return out + (dict(counts, rounds=n_rounds.astype(jnp.float32)),)
+    C = shard_capacity(X, cfg, Z)
     rank_XZ, ids_XZJ, gates_XZJ, n_XZ = queue_pairs(idx_XK, gates_BTK.reshape(X, K), E, Z)
     J = ids_XZJ.shape[-1]
     rounds = uses_rounds(cfg, X, Z)
@@ -303,14 +439,13 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     if rounds:
       # Every shard runs as many rounds as the longest queue anywhere needs.
       n_rounds = jax.lax.pmax(rounds_needed(rank_XZ, C), token_axes)
-      y_XD = all_rounds(lambda *a: one_round(*a)[0])(*args, n_rounds)
+      y_XD = summed_rounds(lambda *a: one_round(*a)[0])(args[:5], args[5:], n_rounds)
       dropped = jnp.zeros((), jnp.float32)
     else:
       n_rounds = jnp.ones((), jnp.int32)
       y_XD, local_dropped = one_round(0, *args)
       # Refused by a full destination here, or cut from this shard's local buffer.
       dropped = jnp.sum(jnp.where(rank_XZ >= C, n_XZ, 0)).astype(jnp.float32) + local_dropped
-    load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
     out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
            jax.lax.psum(dropped, token_axes))
     if not traffic:
@@ -332,7 +467,11 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
   experts = PS(EXPERT, None, None)
   out_specs = (tokens, PS(), PS()) + (
       ({"payload_rows": PS(), "wire_bytes": PS(), "rounds": PS()},) if traffic else ())
+  # megablox's Pallas calls declare outputs without manual-axis types, which shard_map's
+  # type check refuses: the check is off for them (as MaxText runs megablox). Without
+  # it, shard_map's transpose sums a replicated weight's gradient over the token axes
+  # itself (and dispatch.sum_to_type sees no extra axes to sum over).
   fn = jax.shard_map(per_shard, mesh=mesh,
                      in_specs=(tokens, tokens, tokens, experts, experts, experts),
-                     out_specs=out_specs)
+                     out_specs=out_specs, check_vma=cfg.grouped_matmul != "megablox")
   return fn(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -184,6 +184,10 @@ class MoE(nn.Module):
     elif cfg.moe_dispatch == "capacity":
       y_XD, dropped = dispatch.experts_capacity(x_XD, idx_XK, gates_XK, *ws,
                                                 dispatch.capacity(B * T, cfg))
+    elif cfg.moe_dispatch == "ragged" and cfg.grouped_matmul == "megablox" and (
+        expert_parallel.kernel_mesh() is not None):
+      y_XD, dropped = expert_parallel.local_ragged_experts(
+          x_XD, idx_XK, gates_XK, *ws, cfg, expert_parallel.kernel_mesh())
     elif cfg.moe_dispatch == "ragged":
       y_XD, dropped = dispatch.experts_ragged(x_XD, idx_XK, gates_XK, *ws,
                                               impl=cfg.grouped_matmul)

@@ -9,17 +9,17 @@ compiler. What comes back is the compiler's word, not an estimate:
   per-chip memory   arguments, temporaries, outputs (memory_analysis); total = what
                     must be resident = arguments + temporaries + outputs not aliased to
                     (donated) arguments; compared with the chip's HBM
-  collectives       bytes per chip per step of every all-gather, all-reduce,
-                    reduce-scatter, all-to-all and collective-permute in the compiled
-                    HLO, each multiplied by the trip counts of the loops around it
-  cost analysis     XLA's flops and bytes accessed; XLA counts a loop body ONCE (scanned
-                    layers, microbatches), so these are per-iteration lower bounds
+  executed work     from the compiled HLO (train/hlo.py), per chip per step, every loop
+                    at its trip count: FLOPs by class (routed experts, attention, other,
+                    remat recompute; grouped-matmul kernels at the tiles their live rows
+                    touch, the overflow rounds at their balanced count), beside the
+                    analytic useful FLOPs of each class; HBM bytes; collective bytes
 
-The step time and MFU are a roofline ESTIMATE from a table of public chip constants:
-compute = analytic model FLOPs (x 4/3 when blocks recompute everything) / peak, ICI =
-collective bytes / ICI bandwidth, step = the larger (perfect overlap at peak, no HBM
-term): a lower bound on the step and an upper bound on MFU. Its use is the ratio of
-the two terms: how far a layout is from being communication-bound.
+A roofline step time follows from those three with the chip's constants: compute =
+executed FLOPs / peak, HBM = bytes / HBM bandwidth, ICI = collective bytes / ICI
+bandwidth, step = the largest (perfect overlap): a lower bound on the step, and
+roofline MFU = useful FLOPs / (chips x peak x step) an upper bound. XLA's own cost
+analysis (each loop body once, kernels at their static estimate) is kept for reference.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from deepseek_jax.model.config import model_config_from
-from deepseek_jax.train import loop, sharding
-from deepseek_jax.train.metrics import train_flops_per_token
+from deepseek_jax.model.partitioning import BATCH
+from deepseek_jax.train import hlo, loop, sharding
+from deepseek_jax.train.metrics import train_flops_per_token, useful_flops_by_class
 
 GIB = 2 ** 30
 
@@ -46,29 +47,29 @@ class Chip:
   peak_flops: float      # bf16 FLOP/s
   hbm_bytes: float
   ici_bw: float          # bytes/s per chip, bidirectional
+  hbm_bw: float          # bytes/s
   source: str
 
 
 # Public per-chip numbers (Cloud TPU system architecture pages, read 2026-12).
 CHIPS = {
     # HBM: the 95.74 GiB the TPU compiler reports available (the page says 95 GiB).
-    "v5p": Chip(459e12, 95.74 * GIB, 1200e9,
+    "v5p": Chip(459e12, 95.74 * GIB, 1200e9, 2765e9,
                 "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at "
                 "2765 GB/s (95.74 GiB available per the TPU compiler), 1200 GB/s "
                 "bidirectional ICI per chip"),
-    "v6e": Chip(918e12, 32e9, 800e9,
+    "v6e": Chip(918e12, 32e9, 800e9, 1638e9,
                 "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1638 GB/s, "
                 "800 GB/s bidirectional ICI per chip"),
-    "v5e": Chip(197e12, 16e9, 400e9,
+    "v5e": Chip(197e12, 16e9, 400e9, 819e9,
                 "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, "
                 "400 GB/s bidirectional ICI per chip"),
-    "v4": Chip(275e12, 32 * GIB, 1.1e15 / 4096,
+    "v4": Chip(275e12, 32 * GIB, 1.1e15 / 4096, 1200e9,
                "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s; "
                "ICI per chip taken as the pod's 1.1 PB/s all-reduce bandwidth / 4096 chips"),
 }
 _DIMS = {"v5p": 3, "v4": 3, "v6e": 2, "v5e": 2}
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-               "collective-permute")
+COLLECTIVES = hlo.COLLECTIVES
 
 
 class TopologyError(ValueError):
@@ -108,125 +109,6 @@ def topology_devices(name: str):
   return devices
 
 
-# HLO reading -----------------------------------------------------------------------
-
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-             "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-             "f8e4m3fn": 1, "f8e5m2": 1}
-_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(")
-_COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLEES = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)"
-                      r"|branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_COND = re.compile(r"condition=%?([\w.\-]+)")
-_INT_CONST = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
-
-
-def _trip_from_condition(lines) -> int:
-  """A scan's loop condition is `i < N` with one integer constant N (the TPU compiler
-  does not annotate known_trip_count); 1 when the condition is anything else."""
-  consts = {int(c) for line in lines for c in _INT_CONST.findall(line)}
-  is_lt = any("direction=LT" in line for line in lines)
-  return consts.pop() if is_lt and len(consts) == 1 else 1
-
-
-def _array_bytes(shape_text: str) -> list[int]:
-  out = []
-  for dtype, dims in _ARRAY.findall(shape_text):
-    if dtype in _ITEMSIZE:
-      out.append(math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dtype])
-  return out
-
-
-def _computations(hlo: str):
-  """{name: [lines]} and the entry computation's name."""
-  comps, entry, current = {}, None, None
-  for line in hlo.splitlines():
-    if current is None:
-      m = _COMP.match(line)
-      if m and "=" not in line.split("(")[0]:
-        current = m.group(1)
-        comps[current] = []
-        if line.lstrip().startswith("ENTRY"):
-          entry = current
-      continue
-    if line.strip() == "}":
-      current = None
-    else:
-      comps[current].append(line)
-  return comps, entry
-
-
-@dataclasses.dataclass(frozen=True)
-class Hlo:
-  """Compiled HLO text read once: its computations ({name: lines}), how many times each
-  runs per step (mult: the product of the trip counts of the while loops around it, 1
-  for the entry) and the trip counts seen."""
-  comps: dict
-  mult: dict
-  trips: list
-
-
-def read_hlo(hlo: str) -> Hlo:
-  comps, entry = _computations(hlo)
-  edges = {name: [] for name in comps}
-  trips = []
-  for name, lines in comps.items():
-    for line in lines:
-      trip = 1
-      if " while(" in line:
-        m = _TRIP.search(line)
-        cond = _COND.search(line)
-        trip = (int(m.group(1)) if m else
-                _trip_from_condition(comps.get(cond.group(1), [])) if cond else 1)
-        trips.append(trip)
-      for one, many in _CALLEES.findall(line):
-        for callee in (one or many).split(","):
-          callee = callee.strip().lstrip("%")
-          if callee in comps:
-            edges[name].append((callee, trip))
-  mult = {}
-
-  def visit(name, factor):
-    if mult.get(name, 0) >= factor:
-      return
-    mult[name] = factor
-    for callee, trip in edges[name]:
-      visit(callee, factor * trip)
-  if entry is not None:
-    visit(entry, 1)
-  return Hlo(comps, mult, trips)
-
-
-def collective_bytes(hlo: Hlo) -> dict[str, float]:
-  """Bytes per chip per step of each collective kind: the result buffer of each op
-  (reduce-scatter: its operand), times the loop trip counts around it. Async pairs are
-  counted at their -start op (whose result tuple also carries the operands: the larger
-  half is taken as the result)."""
-  totals = {k: 0.0 for k in COLLECTIVES}
-  for name, lines in hlo.comps.items():
-    factor = hlo.mult.get(name, 0)
-    if not factor:
-      continue
-    for line in lines:
-      m = _INSTR.match(line)
-      if not m:
-        continue
-      shape, op = m.group(1), m.group(2)
-      kind = op[:-len("-start")] if op.endswith("-start") else op
-      if kind not in totals:
-        continue
-      sizes = _array_bytes(shape)
-      if kind == "reduce-scatter":
-        operands = line[m.end():]
-        sizes = _array_bytes(operands.split(")")[0]) or sizes
-      elif op.endswith("-start") and len(sizes) > 1:
-        sizes = sorted(sizes)[len(sizes) // 2:] if kind == "all-gather" else [max(sizes)]
-      totals[kind] += factor * sum(sizes)
-  return totals
-
-
 # Compile and report ------------------------------------------------------------------
 
 def abstract_inputs(cfg, mesh, state_sh, batch_sh, init_fn):
@@ -264,18 +146,71 @@ def _per_chip(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _remat_factor(model_cfg) -> float:
-  """Forward passes per step over the analytic count's 3 (fwd + 2 x bwd): 4/3 when every
-  block recomputes its forward (remat policy "nothing"); 1 when the matmul outputs are
-  saved ("dots", "dots_no_batch": what is recomputed is elementwise, plus attention's
-  batched products under the latter, which the analytic count leaves out) or nothing is
-  recomputed."""
-  return 4.0 / 3.0 if model_cfg.remat and model_cfg.remat_policy == "nothing" else 1.0
+def routed_rows_per_buffer(cfg, model_cfg, mesh) -> float:
+  """Rows a routed grouped-matmul buffer holds at balanced routing: the tokens one shard
+  routes per microbatch (the batch over microbatches and over every axis that splits
+  tokens: the batch axes, and "tensor" when it splits the MoE's sequence) times K; under
+  expert parallelism each shard receives as many as it sends."""
+  shards = math.prod(mesh.shape.get(a, 1) for a in BATCH)
+  tensor = mesh.shape.get("tensor", 1)
+  if tensor > 1 and cfg.seq_len % tensor == 0:
+    shards *= tensor
+  tokens = cfg.batch_size * cfg.seq_len / max(int(cfg.microbatches), 1) / shards
+  return tokens * model_cfg.top_k
 
 
-def report(cfg, topology: str) -> dict:
+def causal_live_fraction(model_cfg, seq_len: int) -> float:
+  """The blockwise attention's live tiles: query block i reads key blocks 0..i of n."""
+  if model_cfg.attention_impl != "blockwise":
+    return 1.0
+  n = max(1, math.ceil(seq_len / model_cfg.attention_block))
+  return (n + 1) / (2 * n)
+
+
+def work_report(hlo_text: str, cfg, model_cfg, mesh, chip: Chip, n_chips: int,
+                extra_rounds: float = 0.0) -> dict:
+  """Executed vs useful work per chip per step, HBM and collective bytes, and the
+  roofline step (see the module docstring) of a compiled step's HLO text."""
+  h = hlo.read_hlo(hlo_text)
+  coll = hlo.collective_bytes(h)
+  work = hlo.executed_work(h, live_rows=routed_rows_per_buffer(cfg, model_cfg, mesh),
+                           overflow_rounds=extra_rounds,
+                           attention_live=causal_live_fraction(model_cfg, cfg.seq_len))
+  tokens_per_chip = cfg.batch_size * cfg.seq_len / n_chips
+  useful = {k: v * tokens_per_chip
+            for k, v in useful_flops_by_class(model_cfg, cfg.seq_len).items()}
+  by_class = {k: {"executed": float(work.flops.get(k, 0.0)),
+                  "recomputed": float(work.flops.get(k + "/recompute", 0.0)),
+                  "useful": useful[k]} for k in hlo.CLASSES}
+  by_class["remat_recompute"] = {
+      "executed": sum(v["recomputed"] for v in by_class.values()), "useful": 0.0}
+  executed, useful_total = work.total_flops, sum(useful.values())
+  compute_s = executed / chip.peak_flops
+  hbm_s = work.hbm_bytes / chip.hbm_bw
+  ici_s = sum(coll.values()) / chip.ici_bw
+  step_s = max(compute_s, hbm_s, ici_s)
+  return {
+      "executed_flops_per_chip": executed, "useful_flops_per_chip": useful_total,
+      "flops_by_class": by_class, "hbm_traffic_bytes_per_chip": work.hbm_bytes,
+      "collective_bytes": coll,
+      "roofline": {"compute_s": compute_s, "hbm_s": hbm_s, "ici_s": ici_s,
+                   "step_s": step_s,
+                   "mfu": useful_total / (chip.peak_flops * step_s) if step_s else 0.0},
+      "work_notes": work.notes + [
+          f"routed grouped-matmul buffers counted at {routed_rows_per_buffer(cfg, model_cfg, mesh):,.0f} "
+          f"live rows (balanced routing); overflow rounds beyond the first: {extra_rounds:g}",
+          f"loop trip counts in this program: {sorted(set(h.trips))}"],
+      "roofline_note": "a bound: step >= max(executed FLOPs / peak, HBM bytes / HBM "
+                       "bandwidth, collective bytes / ICI bandwidth), perfect overlap; "
+                       "not a measurement"}
+
+
+def report(cfg, topology: str, extra_rounds: float = 0.0,
+           dump_hlo: str | None = None) -> dict:
   """Compile cfg's train step for `topology` and measure it (see the module docstring).
-  A program that does not fit comes back with fits_hbm False and the compiler's message."""
+  A program that does not fit comes back with fits_hbm False and the compiler's message.
+  extra_rounds: overflow rounds beyond the first to count (0: balanced routing);
+  dump_hlo: a file to write the optimised HLO text to."""
   kind, _ = parse_topology(topology)
   chip = CHIPS[kind]
   devices = topology_devices(topology)
@@ -305,11 +240,10 @@ def report(cfg, topology: str) -> dict:
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):
     cost = cost[0]
-  hlo = read_hlo(compiled.as_text())
-  coll = collective_bytes(hlo)
-  compute_s = model_flops * _remat_factor(model_cfg) / len(devices) / chip.peak_flops
-  ici_s = sum(coll.values()) / chip.ici_bw
-  est = max(compute_s, ici_s)
+  hlo_text = compiled.as_text()
+  if dump_hlo:
+    with open(dump_hlo, "w") as fh:
+      fh.write(hlo_text)
   out.update(
       per_chip_bytes={"arguments": args, "temporaries": temps, "outputs": outs,
                       "aliased": alias, "total": total,
@@ -317,16 +251,11 @@ def report(cfg, topology: str) -> dict:
                       "params": _per_chip(state.params),
                       "optimizer": _per_chip(state.opt_state)},
       fits_hbm=bool(total <= chip.hbm_bytes), compile_s=compile_s,
-      flops_per_chip=float(cost.get("flops", 0.0)),
-      bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
-      cost_analysis_note="XLA's cost analysis counts each loop body once "
-                         f"(loop trip counts in this program: {sorted(set(hlo.trips))})",
-      collective_bytes=coll,
-      est_compute_s=compute_s, est_ici_s=ici_s, est_step_s=est,
-      est_mfu=model_flops / (len(devices) * chip.peak_flops * est) if est > 0 else 0.0,
-      estimate_note="roofline bound: step >= max(analytic FLOPs / peak, collective "
-                    "bytes / ICI bandwidth), MFU <= model FLOPs / (chips x peak x step); "
-                    "not a measurement")
+      xla_cost_analysis={"flops": float(cost.get("flops", 0.0)),
+                         "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+                         "note": "XLA's own count: each loop body once, kernels at "
+                                 "their static estimate; for reference only"})
+  out.update(work_report(hlo_text, cfg, model_cfg, mesh, chip, len(devices), extra_rounds))
   return out
 
 
@@ -367,13 +296,27 @@ def format_report(r: dict) -> str:
     if "error" in r:
       lines.append(f"  compiler: {r['error'][:400]}")
     return "\n".join(lines)
+  lines.append("executed vs useful FLOPs per chip per step (executed: first passes; "
+               "recomputed: the remat's forward again):")
+  for k, v in r["flops_by_class"].items():
+    if k == "remat_recompute":
+      continue
+    ratio = (v["executed"] + v["recomputed"]) / v["useful"]
+    lines.append(f"  {k:<16}{v['executed']:11.4g} executed {v['recomputed']:11.4g} "
+                 f"recomputed {v['useful']:11.4g} useful  {ratio:5.2f}x "
+                 f"({v['executed'] / v['useful']:.2f}x without the recompute)")
+  lines.append(f"  {'total':<18}{r['executed_flops_per_chip']:12.4g} executed "
+               f"{r['useful_flops_per_chip']:12.4g} useful "
+               f"{r['executed_flops_per_chip'] / r['useful_flops_per_chip']:6.2f}x")
+  lines.append(f"HBM traffic per chip per step: {gib(r['hbm_traffic_bytes_per_chip'])} "
+               "(estimate)")
   lines.append("collectives per chip per step:")
   for k, v in r["collective_bytes"].items():
     lines.append(f"  {k:<20}{gib(v)}")
-  lines.append(f"XLA cost analysis per chip: {r['flops_per_chip']:.3e} FLOPs, "
-               f"{r['bytes_accessed_per_chip']:.3e} bytes ({r['cost_analysis_note']})")
-  lines.append(f"model FLOPs per step (analytic): {r['model_flops_per_step']:.3e}")
-  lines.append(f"ESTIMATE (roofline bound, not measured): step >= {r['est_step_s']:.2f} s "
-               f"(compute {r['est_compute_s']:.2f} s at peak, ICI {r['est_ici_s']:.2f} s), "
-               f"MFU <= {r['est_mfu']:.3f}")
+  for note in r.get("work_notes", []):
+    lines.append(f"  note: {note}")
+  rf = r["roofline"]
+  lines.append(f"ROOFLINE (a bound, not measured): step >= {rf['step_s']:.2f} s (compute "
+               f"{rf['compute_s']:.2f} s, HBM {rf['hbm_s']:.2f} s, ICI {rf['ici_s']:.2f} s), "
+               f"roofline_mfu {rf['mfu']:.3f}")
   return "\n".join(lines)

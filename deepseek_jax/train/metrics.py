@@ -41,6 +41,23 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 3.0 * (2.0 * matmul + attn_layers * attn)
 
 
+def useful_flops_by_class(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+  """train_flops_per_token split as the compile report classes executed work
+  (train/hlo.py): routed experts (3 projections of D x F for each of the K chosen
+  experts, in every MoE block, main and MTP), attention (MLA's projections and the
+  causal QK^T and PV) and other (the rest: dense FFNs, shared experts, routers, MTP
+  projections, the head). Per token; they sum to train_flops_per_token."""
+  total = train_flops_per_token(cfg, seq_len)
+  routed_blocks = cfg.n_moe_layers + (cfg.mtp_depth if cfg.mtp_is_moe else 0)
+  routed = 3.0 * 2.0 * 3 * cfg.d_model * cfg.moe_ffn_dim * cfg.top_k * routed_blocks
+  attn_layers = cfg.n_layers + cfg.mtp_depth
+  attn_params = count_params(cfg)["attention"] / cfg.n_layers * attn_layers
+  scores = 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+  attention = 3.0 * (2.0 * attn_params + attn_layers * scores)
+  return {"routed_experts": routed, "attention": attention,
+          "other": total - routed - attention}
+
+
 def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a large float32 matmul on the default device, times the local devices
   (the MFU denominator). Simulated CPU devices share the same cores, so on CPU the

@@ -341,3 +341,186 @@ def test_moe_layer_in_rounds_matches_single_device():
   assert expert_parallel.shard_capacity(B * T // 8, cfg, 4) == 1
   assert expert_parallel.uses_rounds(cfg, B * T // 8, 4)
   _assert_matches_single_device(CFG.replace(moe_dispatch="reference"), cfg, _mesh(2, 4))
+
+
+# The ragged exchange (ep_exchange="ragged") -------------------------------------------
+
+def _numpy_ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offsets,
+                             recv_sizes):
+  """jax.lax.ragged_all_to_all's documented semantics over Z shards, in numpy (per shard
+  lists): shard s sends operand[s][input_offsets[s][j] : + send_sizes[s][j]] to shard j,
+  written at output_offsets[s][j] of j's output; recv_sizes[j][s] must equal that size."""
+  Z = len(operands)
+  results = [np.array(o, copy=True) for o in outputs]
+  for s in range(Z):
+    for j in range(Z):
+      n = send_sizes[s][j]
+      assert recv_sizes[j][s] == n
+      start = output_offsets[s][j]
+      results[j][start:start + n] = operands[s][input_offsets[s][j]:input_offsets[s][j] + n]
+  return results
+
+
+def test_padded_stand_in_has_ragged_all_to_all_semantics():
+  """XLA:CPU lacks ragged_all_to_all; the stand-in the CPU tests run (a padded all_to_all
+  and a scatter) gives the numpy model's result on 8 shards, rows nobody writes keeping
+  `output`'s values, and its gradient is the transposed exchange (checked against
+  numpy's: the cotangent of a sent row is the cotangent of where it landed)."""
+  from deepseek_jax.model import ragged_a2a
+  Z, n_in, n_out, D, max_rows = 8, 18, 20, 3, 2
+  rng = np.random.default_rng(0)
+  send = rng.integers(0, 3, (Z, Z))            # rows shard s sends to shard j (<= 2)
+  in_off = np.zeros((Z, Z), int)
+  out_off = np.zeros((Z, Z), int)
+  for s in range(Z):                            # s's slices laid out in order, one gap
+    in_off[s] = np.concatenate([[1], 1 + np.cumsum(send[s])[:-1]])
+  for j in range(Z):                            # j's received slices, from source 0 up
+    starts = np.concatenate([[0], np.cumsum(send[:, j])[:-1]])
+    out_off[:, j] = starts
+  operand = rng.standard_normal((Z, n_in, D)).astype(np.float32)
+  output = rng.standard_normal((Z, n_out, D)).astype(np.float32)
+  want = _numpy_ragged_all_to_all(operand, output, in_off, send, out_off, send.T)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("z",))
+
+  def run(op, out, a, b, c, d):
+    return ragged_a2a.padded_all_to_all(op[0], out[0], a[0], b[0], c[0], d[0],
+                                        axis_name="z", max_rows=max_rows)[None]
+
+  fn = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(PSz,) * 6, out_specs=PSz))
+  args = (operand, output, in_off.astype(np.int32), send.astype(np.int32),
+          out_off.astype(np.int32), send.T.copy().astype(np.int32))
+  np.testing.assert_array_equal(np.asarray(fn(*args)), np.stack(want))
+  ct = rng.standard_normal((Z, n_out, D)).astype(np.float32)
+  g_op, g_out = jax.grad(lambda o, u: jnp.sum(fn(o, u, *args[2:]) * ct), argnums=(0, 1))(
+      operand, output)
+  want_op = np.zeros_like(operand)
+  want_out = ct.copy()
+  for s in range(Z):
+    for j in range(Z):
+      n, a, c = send[s, j], in_off[s, j], out_off[s, j]
+      want_op[s, a:a + n] = ct[j, c:c + n]
+      want_out[j, c:c + n] = 0.0
+  np.testing.assert_allclose(g_op, want_op)
+  np.testing.assert_allclose(g_out, want_out)
+
+
+PSz = jax.sharding.PartitionSpec("z")
+
+
+def _ragged_cfg(f):
+  return CFG.replace(moe_dispatch="ragged", ep_capacity_factor=f, n_group=1, topk_group=1,
+                     ep_exchange="ragged")
+
+
+def _exchange_vs_reference(cfg, data, expert, idx, gates):
+  """(y and gradients of the expert-parallel exchange, the same of experts_reference on
+  one device, traffic dict) for fixed routing idx/gates on a data x expert mesh."""
+  D, X_all = cfg.d_model, idx.shape[0]
+  Bt, Tt = 8, X_all // 8
+  p = _params(cfg, seed=3)
+  ws = (p["w_gate"], p["w_up"], p["w_down"])
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((X_all, D)).astype(np.float32)
+  ct = rng.standard_normal((X_all, D)).astype(np.float32)
+
+  def loss_ref(x, gates, *ws):
+    y, _ = dispatch_mod.experts_reference(x, idx, gates, *ws)
+    return jnp.sum(y * ct), y
+
+  (_, y0), g0 = jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+      x, gates, *ws)
+  mesh = _mesh(data, expert)
+  shape = lambda a: a.reshape(Bt, Tt, *a.shape[1:])
+
+  def loss(x, gates, *ws):
+    y, load, dropped, tr = expert_parallel.routed_experts(
+        shape(x), shape(idx), shape(gates), *ws, cfg, mesh, traffic=True)
+    y = y.reshape(X_all, D)
+    return jnp.sum(y * ct), (y, load, dropped, tr)
+
+  with jax.set_mesh(mesh):
+    (_, (y1, load, dropped, tr)), g1 = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, gates, *ws)
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g0, g1):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert float(dropped) == 0.0
+  E = cfg.n_routed_experts
+  np.testing.assert_array_equal(load, np.bincount(idx[idx < E], minlength=E))
+  return tr
+
+
+def _destination_totals(idx, E, data, expert):
+  """[data, expert]: assignments each destination shard receives (numpy)."""
+  X = idx.shape[0] // (data * expert)
+  per = E // expert
+  tot = np.zeros((data, expert), int)
+  for x_i, row in enumerate(idx):
+    for e in row[row < E]:
+      tot[(x_i // X) // expert, e // per] += 1
+  return tot
+
+
+@pytest.mark.parametrize("data,expert,f,grouped", [
+    (2, 4, 0.5, "xla"), (1, 8, 0.25, "megablox"), (4, 2, 0.3, "xla")])
+def test_ragged_exchange_is_exact_and_rounds_follow_destination_totals(data, expert, f,
+                                                                       grouped):
+  """Skewed routing (every token's first pick on shard 0) into receive buffers far below
+  shard 0's total: nothing dropped, y and every gradient equal experts_reference on one
+  device, and the rounds are the fullest destination's total over its buffer, counted
+  here in numpy. megablox on CPU runs jax.lax.ragged_dot with the kernel's padding."""
+  cfg = _ragged_cfg(f).replace(grouped_matmul=grouped)
+  E, K, Z = cfg.n_routed_experts, cfg.top_k, expert
+  idx, gates = _skewed_routing(128, K, E, seed=expert, hot=E // Z)
+  X = 128 // 8
+  cap = expert_parallel.receive_rows(X, cfg, Z)
+  want = math.ceil(_destination_totals(idx, E, data, expert).max() / cap)
+  assert want >= 3
+  tr = _exchange_vs_reference(cfg, data, expert, idx, gates)
+  assert int(tr["rounds"]) == want
+
+
+def test_one_long_queue_is_one_round_when_no_destination_overflows():
+  """Every shard sends all its assignments to ONE destination, each a different one (a
+  permutation): one source's queue is 4x the padded exchange's per-destination buffer C,
+  which took ceil(queue / C) rounds, but no destination receives more than its buffer,
+  so the ragged exchange needs one round."""
+  data, Z = 2, 4
+  cfg = _ragged_cfg(1.0).replace(top_k=2)
+  E, K = cfg.n_routed_experts, cfg.top_k
+  X_all, X = 128, 16
+  per = E // Z
+  idx = np.empty((X_all, K), np.int32)
+  for x_i in range(X_all):
+    shard = x_i // X
+    dest = (shard % Z + 1) % Z                  # shard s -> destination s + 1 (mod Z)
+    idx[x_i] = [dest * per, dest * per + 1]
+  gates = np.random.default_rng(0).uniform(0.1, 1.0, (X_all, K)).astype(np.float32)
+  assert _destination_totals(idx, E, data, Z).max() == X * K
+  assert expert_parallel.receive_rows(X, cfg, Z) == X * K        # exactly one round
+  C = expert_parallel.shard_capacity(X, cfg.replace(ep_exchange="padded"), Z)
+  assert math.ceil(X / C) >= 2                  # the padded exchange's rounds
+  tr = _exchange_vs_reference(cfg, data, Z, idx, gates)
+  assert int(tr["rounds"]) == 1
+  # Only live rows travel: every assignment leaves its shard, out and back.
+  assert float(tr["payload_rows"]) == X_all * K
+
+
+def test_moe_layer_through_the_ragged_exchange_matches_single_device():
+  """The whole layer (router, shared experts, statistics) with a half-size receive
+  buffer: rounds keep it dropless, so it equals one device."""
+  cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=0.5, ep_exchange="ragged")
+  _assert_matches_single_device(CFG.replace(moe_dispatch="reference"), cfg, _mesh(2, 4))
+
+
+def test_megablox_without_an_expert_axis_runs_per_batch_shard():
+  """grouped_matmul="megablox" on a data-parallel mesh: a Pallas kernel cannot be
+  partitioned by GSPMD, so each batch shard runs its own grouped matmul in a shard_map;
+  the layer equals one device's."""
+  cfg = CFG.replace(moe_dispatch="ragged", grouped_matmul="megablox")
+  (_, (y0, s0)), g0 = _run(CFG.replace(moe_dispatch="reference"), None)
+  (_, (y1, s1)), g1 = _run(cfg, _mesh(8, 1))
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s1.load_E, s0.load_E)

@@ -439,3 +439,42 @@ def test_bias_steers_selection_never_values(norm):
   (lb, sb), _ = run(p, bias)
   assert abs(float(lb) - float(l0)) > 1e-3
   assert not np.array_equal(np.asarray(sb.load_E), np.asarray(s0.load_E))
+
+
+def test_megablox_kernels_match_ragged_dot_with_dead_rows():
+  """megablox's gmm (and its VJP's gmm and tgmm) in Pallas' interpreter against
+  jax.lax.ragged_dot: groups of 50, 0, 70 and 30 rows of a 256-row buffer (tiles of 128:
+  groups start and end inside tiles, one is empty, 106 rows are dead). On the live rows
+  the outputs and the input gradient agree, and so does the weight gradient (which sums
+  over rows): dead rows (undefined in the kernel's output) never reach it."""
+  M, K, N = 256, 128, 128
+  sizes = jnp.array([50, 0, 70, 30], jnp.int32)
+  live = np.arange(M) < int(sizes.sum())
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+  w = jnp.asarray(0.1 * rng.standard_normal((4, K, N)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((M, N)) * live[:, None], jnp.float32)
+
+  def loss(impl, interpret):
+    def f(x, w):
+      y = dispatch.grouped_matmul(x, w, sizes, impl, interpret=interpret)
+      y = jnp.where(jnp.asarray(live)[:, None], y, 0.0)
+      return jnp.sum(y * ct), y
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, w)
+
+  (_, y0), (dx0, dw0) = loss("xla", False)
+  (_, y1), (dx1, dw1) = loss("megablox", True)
+  np.testing.assert_allclose(y1[live], y0[live], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx1[live], dx0[live], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-5)
+  assert dispatch.megablox_tiling(M, K, N, 4) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("m,groups,tm,rows", [(20480, 4, 512, 20480), (1280, 4, 256, 1280),
+                                              (300, 4, 128, 384), (40, 2, 48, 48)])
+def test_megablox_row_tiles_fit_the_groups(m, groups, tm, rows):
+  """Row tiles as large as a group's share allows (a group runs whole tiles), and the
+  buffer padded to them: the 671B's receive buffer, the guard config's, small ones."""
+  assert dispatch.grouped_rows(m, "megablox", groups) == rows
+  assert dispatch.megablox_row_tile(rows, groups) == tm
+  assert rows % tm == 0
