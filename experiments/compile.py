@@ -38,6 +38,10 @@ _STAGE = flags.DEFINE_string("stage", "largest", "With a batch-size ramp (schedu
                              "by a token count it covers (200B), or 'largest'.")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the compiled (optimised) HLO text "
                                 "of the train step to this file.")
+_ROUTING = flags.DEFINE_string("routing_counts", None, "Count the routed experts' work "
+                               "and rounds at these per-layer expert loads: a run's "
+                               "metrics.jsonl (its last evaluation's val_load) or JSON "
+                               "[[count per expert] per layer]. Default: balanced.")
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -52,11 +56,14 @@ def main(argv):
     if stage.batch != cfg.batch_size:
       cfg = cfg.copy_and_resolve_references()
       cfg.batch_size = stage.batch
-    r = aot.report(cfg, _TOPOLOGY.value, dump_hlo=_DUMP_HLO.value)
+    counts = aot.read_routing_counts(_ROUTING.value) if _ROUTING.value else None
+    r = aot.report(cfg, _TOPOLOGY.value, routing_counts=counts, dump_hlo=_DUMP_HLO.value)
     r["stage"] = {"batch": stage.batch, "start_step": stage.start_step,
                   "start_tokens": stage.start_tokens}
   except (aot.TopologyError, ValueError) as e:
     sys.exit(f"experiments.compile: {e}")
+  except OSError as e:
+    sys.exit(f"experiments.compile: cannot read {e.filename}: {e.strerror}")
   print(aot.format_report(r))
   if _OUT.value:
     with open(_OUT.value, "w") as f:

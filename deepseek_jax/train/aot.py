@@ -146,6 +146,27 @@ def _per_chip(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
+def replicated_state(state, mesh, top: int = 5) -> dict:
+  """What of the train state a chip holds beyond its share: every parameter whose
+  sharding leaves out a mesh axis of size > 1 other than "data" (whole replicas by
+  design) is replicated over it. Per chip: the bytes of such parameters with their two
+  AdamW moments, the excess over sharding them over those axes too, and the largest."""
+  rows = []
+  for path, x in jax.tree_util.tree_leaves_with_path(state.params):
+    used = {a for entry in x.sharding.spec if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))}
+    unused = [a for a, n in mesh.shape.items() if n > 1 and a != "data" and a not in used]
+    if not unused:
+      continue
+    per_chip = 3 * math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    excess = per_chip * (1 - 1 / math.prod(mesh.shape[a] for a in unused))
+    rows.append((excess, jax.tree_util.keystr(path), unused, x.shape))
+  rows.sort(key=lambda r: -r[0])
+  return {"excess_bytes_per_chip": sum(r[0] for r in rows), "n_params": len(rows),
+          "largest": [{"param": p, "replicated_over": u, "shape": list(sh),
+                       "excess_bytes_per_chip": e} for e, p, u, sh in rows[:top]]}
+
+
 def routed_rows_per_buffer(cfg, model_cfg, mesh) -> float:
   """Rows a routed grouped-matmul buffer holds at balanced routing: the tokens one shard
   routes per microbatch (the batch over microbatches and over every axis that splits
@@ -159,6 +180,63 @@ def routed_rows_per_buffer(cfg, model_cfg, mesh) -> float:
   return tokens * model_cfg.top_k
 
 
+def read_routing_counts(path: str):
+  """Per-layer expert counts [L, E] from a run's metrics.jsonl (its last record with the
+  evaluation's "val_load") or a JSON file: a list of rows, or an object with "load" or
+  "val_load"."""
+  import json
+  import numpy as np
+  with open(path) as fh:
+    text = fh.read()
+  found = None
+  try:
+    found = json.loads(text)
+  except json.JSONDecodeError:
+    for line in text.splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(rec, dict) and "val_load" in rec:
+        found = rec
+  if isinstance(found, dict):
+    found = found.get("val_load", found.get("load"))
+  counts = np.asarray(found if found is not None else [], dtype=np.float64)
+  if counts.ndim != 2 or counts.size == 0:
+    raise ValueError(f"--routing_counts={path}: no per-layer expert counts found (a "
+                     "metrics.jsonl with an evaluation's val_load, or JSON [[count per "
+                     "expert] per layer])")
+  return counts
+
+
+def routing_rounds(counts_LE, cfg, model_cfg, mesh) -> dict:
+  """What a routing with these per-layer expert loads costs the ragged exchange on this
+  mesh, from expected loads (each microbatch routing like the whole count): the hottest
+  expert-axis shard of layer l receives h_l = Z x its share of the assignments times
+  the balanced X K rows, so it runs ceil(h_l X K / buffer) rounds (every shard runs the
+  layer's maximum), its grouped matmuls hold min(h_l X K, buffer) rows a round."""
+  import numpy as np
+  from deepseek_jax.model import expert_parallel
+  E, Z = model_cfg.n_routed_experts, mesh.shape.get("expert", 1)
+  if counts_LE.shape[1] != E:
+    raise ValueError(f"--routing_counts: {counts_LE.shape[1]} experts per layer, but the "
+                     f"model has {E}: use counts of a run of this model")
+  balanced = routed_rows_per_buffer(cfg, model_cfg, mesh)
+  X = balanced / model_cfg.top_k
+  cap = (expert_parallel.receive_rows(int(round(X)), model_cfg, Z)
+         if model_cfg.ep_exchange == "ragged" and Z > 1 else balanced)
+  share_LZ = counts_LE.reshape(len(counts_LE), Z, E // Z).sum(-1)
+  share_LZ = share_LZ / np.maximum(share_LZ.sum(-1, keepdims=True), 1e-30)
+  hot_L = Z * share_LZ.max(-1)
+  rows_L = hot_L * balanced
+  rounds_L = np.maximum(1, np.ceil(rows_L / cap - 1e-9))
+  return {"layers": len(counts_LE), "hot_shard_load": hot_L.round(4).tolist(),
+          "rounds": rounds_L.astype(int).tolist(), "buffer_rows": int(cap),
+          "balanced_rows": balanced,
+          "mean_extra_rounds": float(np.mean(rounds_L - 1)),
+          "mean_first_round_rows": float(np.mean(np.minimum(rows_L, cap)))}
+
+
 def causal_live_fraction(model_cfg, seq_len: int) -> float:
   """The blockwise attention's live tiles: query block i reads key blocks 0..i of n."""
   if model_cfg.attention_impl != "blockwise":
@@ -168,13 +246,18 @@ def causal_live_fraction(model_cfg, seq_len: int) -> float:
 
 
 def work_report(hlo_text: str, cfg, model_cfg, mesh, chip: Chip, n_chips: int,
-                extra_rounds: float = 0.0) -> dict:
+                routing: dict | None = None) -> dict:
   """Executed vs useful work per chip per step, HBM and collective bytes, and the
-  roofline step (see the module docstring) of a compiled step's HLO text."""
+  roofline step (see the module docstring) of a compiled step's HLO text; at balanced
+  routing, or at `routing` (routing_rounds: the hottest shard's rows and the layers'
+  mean extra rounds, each overflow round's kernels counted as full as the first)."""
   h = hlo.read_hlo(hlo_text)
   coll = hlo.collective_bytes(h)
-  work = hlo.executed_work(h, live_rows=routed_rows_per_buffer(cfg, model_cfg, mesh),
-                           overflow_rounds=extra_rounds,
+  live = routed_rows_per_buffer(cfg, model_cfg, mesh)
+  extra_rounds = 0.0
+  if routing is not None:
+    live, extra_rounds = routing["mean_first_round_rows"], routing["mean_extra_rounds"]
+  work = hlo.executed_work(h, live_rows=live, overflow_rounds=extra_rounds,
                            attention_live=causal_live_fraction(model_cfg, cfg.seq_len))
   tokens_per_chip = cfg.batch_size * cfg.seq_len / n_chips
   useful = {k: v * tokens_per_chip
@@ -197,25 +280,25 @@ def work_report(hlo_text: str, cfg, model_cfg, mesh, chip: Chip, n_chips: int,
                    "step_s": step_s,
                    "mfu": useful_total / (chip.peak_flops * step_s) if step_s else 0.0},
       "work_notes": work.notes + [
-          f"routed grouped-matmul buffers counted at {routed_rows_per_buffer(cfg, model_cfg, mesh):,.0f} "
-          f"live rows (balanced routing); overflow rounds beyond the first: {extra_rounds:g}",
+          f"routed grouped-matmul buffers counted at {live:,.0f} live rows "
+          f"({'the given routing, hottest shard' if routing else 'balanced routing'}); "
+          f"overflow rounds beyond the first: {extra_rounds:g}",
           f"loop trip counts in this program: {sorted(set(h.trips))}"],
       "roofline_note": "a bound: step >= max(executed FLOPs / peak, HBM bytes / HBM "
                        "bandwidth, collective bytes / ICI bandwidth), perfect overlap; "
                        "not a measurement"}
 
 
-def report(cfg, topology: str, extra_rounds: float = 0.0,
-           dump_hlo: str | None = None) -> dict:
+def report(cfg, topology: str, routing_counts=None, dump_hlo: str | None = None) -> dict:
   """Compile cfg's train step for `topology` and measure it (see the module docstring).
   A program that does not fit comes back with fits_hbm False and the compiler's message.
-  extra_rounds: overflow rounds beyond the first to count (0: balanced routing);
-  dump_hlo: a file to write the optimised HLO text to."""
+  routing_counts: per-layer expert counts [L, E] to count the routed work at (None:
+  balanced routing); dump_hlo: a file to write the optimised HLO text to."""
   kind, _ = parse_topology(topology)
   chip = CHIPS[kind]
   devices = topology_devices(topology)
   model_cfg = model_config_from(cfg.model)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
+  mesh = sharding.make_mesh(cfg.mesh, devices, model_cfg.d_model)
   cfg = loop.resolve_microbatches(cfg, mesh)
   model_flops = train_flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
   out = {"topology": topology, "n_chips": len(devices), "mesh": dict(mesh.shape),
@@ -250,12 +333,20 @@ def report(cfg, topology: str, extra_rounds: float = 0.0,
                       # the arguments' two big parts, from the state's shardings
                       "params": _per_chip(state.params),
                       "optimizer": _per_chip(state.opt_state)},
+      replicated=replicated_state(state, mesh),
       fits_hbm=bool(total <= chip.hbm_bytes), compile_s=compile_s,
       xla_cost_analysis={"flops": float(cost.get("flops", 0.0)),
                          "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
                          "note": "XLA's own count: each loop body once, kernels at "
                                  "their static estimate; for reference only"})
-  out.update(work_report(hlo_text, cfg, model_cfg, mesh, chip, len(devices), extra_rounds))
+  routing = None
+  if routing_counts is not None:
+    routing = routing_rounds(routing_counts, cfg, model_cfg, mesh)
+    out["routing"] = routing
+    out["balanced"] = {k: v for k, v in work_report(
+        hlo_text, cfg, model_cfg, mesh, chip, len(devices)).items()
+        if k in ("executed_flops_per_chip", "flops_by_class", "roofline")}
+  out.update(work_report(hlo_text, cfg, model_cfg, mesh, chip, len(devices), routing))
   return out
 
 
@@ -288,6 +379,16 @@ def format_report(r: dict) -> str:
     if k in b:
       lines.append(f"  per-chip {k:<12}{gib(b[k])}")
   lines.append(f"  HBM per chip          {gib(r['hbm_bytes_per_chip'])}")
+  rep = r.get("replicated")
+  if rep:
+    lines.append(f"  replicated weights (with AdamW) beyond their share: "
+                 f"{gib(rep['excess_bytes_per_chip']).strip()} per chip, "
+                 f"{rep['n_params']} parameters")
+    for row in rep["largest"]:
+      if row["excess_bytes_per_chip"] >= 2 ** 20:
+        lines.append(f"    {row['param']} {row['shape']} over "
+                     f"{','.join(row['replicated_over'])}: "
+                     f"{gib(row['excess_bytes_per_chip']).strip()}")
   lines.append(f"fits_hbm: {'true' if r['fits_hbm'] else 'false'}")
   if not r["fits_hbm"]:
     over = b.get("total", 0) - r["hbm_bytes_per_chip"]
@@ -315,6 +416,16 @@ def format_report(r: dict) -> str:
     lines.append(f"  {k:<20}{gib(v)}")
   for note in r.get("work_notes", []):
     lines.append(f"  note: {note}")
+  if "routing" in r:
+    g, b = r["routing"], r["balanced"]
+    lines.append(f"the given routing ({g['layers']} layers): hottest expert shard "
+                 f"{min(g['hot_shard_load']):.2f}-{max(g['hot_shard_load']):.2f}x the "
+                 f"balanced load, rounds per layer {min(g['rounds'])}-{max(g['rounds'])} "
+                 f"(mean extra {g['mean_extra_rounds']:.2f}); routed experts executed "
+                 f"{r['flops_by_class']['routed_experts']['executed']:.4g} vs "
+                 f"{b['flops_by_class']['routed_experts']['executed']:.4g} balanced, "
+                 f"roofline step {r['roofline']['step_s']:.2f} vs "
+                 f"{b['roofline']['step_s']:.2f} s")
   rf = r["roofline"]
   lines.append(f"ROOFLINE (a bound, not measured): step >= {rf['step_s']:.2f} s (compute "
                f"{rf['compute_s']:.2f} s, HBM {rf['hbm_s']:.2f} s, ICI {rf['ici_s']:.2f} s), "

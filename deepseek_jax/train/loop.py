@@ -276,7 +276,7 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   refused.
   """
   # Mesh ---------------------------------------------------------------------------
-  mesh = sharding.make_mesh(cfg.mesh, devices)
+  mesh = sharding.make_mesh(cfg.mesh, devices, cfg.model.d_model)
   stages = stage_configs(cfg, mesh)     # every input checked before anything builds
   cfg = resolve_microbatches(cfg, mesh)
   validate_run_config(cfg, mesh)

@@ -23,8 +23,15 @@ import flax.linen as nn
 from deepseek_jax.model.partitioning import BATCH, MESH_AXES, logical_to_spec
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
-  """Sizes of the four axes from config; one axis may be -1 (takes what is left)."""
+def mesh_shape(mesh_cfg, n_devices: int, embed_dim: int | None = None) -> dict[str, int]:
+  """Sizes of the four axes from config; one axis may be -1 (takes what is left).
+
+  fsdp = -1 with data = 1 and the model's embed_dim given: fsdp shards every weight's
+  d_model dim together with "expert", so it takes the largest part of what is left that
+  divides embed_dim / expert, and data takes the rest (whole replicas). On a slice whose
+  chip count has a factor 3 (384 or 1,536 v5p chips) that factor divides no dim of
+  V3's d_model (7,168) or experts: it becomes data parallelism instead of an fsdp axis
+  that would replicate every weight it cannot split."""
   sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   bad = [a for a, s in sizes.items() if s == 0 or s < -1]
@@ -35,7 +42,16 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     if n_devices % fixed:
       raise ValueError(f"mesh: {sizes} cannot fill {n_devices} devices "
                        f"({n_devices} is not a multiple of {fixed})")
-    sizes[free[0]] = n_devices // fixed
+    left = n_devices // fixed
+    sizes[free[0]] = left
+    if free == ["fsdp"] and sizes["data"] == 1 and embed_dim:
+      per = embed_dim // math.gcd(embed_dim, sizes["expert"])
+      fsdp = max(d for d in range(1, left + 1) if left % d == 0 and per % d == 0)
+      if fsdp != left:
+        logging.info("mesh: fsdp=%d (the part of %d that divides d_model=%d over "
+                     "expert=%d), data=%d replicas", fsdp, left, embed_dim,
+                     sizes["expert"], left // fsdp)
+      sizes["fsdp"], sizes["data"] = fsdp, left // fsdp
   if math.prod(sizes.values()) != n_devices:
     raise ValueError(
         f"mesh: data*fsdp*expert*tensor = {'*'.join(str(sizes[a]) for a in MESH_AXES)} = "
@@ -44,9 +60,11 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
+def make_mesh(mesh_cfg, devices=None, embed_dim: int | None = None) -> Mesh:
+  """The mesh of mesh_cfg over `devices` (default all); embed_dim: the model's d_model,
+  which a free fsdp axis must divide (mesh_shape)."""
   devices = jax.devices() if devices is None else devices
-  sizes = mesh_shape(mesh_cfg, len(devices))
+  sizes = mesh_shape(mesh_cfg, len(devices), embed_dim)
   shape = tuple(sizes[a] for a in MESH_AXES)
   # On a TPU torus each mesh axis should be a product of whole physical axes (the
   # contiguous rings collectives like); where the sizes cannot be (fsdp=4 x expert=64 x

@@ -116,11 +116,15 @@ def test_deepseek_v3_sizes():
   assert counts["total"] == _hand_count(config.deepseek_v3_671b())[0]
 
 
-@pytest.mark.parametrize("n_chips", [512, 2048])
-def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips):
+@pytest.mark.parametrize("n_chips,data,fsdp", [(512, 1, 4), (2048, 1, 16), (1536, 3, 4),
+                                               (384, 3, 1)])
+def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips, data, fsdp):
   """The pod config's model builds abstractly and every weight gets a valid sharding on
   its mesh (fsdp = -1 filled by the slice), without allocating anything; FSDP leaves no
-  large weight replicated: a chip holds at most ~1.1x its 1/n share of the parameters."""
+  large weight replicated: a chip holds at most ~1.1x its share of the parameters (1/n
+  of them over the chips of one data replica). A slice with a factor 3 (1,536, 384)
+  takes it as data replicas: fsdp = 12 would divide neither d_model nor any expert dim
+  and replicate those weights over it."""
   import math
   import jax
   import flax.linen as nn
@@ -129,7 +133,10 @@ def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips):
   from deepseek_jax.model.transformer import Transformer, abstract_variables
   c = _load(os.path.join(REPO, "configs", "deepseek_v3_671b.py"))
   cfg = config.model_config_from(c.model)
-  sizes = sharding.mesh_shape(c.mesh, n_chips)
+  sizes = sharding.mesh_shape(c.mesh, n_chips, cfg.d_model)
+  assert (sizes["data"], sizes["fsdp"]) == (data, fsdp)
+  if data > 1:      # without the model's d_model the free axis takes it all
+    assert sharding.mesh_shape(c.mesh, n_chips)["fsdp"] == data * fsdp
   shape = tuple(sizes[a] for a in sharding.MESH_AXES)
   mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
   boxed = abstract_variables(Transformer(cfg))["params"]
@@ -148,7 +155,7 @@ def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips):
     experts_sharded += "expert" in [a for a in spec if isinstance(a, str)]
   assert experts_sharded >= 3 * (1 + cfg.mtp_depth)   # the MoE stack's and the MTP's
   assert total > 6.7e11
-  assert per_chip < 1.1 * total / n_chips, (per_chip, total / n_chips)
+  assert per_chip < 1.1 * total / (n_chips / data), (per_chip, total / n_chips)
 
 
 def test_671b_config_follows_v3_where_the_report_is_explicit():

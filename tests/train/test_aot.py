@@ -17,7 +17,7 @@ from configs import tpu_smoke
 from deepseek_jax.model import layers
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
-from deepseek_jax.train import aot, hlo
+from deepseek_jax.train import aot, hlo, loop, sharding
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu: pip install -e '.[tpu]'")
 
@@ -81,20 +81,21 @@ def guard_report(tmp_path_factory):
   """experiments.compile on the pod-shaped guard config (configs/tpu_smoke.py:guard):
   scanned layers, remat, blockwise attention, ragged experts, expert and tensor axes,
   microbatches; compiled once for both tests below."""
-  out = tmp_path_factory.mktemp("aot") / "report.json"
+  tmp = tmp_path_factory.mktemp("aot")
+  out, hlo_file = tmp / "report.json", tmp / "step.hlo"
   cmd = [sys.executable, "-m", "experiments.compile", f"--topology={GUARD_TOPOLOGY}",
-         "--config=configs/tpu_smoke.py:guard", f"--out={out}"]
+         "--config=configs/tpu_smoke.py:guard", f"--out={out}", f"--dump_hlo={hlo_file}"]
   # The TPU compiler with its default options, as experiments.compile runs for a pod
   # (no test-only XLA flags: conftest's fast-compile flag would reach the TPU backend).
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env=env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  return proc.stdout, json.loads(out.read_text())
+  return proc.stdout, json.loads(out.read_text()), hlo_file.read_text()
 
 
 def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
-  stdout, r = guard_report
+  stdout, r, _ = guard_report
   assert "fits_hbm: true" in stdout
   assert "ROOFLINE" in stdout and "MFU <=" not in stdout
   for key in ("topology", "n_chips", "mesh", "per_chip_bytes", "hbm_bytes_per_chip",
@@ -145,7 +146,7 @@ def test_pod_shaped_step_stays_within_a_budget_from_its_sizes(guard_report):
   keep more than a few [tokens, V] logits buffers per chip fails here, where the 671B
   would fail on the pod. The 2-D (flattened) logits product of issue 14 took this step
   from 547 to 941 MiB per chip against a 694 MiB budget (BUILD_NOTES.md)."""
-  _, r = guard_report
+  _, r, _ = guard_report
   c = tpu_smoke.get_config("guard")
   m = model_config_from(c.model)
   mesh = r["mesh"]
@@ -182,3 +183,33 @@ def test_model_that_cannot_fit_exits_1_and_says_by_how_much(tmp_path):
   assert "over by" in proc.stdout
   r = json.loads((tmp_path / "r.json").read_text())
   assert r["fits_hbm"] is False
+
+
+def test_routing_counts_cost_rounds_and_the_hot_shards_work(guard_report, tmp_path):
+  """--routing_counts: the guard's 8 experts on expert=2 shards; loads that send 120 of
+  124 assignments a layer to shard 0's four experts make it receive 1.94x the balanced
+  1,024 rows, past its 1,280-row buffer: 2 rounds in every layer, and the routed
+  experts' executed work grows (hottest shard's full buffer, and the overflow round)."""
+  _, r, text = guard_report
+  c = tpu_smoke.get_config("guard")
+  m = model_config_from(c.model)
+  mesh = sharding.make_mesh(c.mesh, aot.topology_devices(GUARD_TOPOLOGY), m.d_model)
+  c = loop.resolve_microbatches(c, mesh)
+  path = tmp_path / "metrics.jsonl"
+  skew = [30, 30, 30, 30, 1, 1, 1, 1]
+  path.write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n"
+                  + json.dumps({"step": 2, "val_load": [skew, skew]}) + "\n")
+  counts = aot.read_routing_counts(str(path))
+  g = aot.routing_rounds(counts, c, m, mesh)
+  assert g["balanced_rows"] == 1024 and g["buffer_rows"] == 1280
+  assert g["hot_shard_load"] == [pytest.approx(2 * 120 / 124, abs=1e-4)] * 2
+  assert g["rounds"] == [2, 2] and g["mean_extra_rounds"] == 1
+  assert g["mean_first_round_rows"] == 1280
+  chip = aot.CHIPS["v5p"]
+  skewed = aot.work_report(text, c, m, mesh, chip, 8, g)
+  balanced = aot.work_report(text, c, m, mesh, chip, 8)
+  assert balanced["executed_flops_per_chip"] == pytest.approx(r["executed_flops_per_chip"])
+  routed = lambda w: w["flops_by_class"]["routed_experts"]["executed"]
+  assert routed(skewed) > 2 * routed(balanced)
+  with pytest.raises(ValueError, match="4 experts per layer, but the model has 8"):
+    aot.routing_rounds(counts[:, :4], c, m, mesh)
