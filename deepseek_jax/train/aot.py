@@ -245,18 +245,19 @@ def causal_live_fraction(model_cfg, seq_len: int) -> float:
   return (n + 1) / (2 * n)
 
 
-def work_report(hlo_text: str, cfg, model_cfg, mesh, chip: Chip, n_chips: int,
-                routing: dict | None = None) -> dict:
+def work_report(hlo_text: str, cfg, model_cfg, chip: Chip, n_chips: int,
+                live: float | None, routing: dict | None = None) -> dict:
   """Executed vs useful work per chip per step, HBM and collective bytes, and the
-  roofline step (see the module docstring) of a compiled step's HLO text; at balanced
-  routing, or at `routing` (routing_rounds: the hottest shard's rows and the layers'
-  mean extra rounds, each overflow round's kernels counted as full as the first)."""
+  roofline step (see the module docstring) of a compiled step's HLO text; live: the rows
+  a routed grouped-matmul buffer holds at balanced routing (routed_rows_per_buffer;
+  None: its whole grid), or `routing` (routing_rounds: the hottest shard's rows and the
+  layers' mean extra rounds, each overflow round's kernels counted as full as the
+  first)."""
   h = hlo.read_hlo(hlo_text)
-  coll = hlo.collective_bytes(h)
-  live = routed_rows_per_buffer(cfg, model_cfg, mesh)
   extra_rounds = 0.0
   if routing is not None:
     live, extra_rounds = routing["mean_first_round_rows"], routing["mean_extra_rounds"]
+  coll = hlo.collective_bytes(h, overflow_rounds=extra_rounds)
   work = hlo.executed_work(h, live_rows=live, overflow_rounds=extra_rounds,
                            attention_live=causal_live_fraction(model_cfg, cfg.seq_len))
   tokens_per_chip = cfg.batch_size * cfg.seq_len / n_chips
@@ -280,7 +281,8 @@ def work_report(hlo_text: str, cfg, model_cfg, mesh, chip: Chip, n_chips: int,
                    "step_s": step_s,
                    "mfu": useful_total / (chip.peak_flops * step_s) if step_s else 0.0},
       "work_notes": work.notes + [
-          f"routed grouped-matmul buffers counted at {live:,.0f} live rows "
+          f"routed grouped-matmul buffers counted at "
+          f"{'their whole grid' if live is None else f'{live:,.0f} live rows'} "
           f"({'the given routing, hottest shard' if routing else 'balanced routing'}); "
           f"overflow rounds beyond the first: {extra_rounds:g}",
           f"loop trip counts in this program: {sorted(set(h.trips))}"],
@@ -339,14 +341,15 @@ def report(cfg, topology: str, routing_counts=None, dump_hlo: str | None = None)
                          "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
                          "note": "XLA's own count: each loop body once, kernels at "
                                  "their static estimate; for reference only"})
+  live = routed_rows_per_buffer(cfg, model_cfg, mesh)
   routing = None
   if routing_counts is not None:
     routing = routing_rounds(routing_counts, cfg, model_cfg, mesh)
     out["routing"] = routing
     out["balanced"] = {k: v for k, v in work_report(
-        hlo_text, cfg, model_cfg, mesh, chip, len(devices)).items()
+        hlo_text, cfg, model_cfg, chip, len(devices), live).items()
         if k in ("executed_flops_per_chip", "flops_by_class", "roofline")}
-  out.update(work_report(hlo_text, cfg, model_cfg, mesh, chip, len(devices), routing))
+  out.update(work_report(hlo_text, cfg, model_cfg, chip, len(devices), live, routing))
   return out
 
 
@@ -366,8 +369,6 @@ def _bytes_from_oom(msg: str) -> dict:
 
 def format_report(r: dict) -> str:
   """The table a researcher reads before renting the slice."""
-  def gib(b):
-    return f"{b / GIB:8.2f} GiB" if abs(b) >= 2 ** 28 else f"{b / 2 ** 20:8.2f} MiB"
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   lines = [f"topology {r['topology']} ({r['n_chips']} chips) | mesh {mesh} | "
            f"batch {r['batch'][0]} x {r['batch'][1]} in {r['microbatches']} microbatch(es) "
@@ -397,6 +398,28 @@ def format_report(r: dict) -> str:
     if "error" in r:
       lines.append(f"  compiler: {r['error'][:400]}")
     return "\n".join(lines)
+  lines += format_work(r)
+  if "routing" in r:
+    g, b = r["routing"], r["balanced"]
+    lines.append(f"the given routing ({g['layers']} layers): hottest expert shard "
+                 f"{min(g['hot_shard_load']):.2f}-{max(g['hot_shard_load']):.2f}x the "
+                 f"balanced load, rounds per layer {min(g['rounds'])}-{max(g['rounds'])} "
+                 f"(mean extra {g['mean_extra_rounds']:.2f}); routed experts executed "
+                 f"{r['flops_by_class']['routed_experts']['executed']:.4g} vs "
+                 f"{b['flops_by_class']['routed_experts']['executed']:.4g} balanced, "
+                 f"roofline step {r['roofline']['step_s']:.2f} vs "
+                 f"{b['roofline']['step_s']:.2f} s")
+  return "\n".join(lines)
+
+
+def gib(b: float) -> str:
+  return f"{b / GIB:8.2f} GiB" if abs(b) >= 2 ** 28 else f"{b / 2 ** 20:8.2f} MiB"
+
+
+def format_work(r: dict) -> list[str]:
+  """The executed-work lines of a report: FLOPs by class, HBM, collectives, notes and
+  the roofline."""
+  lines = []
   lines.append("executed vs useful FLOPs per chip per step (executed: first passes; "
                "recomputed: the remat's forward again):")
   for k, v in r["flops_by_class"].items():
@@ -416,18 +439,8 @@ def format_report(r: dict) -> str:
     lines.append(f"  {k:<20}{gib(v)}")
   for note in r.get("work_notes", []):
     lines.append(f"  note: {note}")
-  if "routing" in r:
-    g, b = r["routing"], r["balanced"]
-    lines.append(f"the given routing ({g['layers']} layers): hottest expert shard "
-                 f"{min(g['hot_shard_load']):.2f}-{max(g['hot_shard_load']):.2f}x the "
-                 f"balanced load, rounds per layer {min(g['rounds'])}-{max(g['rounds'])} "
-                 f"(mean extra {g['mean_extra_rounds']:.2f}); routed experts executed "
-                 f"{r['flops_by_class']['routed_experts']['executed']:.4g} vs "
-                 f"{b['flops_by_class']['routed_experts']['executed']:.4g} balanced, "
-                 f"roofline step {r['roofline']['step_s']:.2f} vs "
-                 f"{b['roofline']['step_s']:.2f} s")
   rf = r["roofline"]
   lines.append(f"ROOFLINE (a bound, not measured): step >= {rf['step_s']:.2f} s (compute "
                f"{rf['compute_s']:.2f} s, HBM {rf['hbm_s']:.2f} s, ICI {rf['ici_s']:.2f} s), "
                f"roofline_mfu {rf['mfu']:.3f}")
-  return "\n".join(lines)
+  return lines

@@ -186,44 +186,60 @@ def read_hlo(hlo: str) -> Hlo:
   raw, entry = _computations(hlo)
   comps = {name: [i for i in map(parse_instr, lines) if i] for name, lines in raw.items()}
   shapes = {i.name: i.shape for instrs in comps.values() for i in instrs}
-  edges = {name: [] for name in comps}
   trips, dynamic = [], []
-  for name, instrs in comps.items():
+  for instrs in comps.values():
     for instr in instrs:
-      trip = 1
       if instr.op == "while":
         t = while_trip(instr, comps)
         if t is None:
           dynamic.append(instr.op_name)
-          t = 1
-        trip = t
-        trips.append(trip)
+        trips.append(1 if t is None else t)
+  h = Hlo(comps, entry, shapes, {}, trips, dynamic)
+  h.mult.update(multiplicities(h))
+  return h
+
+
+def multiplicities(hlo: Hlo, overflow_rounds: float | None = None) -> dict:
+  """{computation: runs per step}: the product of the trip counts of the while loops
+  around it (a data-dependent loop once; with overflow_rounds, the overflow-rounds loops
+  that many times)."""
+  edges = {name: [] for name in hlo.comps}
+  for name, instrs in hlo.comps.items():
+    for instr in instrs:
+      trip = 1
+      if instr.op == "while":
+        t = while_trip(instr, hlo.comps)
+        if overflow_rounds is not None and OVERFLOW_LOOP in instr.op_name:
+          t = overflow_rounds
+        trip = 1 if t is None else t
       for one, many in _CALLEES.findall(instr.line):
         for callee in (one or many).split(","):
           callee = callee.strip().lstrip("%")
-          if callee in comps:
+          if callee in hlo.comps:
             edges[name].append((callee, trip))
   mult = {}
 
   def visit(name, factor):
-    if mult.get(name, 0) >= factor:
+    if name in mult and mult[name] >= factor:
       return
     mult[name] = factor
     for callee, trip in edges[name]:
       visit(callee, factor * trip)
-  if entry is not None:
-    visit(entry, 1)
-  return Hlo(comps, entry, shapes, mult, trips, dynamic)
+  if hlo.entry is not None:
+    visit(hlo.entry, 1)
+  return mult
 
 
-def collective_bytes(hlo: Hlo) -> dict[str, float]:
+def collective_bytes(hlo: Hlo, overflow_rounds: float | None = None) -> dict[str, float]:
   """Bytes per chip per step of each collective kind: the result buffer of each op
-  (reduce-scatter: its operand), times the loop trip counts around it. Async pairs are
-  counted at their -start op (whose result tuple also carries the operands: the larger
-  half is taken as the result)."""
+  (reduce-scatter: its operand), times the loop trip counts around it (the overflow
+  rounds' loops at overflow_rounds when given, else once). Async pairs are counted at
+  their -start op (whose result tuple also carries the operands: the larger half is
+  taken as the result)."""
   totals = {k: 0.0 for k in COLLECTIVES}
+  mult = hlo.mult if overflow_rounds is None else multiplicities(hlo, overflow_rounds)
   for name, instrs in hlo.comps.items():
-    factor = hlo.mult.get(name, 0)
+    factor = mult.get(name, 0)
     if not factor:
       continue
     for instr in instrs:
@@ -383,7 +399,7 @@ def _base_class(op_name: str, kernel: bool) -> str:
   if "/moe/" in op_name and "/moe/shared" not in op_name and not re.search(
       r"/moe/dot_general$", op_name):
     return "routed_experts"
-  if "/attn" in op_name:
+  if "/attn" in op_name or "attention" in op_name:
     return "attention"
   return "other"
 

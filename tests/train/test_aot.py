@@ -206,10 +206,15 @@ def test_routing_counts_cost_rounds_and_the_hot_shards_work(guard_report, tmp_pa
   assert g["rounds"] == [2, 2] and g["mean_extra_rounds"] == 1
   assert g["mean_first_round_rows"] == 1280
   chip = aot.CHIPS["v5p"]
-  skewed = aot.work_report(text, c, m, mesh, chip, 8, g)
-  balanced = aot.work_report(text, c, m, mesh, chip, 8)
+  live = aot.routed_rows_per_buffer(c, m, mesh)
+  skewed = aot.work_report(text, c, m, chip, 8, live, g)
+  balanced = aot.work_report(text, c, m, chip, 8, live)
   assert balanced["executed_flops_per_chip"] == pytest.approx(r["executed_flops_per_chip"])
   routed = lambda w: w["flops_by_class"]["routed_experts"]["executed"]
   assert routed(skewed) > 2 * routed(balanced)
   with pytest.raises(ValueError, match="4 experts per layer, but the model has 8"):
     aot.routing_rounds(counts[:, :4], c, m, mesh)
+  # Without live rows (experiments.hlo_report on another program): each kernel's whole
+  # grid, at least the live rows' work.
+  whole = aot.work_report(text, c, m, chip, 8, None)
+  assert routed(whole) >= routed(balanced)
