@@ -272,6 +272,48 @@ def _skewed_routing(X_all, K, E, seed, hot):
   return idx, gates
 
 
+def _exchange_vs_reference(cfg, data, expert, idx, gates, exact=True):
+  """The expert-parallel layer's routed sum for fixed routing idx/gates on a data x
+  expert mesh against experts_reference on one device. exact: y and the gradients wrt
+  x, gates and the three weights must agree, nothing dropped, the loads a bincount;
+  returns the traffic dict (with exact=False: (y, reference y, dropped, traffic))."""
+  D, X_all = cfg.d_model, idx.shape[0]
+  Bt, Tt = 8, X_all // 8
+  p = _params(cfg, seed=3)
+  ws = (p["w_gate"], p["w_up"], p["w_down"])
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((X_all, D)).astype(np.float32)
+  ct = rng.standard_normal((X_all, D)).astype(np.float32)
+
+  def loss_ref(x, gates, *ws):
+    y, _ = dispatch_mod.experts_reference(x, idx, gates, *ws)
+    return jnp.sum(y * ct), y
+
+  (_, y0), g0 = jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+      x, gates, *ws)
+  mesh = _mesh(data, expert)
+  shape = lambda a: a.reshape(Bt, Tt, *a.shape[1:])
+
+  def loss(x, gates, *ws):
+    y, load, dropped, tr = expert_parallel.routed_experts(
+        shape(x), shape(idx), shape(gates), *ws, cfg, mesh, traffic=True)
+    y = y.reshape(X_all, D)
+    return jnp.sum(y * ct), (y, load, dropped, tr)
+
+  with jax.set_mesh(mesh):
+    (_, (y1, load, dropped, tr)), g1 = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, gates, *ws)
+  if not exact:
+    return y1, y0, dropped, tr
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g0, g1):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert float(dropped) == 0.0
+  E = cfg.n_routed_experts
+  np.testing.assert_array_equal(load, np.bincount(idx[idx < E], minlength=E))
+  return tr
+
+
 @pytest.mark.parametrize("data,expert,f,dispatch_name", [
     (2, 4, 0.25, "ragged"), (1, 8, 0.5, "dropless"), (4, 2, 0.3, "ragged")])
 def test_rounds_send_every_pair_and_match_one_device(data, expert, f, dispatch_name):
@@ -283,15 +325,9 @@ def test_rounds_send_every_pair_and_match_one_device(data, expert, f, dispatch_n
     # Routing without groups, so a token may reach min(K, Z) shards (the fan-out bound).
     cfg = CFG.replace(moe_dispatch=dispatch_name, ep_capacity_factor=f, n_group=1,
                       topk_group=1)
-    E, K, D, Z = cfg.n_routed_experts, cfg.top_k, cfg.d_model, expert
-    Bt, Tt = 8, 16
-    X_all, X = Bt * Tt, Bt * Tt // 8
+    E, K, Z = cfg.n_routed_experts, cfg.top_k, expert
+    X_all, X = 128, 128 // 8
     idx, gates = _skewed_routing(X_all, K, E, seed=expert, hot=E // Z)
-    p = _params(cfg, seed=3)
-    ws = (p["w_gate"], p["w_up"], p["w_down"])
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((X_all, D)).astype(np.float32)
-    ct = rng.standard_normal((X_all, D)).astype(np.float32)
     C = math.ceil(f * X * expert_parallel.max_fanout(cfg, Z) / Z)
     assert expert_parallel.shard_capacity(X, cfg, Z) == C < X
     # numpy: pairs per (source shard, destination), in tokens with an expert there.
@@ -302,34 +338,10 @@ def test_rounds_send_every_pair_and_match_one_device(data, expert, f, dispatch_n
         queues[x_i // X, z] += 1
     want_rounds = math.ceil(queues.max() / C)
     assert want_rounds >= 3
-
-    def loss_ref(x, gates, *ws):
-      y, _ = dispatch_mod.experts_reference(x, idx, gates, *ws)
-      return jnp.sum(y * ct), y
-
-    (_, y0), g0 = jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3, 4), has_aux=True)(
-        x, gates, *ws)
-    mesh = _mesh(data, expert)
-    shape = lambda a: a.reshape(Bt, Tt, *a.shape[1:])
-
-    def run(cfg):
-      def loss(x, gates, *ws):
-        y, load, dropped, tr = expert_parallel.routed_experts(
-            shape(x), shape(idx), shape(gates), *ws, cfg, mesh, traffic=True)
-        y = y.reshape(X_all, D)
-        return jnp.sum(y * ct), (y, load, dropped, tr)
-      with jax.set_mesh(mesh):
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
-            x, gates, *ws)
-
-    (_, (y1, load, dropped, tr)), g1 = run(cfg)
-    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
-    for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g0, g1):
-      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
-    assert float(dropped) == 0.0
+    tr = _exchange_vs_reference(cfg, data, expert, idx, gates)
     assert int(tr["rounds"]) == want_rounds
-    np.testing.assert_array_equal(load, np.bincount(idx[idx < E], minlength=E))
-    (_, (y2, _, dropped2, tr2)), _ = run(cfg.replace(ep_overflow="drop"))
+    y2, y0, dropped2, tr2 = _exchange_vs_reference(cfg.replace(ep_overflow="drop"), data,
+                                                   expert, idx, gates, exact=False)
     assert float(dropped2) > 0 and int(tr2["rounds"]) == 1
     assert not np.allclose(y2, y0, rtol=1e-3, atol=1e-3)
 
@@ -410,44 +422,6 @@ PSz = jax.sharding.PartitionSpec("z")
 def _ragged_cfg(f):
   return CFG.replace(moe_dispatch="ragged", ep_capacity_factor=f, n_group=1, topk_group=1,
                      ep_exchange="ragged")
-
-
-def _exchange_vs_reference(cfg, data, expert, idx, gates):
-  """(y and gradients of the expert-parallel exchange, the same of experts_reference on
-  one device, traffic dict) for fixed routing idx/gates on a data x expert mesh."""
-  D, X_all = cfg.d_model, idx.shape[0]
-  Bt, Tt = 8, X_all // 8
-  p = _params(cfg, seed=3)
-  ws = (p["w_gate"], p["w_up"], p["w_down"])
-  rng = np.random.default_rng(4)
-  x = rng.standard_normal((X_all, D)).astype(np.float32)
-  ct = rng.standard_normal((X_all, D)).astype(np.float32)
-
-  def loss_ref(x, gates, *ws):
-    y, _ = dispatch_mod.experts_reference(x, idx, gates, *ws)
-    return jnp.sum(y * ct), y
-
-  (_, y0), g0 = jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3, 4), has_aux=True)(
-      x, gates, *ws)
-  mesh = _mesh(data, expert)
-  shape = lambda a: a.reshape(Bt, Tt, *a.shape[1:])
-
-  def loss(x, gates, *ws):
-    y, load, dropped, tr = expert_parallel.routed_experts(
-        shape(x), shape(idx), shape(gates), *ws, cfg, mesh, traffic=True)
-    y = y.reshape(X_all, D)
-    return jnp.sum(y * ct), (y, load, dropped, tr)
-
-  with jax.set_mesh(mesh):
-    (_, (y1, load, dropped, tr)), g1 = jax.jit(jax.value_and_grad(
-        loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, gates, *ws)
-  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
-  for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g0, g1):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
-  assert float(dropped) == 0.0
-  E = cfg.n_routed_experts
-  np.testing.assert_array_equal(load, np.bincount(idx[idx < E], minlength=E))
-  return tr
 
 
 def _destination_totals(idx, E, data, expert):
