@@ -232,9 +232,13 @@ def _global_batch(local, batch_sh):
 def _packed_rows(streams, weights, cfg, split: str):
   """A split's rows, refused before training when it cannot fill one batch (evaluation
   would otherwise fail after the last step, before the final save)."""
-  fix = (f"{'raise' if split == 'validation' else 'lower'} data.val_fraction (now "
-         f"{cfg.data.val_fraction}) or lower batch_size (now {cfg.batch_size}) or seq_len "
-         f"(now {cfg.seq_len})")
+  more = "raise" if split == "validation" else "lower"
+  if cfg.data.source == "prepared":   # the split was made at prepare time
+    knob = (f"prepare the data again with `experiments.prepare_data` and a {more}ed "
+            f"--val_fraction (data.val_fraction does not act on prepared data)")
+  else:
+    knob = f"{more} data.val_fraction (now {cfg.data.val_fraction})"
+  fix = f"{knob}, or lower batch_size (now {cfg.batch_size}) or seq_len (now {cfg.seq_len})"
   try:
     rows = data.packed_rows(streams, weights, cfg.seq_len, cfg.seed,
                             shuffle=split == "training")

@@ -296,6 +296,24 @@ def test_validation_split_smaller_than_a_batch_is_refused_before_training(
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "4")
 
 
+def test_prepared_data_without_validation_names_the_prepare_time_fix(reference_run,
+                                                                    tmp_path):
+  """A prepared dataset's split was made by prepare_data: the error names its flag, not
+  data.val_fraction (which does not act on prepared data)."""
+  from deepseek_jax.data import prepare
+  ref_tmp, _ = reference_run
+  prepared = tmp_path / "prepared"
+  prepare.prepare(tiny_run_config(ref_tmp).data.paths.split(",")[0], "bytes",
+                  str(prepared), val_fraction=0.0)
+  cfg = tiny_run_config(ref_tmp)
+  with cfg.unlocked():
+    cfg.data.source, cfg.data.paths = "prepared", str(prepared)
+  with pytest.raises(ValueError, match=r"the validation split.*prepare_data.*"
+                                       r"--val_fraction") as e:
+    _train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+  assert "data.val_fraction (now" not in str(e.value)
+
+
 @pytest.mark.parametrize("field, value, rule", [
     ("batch_size", 0, "must be positive"),           # was a ZeroDivisionError
     ("optimizer.peak_lr", -1.0, "must be positive"),  # trained by gradient ascent
