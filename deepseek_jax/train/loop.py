@@ -234,7 +234,8 @@ def _packed_rows(streams, weights, cfg, split: str):
   would otherwise fail after the last step, before the final save)."""
   more = "raise" if split == "validation" else "lower"
   if cfg.data.source == "prepared":   # the split was made at prepare time
-    knob = (f"prepare the data again with `experiments.prepare_data` and a {more}ed "
+    size = "larger" if split == "validation" else "smaller"
+    knob = (f"prepare the data again with `experiments.prepare_data` and a {size} "
             f"--val_fraction (data.val_fraction does not act on prepared data)")
   else:
     knob = f"{more} data.val_fraction (now {cfg.data.val_fraction})"
