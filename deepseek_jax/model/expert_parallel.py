@@ -375,18 +375,46 @@ def kernel_mesh():
   return None if mesh.empty or mesh.size == 1 else mesh
 
 
-def local_ragged_experts(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD,
-                         cfg: ModelConfig, mesh):
-  """dispatch.experts_ragged without expert parallelism on a mesh of several devices:
-  each batch shard sorts and multiplies its own tokens (the weights whole on every
-  shard, as GSPMD gathers them for any data-parallel layer); the drops summed."""
+def data_parallel_mesh():
+  """The context mesh when it splits tokens over several devices and nothing else (no
+  expert or tensor axis > 1), else None. A dropless dispatch written over all of a
+  layer's tokens (its sort, its grouped buffer) is then run per batch shard: under
+  GSPMD alone the sort is global, so every device all-gathers the batch's tokens and
+  runs every expert on all of them."""
+  mesh = kernel_mesh()
+  if mesh is None or any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in BATCH):
+    return None
+  return mesh
+
+
+def _token_axes(mesh, n_tokens: int) -> tuple:
+  """The mesh's batch axes of size > 1 when they divide n_tokens, else () (one shard)."""
   axes = tuple(a for a in BATCH if a in mesh.axis_names and mesh.shape[a] > 1)
-  if x_XD.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    axes = ()
+  return axes if n_tokens % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def per_token(fn, mesh, tokens: tuple, shared: tuple = ()):
+  """fn(*tokens, *shared) for a function of each token alone (routing), run per batch
+  shard: `tokens` and fn's outputs split along their first axis over the batch axes,
+  `shared` whole on every shard. GSPMD would otherwise all-gather the tokens of ops it
+  does not partition along the batch (top_k on XLA:CPU)."""
+  axes = _token_axes(mesh, tokens[0].shape[0])
+  spec = PS(axes or None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(tokens) + (PS(),) * len(shared),
+                       out_specs=spec, check_vma=False)(*tokens, *shared)
+
+
+def per_batch_shard(experts_fn, x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD,
+                    mesh):
+  """experts_fn(x, idx, gates, w_gate, w_up, w_down) -> (y, dropped), a routed-expert sum
+  without expert parallelism, run on a mesh of several devices: each batch shard sorts
+  and multiplies its own tokens (the weights whole on every shard, as GSPMD gathers them
+  for any data-parallel layer); the drops summed. A token's output does not depend on
+  the other tokens of a dropless dispatch, so this equals the one-device sum."""
+  axes = _token_axes(mesh, x_XD.shape[0])
 
   def per_shard(x, idx, gates, wg, wu, wd):
-    y, dropped = dispatch.experts_ragged(x, idx, gates, wg, wu, wd,
-                                         impl=cfg.grouped_matmul)
+    y, dropped = experts_fn(x, idx, gates, wg, wu, wd)
     return y, jax.lax.psum(dropped, axes) if axes else dropped
 
   tokens = PS(axes or None, None)

@@ -10,13 +10,17 @@ The layer returns (output, MoEStats): the balancing code never reaches into the 
 
 The routed experts run through one of dispatch.py's paths (cfg.moe_dispatch:
 reference, capacity, dropless or ragged), all equal up to float error when nothing is
-dropped.
+dropped. On a mesh that only splits the batch, the dropless ones run per batch shard
+(expert_parallel.per_batch_shard), each shard sorting its own tokens.
 Under a mesh whose "expert" axis is > 1 (jax.set_mesh) they instead run expert-parallel
 (expert_parallel.py: all-to-all inside shard_map); the router, the shared experts and the
 statistics stay here, data-parallel.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,7 @@ from flax import struct
 from deepseek_jax.model import dispatch, expert_parallel
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import SwiGLU, param
+from deepseek_jax.model.partitioning import BATCH
 
 
 @struct.dataclass
@@ -33,6 +38,8 @@ class MoEStats:
   """Routing statistics of one MoE layer (stacked over layers by the model: leading L).
 
   load_E        tokens sent to each expert by the real (biased) routing; valid tokens only.
+  load_BE       the same per sequence (evaluation sums it per data shard, with no
+                collective).
   aux_count_BE  per sequence, tokens sent to each expert by PLAIN top-k of the unbiased
                 scores (no bias) over all experts (cfg.aux_group_limited: inside the
                 kept groups): the routing map f_i of the balance losses.
@@ -60,6 +67,7 @@ class MoEStats:
   shards_per_token: jax.Array | None = None
   max_shards_per_token: jax.Array | None = None
   quantile_target_E: jax.Array | None = None
+  load_BE: jax.Array | None = None
 
 
 # Routing ---------------------------------------------------------------------
@@ -89,8 +97,7 @@ def select_experts(scores_XE, bias_E, cfg: ModelConfig):
     grouped_XGe = choice_XE.reshape(X, cfg.n_group, E // cfg.n_group)
     group_score_XG = jax.lax.top_k(grouped_XGe, 2)[0].sum(-1)
     _, keep_XG = jax.lax.top_k(group_score_XG, cfg.topk_group)
-    keep_mask_XG = jnp.zeros((X, cfg.n_group), bool).at[
-        jnp.arange(X)[:, None], keep_XG].set(True)
+    keep_mask_XG = jax.nn.one_hot(keep_XG, cfg.n_group, dtype=jnp.bool_).any(1)
     keep_mask_XE = jnp.repeat(keep_mask_XG, E // cfg.n_group, axis=1)
     choice_XE = jnp.where(keep_mask_XE, choice_XE, -jnp.inf)
   _, idx_XK = jax.lax.top_k(choice_XE, cfg.top_k)
@@ -143,6 +150,15 @@ def route(scores_XE, bias_E, cfg: ModelConfig):
   return idx_XK, gate_values(scores_XE, idx_XK, cfg)
 
 
+def _by_token(fn, tokens: tuple, shared: tuple = ()):
+  """fn(*tokens, *shared) of each token alone; per batch shard on a data-parallel mesh
+  (expert_parallel.per_token), where GSPMD would gather all tokens for the top-k."""
+  mesh = expert_parallel.data_parallel_mesh()
+  if mesh is None:
+    return fn(*tokens, *shared)
+  return expert_parallel.per_token(fn, mesh, tokens, shared)
+
+
 # The layer --------------------------------------------------------------------
 
 class MoE(nn.Module):
@@ -166,7 +182,8 @@ class MoE(nn.Module):
     valid_X = valid_BT.reshape(B * T)
     scores_XE = affinities(x_XD.astype(jnp.float32) @ w_router, cfg)
     # The bias is balancing state, not a parameter: no gradient flows into it.
-    idx_XK, gates_XK = route(scores_XE, jax.lax.stop_gradient(bias_E), cfg)
+    idx_XK, gates_XK = _by_token(functools.partial(route, cfg=cfg), (scores_XE,),
+                                 (jax.lax.stop_gradient(bias_E),))
     gates_XK = jnp.where(valid_X[:, None], gates_XK, 0.0)
     idx_XK = jnp.where(valid_X[:, None], idx_XK, E)  # sentinel: padding goes nowhere
 
@@ -184,18 +201,18 @@ class MoE(nn.Module):
     elif cfg.moe_dispatch == "capacity":
       y_XD, dropped = dispatch.experts_capacity(x_XD, idx_XK, gates_XK, *ws,
                                                 dispatch.capacity(B * T, cfg))
-    elif cfg.moe_dispatch == "ragged" and cfg.grouped_matmul == "megablox" and (
-        expert_parallel.kernel_mesh() is not None):
-      y_XD, dropped = expert_parallel.local_ragged_experts(
-          x_XD, idx_XK, gates_XK, *ws, cfg, expert_parallel.kernel_mesh())
-    elif cfg.moe_dispatch == "ragged":
-      y_XD, dropped = dispatch.experts_ragged(x_XD, idx_XK, gates_XK, *ws,
-                                              impl=cfg.grouped_matmul)
+    elif cfg.moe_dispatch in ("ragged", "dropless") and (
+        local := _local_dropless(cfg, B * T)) is not None:
+      experts_fn, shard_mesh = local
+      if shard_mesh is None:
+        y_XD, dropped = experts_fn(x_XD, idx_XK, gates_XK, *ws)
+      else:
+        y_XD, dropped = expert_parallel.per_batch_shard(experts_fn, x_XD, idx_XK, gates_XK,
+                                                        *ws, shard_mesh)
     elif dispatch.dense_is_cheaper(B * T, E, D, F, jnp.dtype(dt).itemsize):  # decoding
       y_XD, dropped = dispatch.experts_dense(x_XD, idx_XK, gates_XK, *ws)
     else:
-      block = cfg.moe_block_size or dispatch.dropless_block_size(B * T * cfg.top_k, E)
-      y_XD, dropped = dispatch.experts_dropless(x_XD, idx_XK, gates_XK, *ws, block)
+      raise ValueError(f"moe_dispatch={cfg.moe_dispatch!r}")
     y_BTD = y_XD.reshape(B, T, D)
     if cfg.n_shared_experts:
       # n_s shared experts of width F are one SwiGLU of width n_s * F (HF stores them so).
@@ -203,6 +220,28 @@ class MoE(nn.Module):
     return y_BTD, routing_stats(scores_XE, idx_XK, valid_X, (B, T), cfg, dropped,
                                 load_E=load_E, n_shards=n_shards,
                                 bias_E=jax.lax.stop_gradient(bias_E))
+
+
+def _local_dropless(cfg: ModelConfig, n_tokens: int):
+  """(experts_fn, mesh) of a dropless dispatch without expert parallelism, or None where
+  the dense product is cheaper (decoding a few tokens). mesh: run per batch shard
+  (expert_parallel.per_batch_shard) there; None: over all tokens at once."""
+  mesh = expert_parallel.data_parallel_mesh()
+  if cfg.moe_dispatch == "ragged":
+    if cfg.grouped_matmul == "megablox":   # a Pallas kernel runs inside a shard_map
+      mesh = expert_parallel.kernel_mesh()
+    return functools.partial(dispatch.experts_ragged, impl=cfg.grouped_matmul), mesh
+  E, D, F = cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_dim
+  if dispatch.dense_is_cheaper(n_tokens, E, D, F, jnp.dtype(cfg.jnp_dtype).itemsize):
+    return None
+  shard_tokens = n_tokens // (1 if mesh is None else _batch_shards(mesh, n_tokens))
+  block = cfg.moe_block_size or dispatch.dropless_block_size(shard_tokens * cfg.top_k, E)
+  return functools.partial(dispatch.experts_dropless, block=block), mesh
+
+
+def _batch_shards(mesh, n_tokens: int) -> int:
+  n = math.prod(mesh.shape[a] for a in BATCH if a in mesh.axis_names)
+  return n if n_tokens % n == 0 else 1
 
 
 def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, dropped,
@@ -216,11 +255,12 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
   shards_X = shards_visited(idx_XK, E, n_shards).astype(jnp.float32)
   map_cfg = cfg if cfg.aux_group_limited else cfg.replace(n_group=1, topk_group=1,
                                                           route_limit_by_shard=False)
-  plain_XK = select_experts(scores_XE, None, map_cfg)
+  plain_XK = _by_token(lambda s: select_experts(s, None, map_cfg), (scores_XE,))
   plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
   prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]
   return MoEStats(
       load_E=load_E,
+      load_BE=jax.nn.one_hot(idx_XK, E, dtype=jnp.float32).sum(1).reshape(B, T, E).sum(1),
       aux_count_BE=plain_XE.reshape(B, T, E).sum(1),
       aux_prob_BE=prob_XE.reshape(B, T, E).sum(1),
       aux_score_BE=(scores_XE * valid[:, None]).reshape(B, T, E).sum(1),
