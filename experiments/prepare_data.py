@@ -1,7 +1,7 @@
 """Tokenize local text into a prepared dataset that training reads from disk.
 
   python -m experiments.prepare_data --inputs='corpus/*.jsonl' --tokenizer=bpe:8192 \
-      --out=data/mine --val_fraction=0.01 --workers=2
+      --out=data/mine --workers=2
   python -m experiments.train --config=configs/small.py --workdir=runs/mine \
       --config.data.source=prepared --config.data.paths=data/mine
 
@@ -22,8 +22,9 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "bytes | bpe:VOCAB | a token
                                  "(or a folder holding one).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (the prepared dataset).")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Tokenizing processes.")
-_VAL = flags.DEFINE_float("val_fraction", 0.0, "Fraction of documents held out (by a "
-                          "hash of each document's name).")
+_VAL = flags.DEFINE_float("val_fraction", prepare.DEFAULT_VAL_FRACTION,
+                          "Fraction of documents held out for validation (by a hash of "
+                          "each document's name; at least one of two or more); 0: none.")
 _FIELD = flags.DEFINE_string("text_field", "text", "The text field of json/parquet records.")
 _MALFORMED = flags.DEFINE_enum("on_malformed", "skip", ["skip", "error"],
                                "A malformed record: skip and count it, or stop naming its "
@@ -55,7 +56,9 @@ def main(argv):
                len(m["shards"]), t["docs"], t["tokens"], v["docs"], v["tokens"], mb,
                mb / max(m["seconds"], 1e-9), m["empty_documents"], m["malformed_records"],
                m["tokenizer"]["kind"], m["tokenizer"]["vocab_size"], m["framing"])
-  print(f"{_OUT.value}: {t['tokens'] + v['tokens']:,} tokens in {len(m['shards'])} shards")
+  print(f"{_OUT.value}: {t['tokens'] + v['tokens']:,} tokens in {len(m['shards'])} shards; "
+        f"validation {v['docs']:,} documents, {v['tokens']:,} tokens "
+        f"({m['split']['fallback'] or f'a hash of each name, fraction {_VAL.value}'})")
 
 
 if __name__ == "__main__":

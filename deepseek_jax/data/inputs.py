@@ -38,20 +38,21 @@ class Counts:
     self.malformed_at = (self.malformed_at + other.malformed_at)[:10]
 
 
-def expand(inputs: str) -> list[str]:
+def expand(inputs: str, name: str = "--inputs") -> list[str]:
   """The files of comma-separated globs (folders of `save_to_disk` datasets are kept as
-  one entry), sorted; a glob that matches nothing is an error naming it."""
+  one entry), sorted; a glob that matches nothing is an error naming it (and `name`, the
+  flag or field that gave the globs)."""
   files = set()
   for pattern in [p.strip() for p in inputs.split(",") if p.strip()]:
     matched = glob.glob(os.path.expanduser(pattern), recursive=True)
     found = [m for m in matched if os.path.isfile(m) or _is_saved_dataset(m)]
     if not found:
-      raise InputError(f"--inputs: {pattern!r} matches no file"
+      raise InputError(f"{name}: {pattern!r} matches no file"
                        + (" (only folders: give a glob of the files inside, e.g. "
                           f"{os.path.join(pattern, '*.jsonl')!r})" if matched else ""))
     files.update(os.path.abspath(f) for f in found)
   if not files:
-    raise InputError("--inputs is empty: give comma-separated globs of text files")
+    raise InputError(f"{name} is empty: give comma-separated globs of text files")
   return sorted(files)
 
 

@@ -154,9 +154,24 @@ def train_bpe(texts, vocab_size: int):
 
 # The split ------------------------------------------------------------------------
 
+DEFAULT_VAL_FRACTION = 0.01
+SPLIT_METHOD = "crc32(document name) % 10000 < val_fraction * 10000"
+# When that holds out no document of a corpus of two or more (a small corpus, a small
+# fraction), the first document of the first shard is held out: deterministic, and every
+# such corpus gets a validation split (that document was in the BPE's training sample).
+FALLBACK_METHOD = "the hash held out none: the first document of shard {index}"
+
+
 def is_validation(name: str, val_fraction: float) -> bool:
   """A fixed held-out split by a hash of the document's name (not of the order)."""
   return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
+
+
+def describe_split(manifest: dict) -> dict:
+  """How a prepared dataset's validation split was made (the manifest's "split")."""
+  forced = [e["index"] for e in manifest["shards"] if e.get("held_out_first")]
+  return {"method": SPLIT_METHOD, "val_fraction": manifest["val_fraction"],
+          "fallback": FALLBACK_METHOD.format(index=forced[0]) if forced else None}
 
 
 # Shards ----------------------------------------------------------------------------
@@ -197,9 +212,13 @@ def prepare_shard(job) -> dict:
   try:
     batch = []
 
+    seen = [0]
+
     def flush():
       for (name, text), ids in zip(batch, framing.encode_batch([t for _, t in batch])):
-        split = "val" if is_validation(name, opts["val_fraction"]) else "train"
+        held = opts.get("hold_out_first") and seen[0] == 0
+        seen[0] += 1
+        split = "val" if held or is_validation(name, opts["val_fraction"]) else "train"
         starts[split].append(size[split])
         size[split] += len(ids)
         text_bytes[split] += len(text.encode("utf-8", "replace"))
@@ -218,7 +237,8 @@ def prepare_shard(job) -> dict:
       fh.close()
   entry = {"index": index, "files": [os.path.relpath(f, root) if root else f for f in files],
            "text_bytes": sum(text_bytes.values()), "empty": counts.empty, "malformed": counts.malformed,
-           "malformed_at": counts.malformed_at, "splits": {}}
+           "malformed_at": counts.malformed_at, "splits": {},
+           "held_out_first": bool(opts.get("hold_out_first"))}
   for split in shards.SPLITS:
     bin_path, idx_path = shards.shard_files(out, split, index)
     np.asarray(starts[split], np.int64).tofile(tmp[split][1])
@@ -246,8 +266,18 @@ def _bpe_texts(files, root, opts, sample_bytes):
   return texts
 
 
+def _fallback_shard(entries: list[dict], val_fraction: float) -> int | None:
+  """The shard whose first document is held out when the hash split held out none of two
+  or more documents (and val_fraction asks for a split): the first that holds one."""
+  if val_fraction <= 0 or any(e["splits"]["val"]["docs"] for e in entries):
+    return None
+  if sum(e["splits"]["train"]["docs"] for e in entries) < 2:
+    return None
+  return next(e["index"] for e in entries if e["splits"]["train"]["docs"])
+
+
 def prepare(inputs: str | list[str], tokenizer: str, out: str, *, workers: int = 1,
-            val_fraction: float = 0.0, text_field: str = "text",
+            val_fraction: float = DEFAULT_VAL_FRACTION, text_field: str = "text",
             on_malformed: str = "skip", docs_per_shard: int = 1024,
             bpe_sample_bytes: int = 256 << 20, bos_token: str | None = None,
             eos_token: str | None = None, root: str | None = None) -> dict:
@@ -312,8 +342,15 @@ def prepare(inputs: str | list[str], tokenizer: str, out: str, *, workers: int =
     if workers > 1 and len(jobs) > 1:
       pool.close()
       pool.join()
-  seconds = time.perf_counter() - t0
   ordered = [entries[i] for i in range(len(groups))]
+  fallback = _fallback_shard(ordered, val_fraction)
+  if fallback is not None:   # tokenized again, its first document held out
+    logging.info("prepare_data: the hash split held out no document; holding out the "
+                 "first document of shard %d", fallback)
+    entries[fallback] = prepare_shard((out, fallback, groups[fallback], root, framing,
+                                       {**opts, "hold_out_first": True}))
+    ordered[fallback] = entries[fallback]
+  seconds = time.perf_counter() - t0
   totals = {s: {k: sum(e["splits"][s][k] for e in ordered)
                 for k in ("docs", "tokens", "text_bytes")} for s in shards.SPLITS}
   manifest = {"format": shards.FORMAT, "tokenizer": identity,
@@ -324,6 +361,7 @@ def prepare(inputs: str | list[str], tokenizer: str, out: str, *, workers: int =
               "text_bytes": sum(e["text_bytes"] for e in ordered),
               "empty_documents": sum(e["empty"] for e in ordered),
               "malformed_records": sum(e["malformed"] for e in ordered)}
+  manifest["split"] = describe_split(manifest)
   if totals["train"]["docs"] == 0:
     raise inputs_lib.InputError(f"--inputs {inputs!r}: no non-empty training document "
                                 f"({manifest['empty_documents']} empty, "

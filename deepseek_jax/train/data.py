@@ -123,9 +123,9 @@ def _input_files(data_cfg) -> tuple[list[str], str | None]:
     raise ValueError(f"data.source={data_cfg.source!r} needs data.paths (comma-separated "
                      "globs)")
   try:
-    return inputs_lib.expand(data_cfg.paths), ""     # named by absolute path
+    return inputs_lib.expand(data_cfg.paths, "data.paths"), ""   # named by absolute path
   except inputs_lib.InputError as e:
-    raise ValueError(f"data.paths: {e}") from None
+    raise ValueError(str(e)) from None
 
 
 def prepared_dirs(data_cfg, vocab_size: int) -> list[tuple[str, float]]:

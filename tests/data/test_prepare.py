@@ -116,7 +116,7 @@ def test_a_hugging_face_tokenizer_frames_documents_its_way(tmp_path):
       {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": True}))
   src = tmp_path / "d.jsonl"
   src.write_text('{"text": "hello world"}\n{"text": "world zzz"}\n')
-  m = prepare.prepare(str(src), str(hf), str(tmp_path / "out"))
+  m = prepare.prepare(str(src), str(hf), str(tmp_path / "out"), val_fraction=0.0)
   assert m["framing"] == "[bos] tokens eos" and m["tokenizer"]["bos_id"] == 0
   stream = shards.TokenStream(str(tmp_path / "out"), m, "train")
   np.testing.assert_array_equal(stream.read(0, len(stream)), [0, 3, 4, 1, 0, 4, 2, 1])
@@ -251,7 +251,7 @@ def test_parquet_and_a_saved_dataset_are_read_row_by_row(tmp_path):
                            table.schema) as w:
       w.write_table(table)
   out = tmp_path / "out"
-  m = prepare.prepare(f"{root}/p.parquet,{root}/ds", "bytes", str(out))
+  m = prepare.prepare(f"{root}/p.parquet,{root}/ds", "bytes", str(out), val_fraction=0.0)
   assert len(m["shards"]) == 2 and m["malformed_records"] == 1
   stream = shards.TokenStream(str(out), shards.read_manifest(str(out)), "train")
   want = [t for text in saved + par for t in list(text.encode()) + [256]]   # ds sorts first
@@ -297,3 +297,56 @@ def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp
   assert sorted(built) == list(range(6))
   with pytest.raises(ValueError, match="threads >= 1"):
     data.Prefetcher(lambda s: s, 2, 0)
+
+
+def _two_documents_the_hash_keeps(root):
+  """Two text files whose names the 1% hash split both puts in training."""
+  names = [n for n in (f"doc{i}.txt" for i in range(100))
+           if not prepare.is_validation(n, prepare.DEFAULT_VAL_FRACTION)][:2]
+  for i, n in enumerate(names):
+    (root / n).write_text(f"document {i}\n" * 50)
+  return sorted(names)
+
+
+def test_the_default_split_holds_out_a_document_of_any_two(tmp_path):
+  """prepare's default (1%, by hash) held out nothing of a small corpus, and training on
+  it could not start: the first document of the first shard is now held out, the
+  manifest says how, and the same inputs give the same files."""
+  root = tmp_path / "in"
+  root.mkdir()
+  names = _two_documents_the_hash_keeps(root)
+  m = prepare.prepare(str(root / "*"), "bytes", str(tmp_path / "a"))
+  assert m["totals"]["val"]["docs"] == 1 and m["totals"]["train"]["docs"] == 1
+  assert m["split"] == {"method": prepare.SPLIT_METHOD, "val_fraction": 0.01,
+                        "fallback": prepare.FALLBACK_METHOD.format(index=0)}
+  val = shards.TokenStream(str(tmp_path / "a"), shards.read_manifest(str(tmp_path / "a")),
+                           "val")
+  assert bytes(val.read(0, len(val) - 1).astype(np.uint8)).decode() == (root / names[0]).read_text()
+  prepare.prepare(str(root / "*"), "bytes", str(tmp_path / "b"))
+  assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+  # One document: nothing to hold out; val_fraction 0: none asked for.
+  assert prepare.prepare(str(root / names[0]), "bytes", str(tmp_path / "c"))["split"][
+      "fallback"] is None
+  none = prepare.prepare(str(root / "*"), "bytes", str(tmp_path / "d"), val_fraction=0.0)
+  assert none["totals"]["val"]["docs"] == 0 and none["split"]["fallback"] is None
+
+
+def test_the_readmes_prepare_then_train_path_starts_with_the_defaults(tmp_path):
+  """`prepare_data` with its defaults, then training on the result: it refused to start
+  ("the validation split: the stream has 0 tokens")."""
+  import sysconfig
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  stdlib = sysconfig.get_paths()["stdlib"]
+  r = subprocess.run([sys.executable, "-m", "experiments.prepare_data",
+                      f"--inputs={stdlib}/json/*.py", "--tokenizer=bytes",
+                      f"--out={tmp_path / 'data'}"], cwd=repo, env=subprocess_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "validation 1 documents" in r.stdout and "the first document of shard 0" in r.stdout
+  r = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/smoke.py",
+                      f"--workdir={tmp_path / 'run'}", "--config.data.source=prepared",
+                      f"--config.data.paths={tmp_path / 'data'}", "--config.total_steps=2",
+                      "--config.final_eval_batches=2", "--peak_flops=1e11"], cwd=repo,
+                     env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "eval at step 2" in r.stdout
