@@ -73,23 +73,32 @@ def enable_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+USAGE_EXIT = 2   # a user's mistake (flags, config values, paths): one line, this status
+
+
 def run(main):
-  """absl's app.run(main), where a `--config.PATH=VALUE` override naming no field of the
-  config gives one line naming it and the nearest real fields (ml_collections raises an
-  AttributeError or KeyError under three tracebacks instead)."""
+  """absl's app.run(main), where a bad flag exits with USAGE_EXIT after one line, and a
+  `--config.PATH=VALUE` override naming no field of the config gives a line naming it
+  and the nearest real fields (ml_collections raises an AttributeError or KeyError under
+  three tracebacks instead)."""
+  import sys
   from absl import app
+
+  def fail(message):
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpfull to see help on flags.\n")
+    sys.exit(USAGE_EXIT)
 
   def parse(argv):
     try:
-      return app.parse_flags_with_usage(argv)
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(unknown_config_override(argv) or str(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       message = unknown_config_override(argv)
       if message is None:
         raise
-      import sys
-      sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                       f"Pass --helpfull to see help on flags. ({type(e).__name__}: {e})\n")
-      sys.exit(1)
+      fail(f"{message} ({type(e).__name__}: {e})")
 
   app.run(main, flags_parser=parse)
 

@@ -30,6 +30,10 @@ def main(argv):
   from deepseek_jax.train import loop as trainer  # after jax.distributed is up
   try:
     trainer.train(_CONFIG.value, _WORKDIR.value, peak_flops=_PEAK.value)
+  except trainer.ConfigError as e:
+    # The input cannot start a run (nothing was built or saved): the line alone, status 2.
+    logging.error("%s", e)
+    sys.exit(launch.USAGE_EXIT)
   except trainer.RUN_ERRORS as e:
     # A run stopped for a reason it states (a failed checkpoint write, a busy or foreign
     # workdir, a diverged run): the one line, no traceback; the exit status is 1.

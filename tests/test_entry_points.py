@@ -68,10 +68,26 @@ def test_report_on_a_missing_directory_names_it(tmp_path):
 
 def test_an_unknown_config_field_is_named_with_the_nearest(tmp_path):
   """A mistyped override in a top-level section, through an entry point that only reads
-  its config (no training): one line, the nearest field, exit status 1."""
+  its config (no training): one line, the nearest field, exit status 2."""
   r = subprocess.run([sys.executable, "-m", "experiments.schedule",
                       "--config=configs/smoke.py", "--config.optimzer.peak_lr=1"],
                      env=subprocess_env(), capture_output=True, text=True, timeout=120)
-  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert "--config.optimzer.peak_lr: the config has no section 'optimzer'" in r.stderr
   assert "nearest: --config.optimizer.peak_lr" in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.batch_size=0", "config.batch_size must be positive (got 0)"),
+    ("--config.optimizer.peak_lr=-1", "config.optimizer.peak_lr must be positive (got -1.0)"),
+    ("--config.mesh.data=3", "mesh: data*fsdp*expert*tensor = 3*1*1*1 = 3, but there are 1"),
+    ("--config.batch_size=abc", "--config.batch_size"),
+])
+def test_a_users_mistake_is_one_line_and_status_2(tmp_path, override, message):
+  """Config values, the mesh, a flag's type: named in one line, exit status 2, no
+  traceback (they came after a 20-line traceback, status 1) and nothing written."""
+  r = _run("experiments.train", "--config=configs/smoke.py", f"--workdir={tmp_path / 'w'}",
+           override)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert message in r.stderr
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")

@@ -30,13 +30,18 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from deepseek_jax.train import multihost
+
 CONFIG_FILE = "config.json"
-# Fields that may change between runs in one workdir: they do not change the math.
-# total_steps is not one: the learning-rate schedule and the bias freeze are fractions of
-# it, so a changed total would rescale the schedule of the steps already trained.
-RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
-                     "keep_checkpoints", "data.prefetch", "data.loader_threads",
-                     "data.cache_dir")
+# Fields that may change between runs in one workdir: they do not change the math (and
+# are no part of a run's identity: ablation.runner.config_key).
+RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "final_eval_batches",
+                     "checkpoint_every", "keep_checkpoints", "data.prefetch",
+                     "data.loader_threads", "data.cache_dir")
+# Fields that may change on resume though they change the steps still to train: a longer
+# (or shorter) run moves the end of the learning-rate schedule and the bias freeze
+# (fractions of total_steps); the loop logs what the change does (loop.describe_resume).
+SCHEDULE_CHANGES = ("total_steps",)
 
 
 def resumable(path: str) -> bool:
@@ -99,28 +104,43 @@ class WorkdirLock:
       self.fh = None
 
 
-def check_workdir_config(workdir: str, cfg_dict: dict) -> bool:
-  """Records the config on first use; on reuse, refuses a different one (True: resuming)."""
+def read_config(workdir: str) -> dict | None:
+  """The config a workdir's run recorded (config.json), or None."""
   path = os.path.join(workdir, CONFIG_FILE)
-  os.makedirs(workdir, exist_ok=True)
   if not os.path.exists(path):
-    if jax.process_index() == 0:
-      tmp = f"{path}.tmp"
-      with open(tmp, "w") as fh:
-        json.dump(cfg_dict, fh, indent=1, sort_keys=True)
-      os.replace(tmp, path)
-    return False
+    return None
   with open(path) as fh:
-    old = json.load(fh)
+    return json.load(fh)
+
+
+def _write_config(workdir: str, cfg_dict: dict):
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(f"{path}.tmp", "w") as fh:
+      json.dump(cfg_dict, fh, indent=1, sort_keys=True)
+    os.replace(f"{path}.tmp", path)
+
+
+def check_workdir_config(workdir: str, cfg_dict: dict) -> bool:
+  """Records the config on first use; on reuse, refuses a different one except in the
+  fields RESUMABLE_CHANGES and SCHEDULE_CHANGES, and records the new values (True:
+  resuming)."""
+  os.makedirs(workdir, exist_ok=True)
+  old = read_config(workdir)
+  if old is None:
+    _write_config(workdir, cfg_dict)
+    return False
   diffs = sorted(_diff(old, json.loads(json.dumps(cfg_dict))))
-  hard = [d for d in diffs if not resumable(d)]
+  hard = [d for d in diffs if not resumable(d) and d not in SCHEDULE_CHANGES]
   if hard:
     raise WorkdirConflict(
         f"workdir {workdir} holds a run of a different config (differs in: "
-        f"{', '.join(hard[:10])}). Use a new --workdir, or the same config to resume; "
-        "the saved run is left untouched.")
+        f"{', '.join(hard[:10])}). Use a new --workdir, or the same config to resume "
+        f"(changes allowed: {', '.join(RESUMABLE_CHANGES + SCHEDULE_CHANGES)}); the "
+        "saved run is left untouched.")
   if diffs:
     logging.warning("resuming %s with changed %s", workdir, ", ".join(diffs))
+    _write_config(workdir, cfg_dict)
   return True
 
 
@@ -252,9 +272,7 @@ class Checkpointer:
         logging.warning("moved the corrupt checkpoint step %d to %s (kept for "
                         "inspection); it will be saved again when training reaches it",
                         step, to)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("deepseek_jax_corrupt_checkpoints_moved")
+    multihost.barrier("deepseek_jax_corrupt_checkpoints_moved")
     self.manager.reload()
 
   def close(self):

@@ -83,8 +83,8 @@ def evaluate_prepared(workdir: str, dirs: list[str], batches: int | None = None,
     ce, n = 0.0, 0.0
     for local in data.validation_batches(rows, batch_size, batches):
       out = jax.device_get(fn(state, {k: jax.numpy.asarray(v) for k, v in local.items()}))
-      ce += float(out["ce_sum"])
-      n += float(out["n_tokens"])
+      ce += float(np.sum(out["ce_sum"]))
+      n += float(np.sum(out["n_tokens"]))
     info = manifest["totals"][split]
     bytes_per_token = info["text_bytes"] / max(info["tokens"], 1)
     loss = ce / max(n, 1.0)

@@ -7,6 +7,9 @@ to the host after step s+1 is dispatched, so the device never waits for the host
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 import signal
 import time
@@ -19,10 +22,10 @@ import flax.linen as nn
 from absl import logging
 
 from deepseek_jax import balancing
-from deepseek_jax.train import data, sharding
+from deepseek_jax.train import data, multihost, sharding
 from deepseek_jax.train.checkpoint import (Checkpointer, CheckpointNotSaved, WorkdirBusy,
                                            WorkdirConflict, WorkdirLock,
-                                           check_workdir_config)
+                                           check_workdir_config, read_config)
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
 from deepseek_jax.train.recipe import Recipe
@@ -39,6 +42,24 @@ class NonFiniteLoss(FloatingPointError):
 # Errors that stop a run with a message that says what happened and what to do: the
 # entry point prints the message alone, without a traceback.
 RUN_ERRORS = (NonFiniteLoss, CheckpointNotSaved, WorkdirBusy, WorkdirConflict)
+
+
+class ConfigError(ValueError):
+  """The run's input (config values, mesh, data paths, a dataset that does not fit the
+  config) cannot start a run; the message names the problem and the fix. Raised before
+  anything is built or saved; the entry point prints it alone and exits with status 2."""
+
+
+@contextlib.contextmanager
+def user_input():
+  """Within: a ValueError or FileNotFoundError is about the run's input (the checks and
+  loading that come before any building), re-raised as ConfigError."""
+  try:
+    yield
+  except RUN_ERRORS:
+    raise
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from e
 
 
 class ZeroGradWatch:
@@ -252,24 +273,70 @@ def _packed_rows(streams, weights, cfg, split: str):
   return rows
 
 
-def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches, n_moe_layers):
-  """Validation over fixed batches: loss, perplexity, MTP loss per depth, MaxVio_global."""
-  sums = None
-  for local in data.validation_batches(rows, cfg.batch_size, n_batches, jax.process_index(),
-                                       jax.process_count()):
-    out = jax.device_get(eval_fn(state, _global_batch(local, batch_sh)))
-    sums = out if sums is None else jax.tree.map(np.add, sums, out)
-  n = max(float(sums["n_tokens"]), 1.0)
-  result = {"val_loss": float(sums["ce_sum"]) / n}
+# Evaluation steps allowed in flight between host syncs: hundreds of queued cross-process
+# collectives deadlocked Gloo (BUILD_NOTES.md, "Multi-host"); a sync also asks whether to
+# stop for a preemption.
+EVAL_SYNC_EVERY = 8
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _sum_batches(acc, out):
+  return jax.tree.map(jnp.add, acc, out)
+
+
+@jax.jit
+def _sum_sequences(acc):
+  return jax.tree.map(lambda a: a.sum(0), acc)
+
+
+def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches, n_moe_layers,
+             stop=lambda: False):
+  """Validation over fixed batches: loss, perplexity, MTP loss per depth, MaxVio_global.
+
+  The per-sequence sums of each batch (step.eval_step) are added on device, where each
+  data shard keeps its own rows, and reduced over the batch once at the end: a batch
+  costs no cross-process reduction. stop() is asked every EVAL_SYNC_EVERY batches (with
+  every process's answer): True abandons the evaluation and returns None."""
+  acc, t0 = None, time.perf_counter()
+  batches = data.validation_batches(rows, cfg.batch_size, n_batches, jax.process_index(),
+                                    jax.process_count())
+  total = rows.n_rows // cfg.batch_size
+  n = total if n_batches is None else min(n_batches, total)
+  logging.info("evaluating %d batch(es) of %d x %d", n, cfg.batch_size, cfg.seq_len)
+  for i, local in enumerate(batches):
+    out = eval_fn(state, _global_batch(local, batch_sh))
+    acc = out if acc is None else _sum_batches(acc, out)
+    if (i + 1) % EVAL_SYNC_EVERY == 0:
+      jax.block_until_ready(acc)
+      if multihost.any_process(stop()):
+        return None
+  sums = jax.device_get(_sum_sequences(acc))
+  tokens = max(float(sums["n_tokens"]), 1.0)
+  result = {"val_loss": float(sums["ce_sum"]) / tokens, "eval_batches": n,
+            "eval_seconds": time.perf_counter() - t0}
   result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
   if "mtp_sum" in sums:
-    result["val_mtp"] = (np.asarray(sums["mtp_sum"]) / n).tolist()
+    result["val_mtp"] = (np.asarray(sums["mtp_sum"])
+                         / np.maximum(np.asarray(sums["mtp_tokens"]), 1.0)).tolist()
   if "load" in sums:
     mv = np.asarray(jax.device_get(balancing.max_violation(sums["load"])))
     result["val_load"] = np.asarray(sums["load"]).tolist()
     result["maxvio_global"] = mv.tolist()
     result["maxvio_global_mean"] = float(mv[:n_moe_layers].mean())
   return result
+
+
+def _compile_first_steps(train_fn, eval_fn, state, hparams, val_rows, cfg, batch_sh,
+                         train_batch: int):
+  """Compiles the first train step and the eval step ahead of their first call (which
+  then reuses them), so that a barrier after this is passed by compiled processes only."""
+  local = next(data.validation_batches(val_rows, cfg.batch_size, 1, jax.process_index(),
+                                       jax.process_count()))
+  def spec(rows):
+    return {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype, sharding=batch_sh)
+            for k, v in local.items()}
+  train_fn.lower(state, spec(train_batch), hparams).compile()
+  eval_fn.lower(state, spec(cfg.batch_size)).compile()
 
 
 def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = False,
@@ -281,10 +348,11 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
   refused.
   """
   # Mesh ---------------------------------------------------------------------------
-  mesh = sharding.make_mesh(cfg.mesh, devices, cfg.model.d_model)
-  stages = stage_configs(cfg, mesh)     # every input checked before anything builds
-  cfg = resolve_microbatches(cfg, mesh)
-  validate_run_config(cfg, mesh)
+  with user_input():
+    mesh = sharding.make_mesh(cfg.mesh, devices, cfg.model.d_model)
+    stages = stage_configs(cfg, mesh)     # every input checked before anything builds
+    cfg = resolve_microbatches(cfg, mesh)
+    validate_run_config(cfg, mesh)
   if jax.process_index() != 0:
     return _train(cfg, workdir, mesh, peak_flops, quiet, stages)
   with WorkdirLock(workdir):
@@ -306,25 +374,69 @@ def _load_corpus(data_cfg, vocab_size: int) -> data.Corpus:
         failed = e
     else:
       logging.info("waiting for process 0 to prepare the data")
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("deepseek_jax_data_prepared")
+    multihost.barrier("deepseek_jax_data_prepared")
     if failed is not None:
       raise failed
   return data.load_corpus(data_cfg, vocab_size)
 
 
-def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
-  model_cfg = model_config_from(cfg.model)
-  resuming = check_workdir_config(workdir, cfg.to_dict())
-  is_main = jax.process_index() == 0
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+  model_cfg: object
+  saved_cfg: dict | None     # the config of the run resumed (None: a new run)
+  corpus: data.Corpus
+  val_rows: object
+  recipe: Recipe
+  schedule: data.BatchSchedule
+  hparams: dict
 
-  # Input ----------------------------------------------------------------------------
-  corpus = _load_corpus(cfg.data, model_cfg.vocab_size)
-  train_rows = _packed_rows(corpus.train, corpus.weights, cfg, "training")
-  val_rows = _packed_rows(corpus.val, corpus.weights, cfg, "validation")
-  recipe = Recipe(cfg)
-  schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed,
-                                [(s.start_step, s.batch) for s in recipe.stages])
+
+def _inputs(cfg, workdir: str) -> _Inputs:
+  """Everything a run reads before it builds anything, each failure a ConfigError."""
+  with user_input():
+    model_cfg = model_config_from(cfg.model)
+    saved_cfg = read_config(workdir)
+    resuming = check_workdir_config(workdir, cfg.to_dict())
+    corpus = _load_corpus(cfg.data, model_cfg.vocab_size)
+    train_rows = _packed_rows(corpus.train, corpus.weights, cfg, "training")
+    val_rows = _packed_rows(corpus.val, corpus.weights, cfg, "validation")
+    recipe = Recipe(cfg)
+    schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed,
+                                  [(s.start_step, s.batch) for s in recipe.stages])
+    hparams = jax.tree.map(jnp.float32, balance_hparams(cfg))
+  return _Inputs(model_cfg, saved_cfg if resuming else None, corpus, val_rows, recipe,
+                 schedule, hparams)
+
+
+def describe_resume(saved: dict, cfg, step: int) -> str | None:
+  """What a changed total_steps does to the steps still to train, from step on (None if
+  it is unchanged): the learning rate there under the saved and the new schedule, where
+  the decay now ends and when the bias freezes."""
+  old_total = saved.get("total_steps")
+  if old_total == cfg.total_steps:
+    return None
+  import ml_collections
+  old = ml_collections.ConfigDict(saved)
+  lr_old, lr_new = (float(run_lr_schedule(c)(step)) for c in (old, cfg))
+  freeze_old, freeze_new = (int(balance_hparams(c)["bias_freeze_step"]) for c in (old, cfg))
+  if step >= cfg.total_steps:
+    return (f"total_steps {old_total} -> {cfg.total_steps}: the run is already at step "
+            f"{step}; nothing to train")
+  text = (f"total_steps {old_total} -> {cfg.total_steps}: steps {step}-{cfg.total_steps} "
+          f"follow the learning-rate schedule of {cfg.total_steps} steps, which gives "
+          f"{lr_new:.3g} at step {step} where the saved run's gave {lr_old:.3g}")
+  if freeze_old != freeze_new:
+    text += (f"; the expert bias freezes at step {freeze_new} (was {freeze_old})")
+  return text + (". The steps already trained keep the schedule they had: the result "
+                 "is not the run that set this total from the start")
+
+
+def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
+  inputs = _inputs(cfg, workdir)
+  model_cfg, resuming, corpus = inputs.model_cfg, inputs.saved_cfg is not None, inputs.corpus
+  val_rows, recipe, schedule = inputs.val_rows, inputs.recipe, inputs.schedule
+  hparams = inputs.hparams
+  is_main = jax.process_index() == 0
   logging.info("run: %s", describe_run(cfg, model_cfg, mesh))
   logging.info("data: %s", data.describe(corpus))
 
@@ -358,6 +470,9 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
           "was rebuilt with another tokenizer. Use a new --workdir, or the data the run "
           "started with; the saved run is left untouched.")
     logging.info("resumed from step %d (%s)", step, ckpt.directory)
+    change = describe_resume(inputs.saved_cfg, cfg, step)
+    if change:
+      logging.warning("%s", change)
     if is_main:
       writer.truncate_after(step)
   else:
@@ -371,11 +486,11 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
   n_eval = None if cfg.eval_batches < 0 else cfg.eval_batches
 
   # Loop ---------------------------------------------------------------------------
-  hparams = jax.tree.map(jnp.float32, balance_hparams(cfg))
   n_moe = model_cfg.n_moe_layers
   final_batches = cfg.get("final_eval_batches", -1)
   final_eval = None if final_batches is None or final_batches < 0 else final_batches
   pending = None          # (step, device metrics) of the last dispatched step
+  preempted = False
   last = {}
   clock = {"pulled": time.perf_counter(), "window": time.perf_counter(), "since": step}
   t_start, start_step = time.perf_counter(), step
@@ -440,6 +555,11 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
     writer.write(s, m)
     last = m
 
+  if jax.process_count() > 1:   # no process opens a collective while another compiles
+    _compile_first_steps(stage_train_fn(schedule.batch_size_at(step)), eval_fn, state,
+                         hparams, val_rows, cfg, batch_sh, schedule.batch_size_at(step))
+    multihost.barrier("deepseek_jax_steps_compiled")
+
   loader = data.Prefetcher(
       lambda s: schedule.batch(s, jax.process_index(), jax.process_count()),
       cfg.data.prefetch, cfg.data.loader_threads, stop=cfg.total_steps)
@@ -452,25 +572,30 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
         record(pending[0], pull(pending))
       pending = (step, metrics)
       step += 1
+      preempted = multihost.any_process(preempt.requested)   # every process stops at one step
       eval_due = step % cfg.eval_every == 0 or step == cfg.total_steps
       save_due = (step % cfg.checkpoint_every == 0 or step == cfg.total_steps
-                  or preempt.requested)
+                  or preempted)
       if eval_due or save_due:
         m = pull(pending)   # verified finite before anything is saved
         t_trained, extra = time.perf_counter(), {}
-        if eval_due:
+        if eval_due and not preempted:
           n = final_eval if step == cfg.total_steps else n_eval
-          extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n, n_moe)
+          extra = evaluate(eval_fn, state, val_rows, cfg, batch_sh, n, n_moe,
+                           stop=lambda: preempt.requested)
+          if extra is None:   # a preemption signal arrived during it: save and exit
+            logging.warning("evaluation at step %d abandoned for the preemption", step)
+            preempted, save_due, extra = True, True, {}
         record(pending[0], m, extra, console=eval_due, now=t_trained)
         pending = None
         if save_due:
           ckpt.save(step, state, {"data_step": step, "config": cfg.to_dict(),
                                   "tokenizer": corpus.manifest["tokenizer"]},
-                    force=preempt.requested)   # logged once its write is confirmed
+                    force=preempted)   # logged once its write is confirmed
         # Evaluation and saving are not training time.
         clock["pulled"] = clock["window"] = time.perf_counter()
         clock["since"] = step
-        if preempt.requested:
+        if preempted:
           break
   finally:
     loader.close()
@@ -478,5 +603,5 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
     writer.close()
     preempt.restore()
   last["step"] = step
-  last["preempted"] = preempt.requested
+  last["preempted"] = preempted
   return last

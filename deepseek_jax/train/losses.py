@@ -18,13 +18,18 @@ from deepseek_jax.model.transformer import ModelOutput
 from deepseek_jax.model.mtp import shift_left
 
 
-def cross_entropy(logits_BTV, targets_BT, weights_BT):
-  """(sum of weighted token losses, sum of weights), in float32."""
+def token_losses(logits_BTV, targets_BT):
+  """-log p(target) of every position [B, T], in float32."""
   logits = logits_BTV.astype(jnp.float32)
   logz_BT = jax.nn.logsumexp(logits, axis=-1)
   picked_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+  return logz_BT - picked_BT
+
+
+def cross_entropy(logits_BTV, targets_BT, weights_BT):
+  """(sum of weighted token losses, sum of weights), in float32."""
   w = weights_BT.astype(jnp.float32)
-  return jnp.sum((logz_BT - picked_BT) * w), jnp.sum(w)
+  return jnp.sum(token_losses(logits_BTV, targets_BT) * w), jnp.sum(w)
 
 
 def depth_targets(tokens_BT1, segments_BT1, k, same_document: bool = True):
@@ -61,4 +66,22 @@ def lm_losses(out: ModelOutput, tokens_BT1, segments_BT1=None, mtp_lambda: float
     result["mtp"] = mtp
     result["mtp_total"] = mtp_lambda * jnp.mean(mtp)
     result["loss"] = ce + result["mtp_total"]
+  return result
+
+
+def sequence_sums(out: ModelOutput, tokens_BT1, segments_BT1=None,
+                  same_document: bool = True):
+  """Per sequence, nothing summed over the batch (evaluation reduces once, at the end):
+  {"ce_sum" [B], "n_tokens" [B]} of the main head and, with MTP, {"mtp_sum",
+  "mtp_tokens"} [B, D] of each depth (its own targets: fewer than the main head's)."""
+  def sums(logits_BTV, k):
+    targets, weights = depth_targets(tokens_BT1, segments_BT1, k, same_document)
+    w = weights.astype(jnp.float32)
+    return (token_losses(logits_BTV, targets) * w).sum(-1), w.sum(-1)
+
+  result = dict(zip(("ce_sum", "n_tokens"), sums(out.logits, 0)))
+  if out.mtp_logits is not None:
+    depth = [sums(out.mtp_logits[k - 1], k) for k in range(1, out.mtp_logits.shape[0] + 1)]
+    result["mtp_sum"] = jnp.stack([s for s, _ in depth], axis=-1)
+    result["mtp_tokens"] = jnp.stack([n for _, n in depth], axis=-1)
   return result

@@ -102,6 +102,12 @@ def with_mesh(mesh: Mesh, fn):
   def call(*args, **kwargs):
     with jax.set_mesh(mesh):
       return fn(*args, **kwargs)
+
+  def lower(*args, **kwargs):   # ahead-of-time, as jax.jit's .lower
+    with jax.set_mesh(mesh):
+      return fn.lower(*args, **kwargs)
+
+  call.lower = lower
   return call
 
 

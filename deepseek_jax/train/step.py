@@ -22,7 +22,7 @@ from flax import struct
 from deepseek_jax import balancing
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.partitioning import constrain
-from deepseek_jax.train.losses import lm_losses
+from deepseek_jax.train.losses import lm_losses, sequence_sums
 from deepseek_jax.model.transformer import BALANCE, Transformer
 
 
@@ -295,19 +295,18 @@ def _apply_update(state, grads, metrics, routing, bias, rate, tx, cfg):
 
 
 def eval_step(state: TrainState, batch, *, model: Transformer, cfg):
-  """Summed CE (main and MTP depths), token counts and expert loads; no state change
-  (in particular no bias update: evaluation never balances)."""
-  zeros = {k: 0.0 for k in ("aux_alpha", "seq_aux_alpha", "batch_aux_alpha")}
-  _, (m, routing) = forward_losses(model, state.params, state.expert_bias, batch, cfg,
-                                   {**zeros, "mtp_lambda": cfg.mtp_lambda})
-  n = m["n_tokens"]
-  out = {"ce_sum": m["ce"] * n, "n_tokens": n}
-  if "mtp" in m:
-    out["mtp_sum"] = m["mtp"] * n
-  if routing is not None:
-    out["load"] = routing["load"]
-    out["dropped"] = routing["dropped"]
-  return out
+  """Validation sums per sequence, each with a leading batch dim B: CE and target counts
+  of the main head and each MTP depth (losses.sequence_sums) and, with MoE, each routed
+  layer's expert loads "load" [B, L, E]. Nothing is summed over the batch, so on a
+  data-parallel mesh the step runs without a collective; the caller accumulates batches
+  on device and reduces once (loop.evaluate). No state change (in particular no bias
+  update: evaluation never balances)."""
+  out = _apply(model, state.params, state.expert_bias, batch, cfg)
+  sums = sequence_sums(out, batch["tokens"], batch["segments"],
+                       same_document=cfg.data.doc_attention_mask)
+  if out.moe is not None:
+    sums["load"] = jnp.moveaxis(out.moe.load_BE, 0, 1)
+  return sums
 
 
 def jit_steps(model, tx, cfg, state_shardings, batch_shardings):

@@ -228,10 +228,7 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
 
 
 @pytest.mark.parametrize("change", [
-    {"model.d_model": 48},
-    # the learning-rate schedule is a function of total_steps: resuming with another
-    # total rescaled the steps already trained (it was allowed as "not the math")
-    {"total_steps": 16}])
+    {"model.d_model": 48}, {"optimizer.peak_lr": 1e-3}, {"seq_len": 16}])
 def test_workdir_of_another_config_is_refused(reference_run, tmp_path, change):
   ref_tmp, _ = reference_run
   work = tmp_path / "run"
@@ -239,6 +236,33 @@ def test_workdir_of_another_config_is_refused(reference_run, tmp_path, change):
   cfg = tiny_run_config(ref_tmp, **change)
   with pytest.raises(checkpoint.WorkdirConflict, match=next(iter(change))):
     _train(cfg, work, devices=jax.devices()[:1])
+
+
+def test_a_finished_run_trains_longer_with_a_larger_total_steps(reference_run, tmp_path,
+                                                                caplog):
+  """Raising total_steps to continue a finished run (the most common resume) was refused
+  as "a different config": it now trains steps 12-15, logs what the new total does to
+  the learning rate (the saved schedule had decayed to its floor by step 12; the new one
+  is still at peak there, decay_start_frac 0.8 of 16), records the new total in
+  config.json, and a shorter total than the run's step trains nothing."""
+  ref_tmp, _ = reference_run
+  work = tmp_path / "run"
+  shutil.copytree(ref_tmp / "run", work)
+  cfg = tiny_run_config(ref_tmp, total_steps=16)
+  with caplog.at_level("WARNING"):
+    last = _train(cfg, work, devices=jax.devices()[:1])
+  assert last["step"] == 16 and sorted(losses(work))[-4:] == [12, 13, 14, 15]
+  said = [r.getMessage() for r in caplog.records if "total_steps 12 -> 16" in r.getMessage()]
+  assert len(said) == 1, [r.getMessage() for r in caplog.records]
+  saved = tiny_run_config(ref_tmp)
+  new_lr = float(train_step.run_lr_schedule(cfg)(12))
+  old_lr = float(train_step.run_lr_schedule(saved)(12))
+  assert new_lr > 5 * old_lr
+  assert f"gives {new_lr:.3g} at step 12 where the saved run's gave {old_lr:.3g}" in said[0]
+  assert checkpoint.read_config(str(work))["total_steps"] == 16
+  # Lower than the step reached: nothing to train, said so.
+  assert trainer.describe_resume(cfg.to_dict(), tiny_run_config(ref_tmp, total_steps=10),
+                                 16).endswith("already at step 16; nothing to train")
 
 
 def test_a_failed_checkpoint_write_stops_the_run_with_one_message(reference_run, tmp_path):
