@@ -61,7 +61,14 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
   # in a row stop the run (0: stop at the first).
   c.max_skipped_steps = 3
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, context=1, tensor=1))
+  # Start from another run's weights: WORKDIR or WORKDIR:STEP (default its latest step).
+  # Its parameters and balancing bias are restored; the optimizer, step and data order
+  # start fresh (a new stage, e.g. a context extension). Ignored once this run has
+  # checkpoints of its own (it then resumes from them).
+  c.init_from = ""
+  # Long-context extension stages (extension_stage): name -> the fields they change.
+  c.extension = ml_collections.ConfigDict()
 
   # Token-based schedules declared as phases (train/recipe.py has the grammar); empty:
   # the step-based fields (optimizer.warmup_steps/decay_start_frac, batch_size,
@@ -105,3 +112,32 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
       loader_threads=1,
   ))
   return c
+
+
+def extension_stage(c, name: str) -> ml_collections.ConfigDict:
+  """The config of context-extension stage `name` (c.extension[name]), run after
+  pre-training as V3 did (report 4.3): longer sequences at a smaller batch (the same
+  tokens a step), a constant learning rate, YaRN on the rope key (the model section's
+  rope_factor and rope_original_max_len), a mesh that splits each sequence over
+  "context", and init_from pointing at the pre-training run. Documented choices where
+  the report is silent: the balancing bias stays frozen (bias_rate 0, as V3 had it for
+  its last 500B pre-training tokens), MTP stays on at its late weight, documents stay
+  packed as in pre-training, and the batch-size ramp and phase schedules are off."""
+  if name not in c.extension:
+    raise ValueError(f"unknown extension stage {name!r}; this config has "
+                     f"{sorted(c.extension) or 'none'}")
+  s = c.extension[name]
+  out = c.copy_and_resolve_references()
+  out.seq_len, out.batch_size, out.total_steps = s.seq_len, s.batch_size, s.steps
+  out.microbatches = s.get("microbatches", out.microbatches)
+  for field in out.schedule:
+    out.schedule[field] = ""
+  out.optimizer.peak_lr, out.optimizer.warmup_steps = s.lr, 0
+  out.optimizer.decay_start_frac, out.optimizer.min_lr_ratio = 1.0, 1.0   # constant
+  out.mtp_lambda, out.mtp_lambda_switch_step = out.mtp_lambda_late, -1
+  out.balance.bias_rate = 0.0
+  out.model.rope_factor = s.rope_factor
+  out.model.rope_original_max_len = s.rope_original_max_len
+  for axis, size in s.mesh.items():
+    out.mesh[axis] = size
+  return out

@@ -9,6 +9,11 @@
       --config.data.paths=data/v3 --distributed
   python -m experiments.train --config=configs/deepseek_v3_671b.py:cpu --workdir=/tmp/v3cpu \
       --cpu_devices=8      # the same layout and code paths cut down for a laptop
+  python -m experiments.train --config=configs/deepseek_v3_671b.py:cpu,32k \
+      --workdir=/tmp/v3cpu32k --config.init_from=/tmp/v3cpu --cpu_devices=8
+      # an extension stage (32k, then 128k) from the pre-training run's weights
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8 \
+      --stage=128k
 The mesh takes its size from the slice (fsdp = -1), so one file serves 512, 1,024 and
 2,048 chips. Why this layout (BUILD_NOTES.md has the compiler's numbers):
   tensor=2   15,360 sequences do not split over 2,048 chips; with heads, FFN widths and
@@ -82,11 +87,28 @@ def get_config(arg=None):
   c.mesh.fsdp = -1
   c.mesh.expert = 64
   c.mesh.tensor = 2
-  if arg == "cpu":
+  # V3's context extension (report 4.3): 1,000 steps at 32K x 1,920, then 1,000 at
+  # 128K x 480 (62.9M tokens a step, as pre-training), lr 7.3e-6, YaRN s = 40 over the
+  # 4K original (beta_fast 32, beta_slow 1, mscale 0.1 ln s + 1: the preset's). Each
+  # sequence split over "context" (4 and 16 shards: 8K positions a shard), the experts
+  # over fewer shards as the batch shrinks (a batch shard must hold a sequence).
+  c.extension = {
+      "32k": dict(seq_len=32768, batch_size=1920, steps=1000, lr=7.3e-6, rope_factor=40.0,
+                  rope_original_max_len=4096,
+                  mesh=dict(data=1, fsdp=-1, expert=64, context=4, tensor=2)),
+      "128k": dict(seq_len=131072, batch_size=480, steps=1000, lr=7.3e-6, rope_factor=40.0,
+                   rope_original_max_len=4096,
+                   mesh=dict(data=1, fsdp=-1, expert=16, context=16, tensor=2)),
+  }
+  words = [w for w in (arg or "").split(",") if w]
+  unknown = [w for w in words if w not in ("cpu", "32k", "128k")]
+  if unknown:
+    raise ValueError(f"deepseek_v3_671b: unknown variant {unknown[0]!r} (known: cpu, "
+                     "32k, 128k, and cpu with one of them: cpu,32k)")
+  if "cpu" in words:
     _cut_down(c)
-  elif arg:
-    raise ValueError(f"deepseek_v3_671b: unknown variant {arg!r} (known: cpu)")
-  return c
+  stages = [w for w in words if w != "cpu"]
+  return common.extension_stage(c, stages[0]) if stages else c
 
 
 def _cut_down(c):
@@ -114,3 +136,13 @@ def _cut_down(c):
   c.eval_batches = 2
   c.optimizer.peak_lr, c.optimizer.warmup_steps = 3e-3, 5
   c.mesh.expert = 2
+  # The extension stages at toy lengths: 4x then 16x the 64-token pre-training context
+  # (YaRN s = 16 over an original 64), the same 1,024 tokens a step, 10 steps each.
+  c.extension = {
+      "32k": dict(seq_len=256, batch_size=4, steps=10, lr=1e-4, rope_factor=16.0,
+                  rope_original_max_len=64, microbatches=1,
+                  mesh=dict(data=1, fsdp=1, expert=2, context=2, tensor=2)),
+      "128k": dict(seq_len=1024, batch_size=1, steps=10, lr=1e-4, rope_factor=16.0,
+                   rope_original_max_len=64, microbatches=1,
+                   mesh=dict(data=1, fsdp=1, expert=1, context=4, tensor=2)),
+  }

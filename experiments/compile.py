@@ -6,6 +6,8 @@
       --config.model.n_layers=4 --out=report.json
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8 \
       --stage=1          # the batch ramp's first stage (default: the largest)
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8 \
+      --stage=128k       # a context-extension stage (config.extension)
 
 Prints the per-chip memory, the executed work against the useful work by class, HBM and
 collective bytes and a roofline step (deepseek_jax/train/aot.py, train/hlo.py), writes
@@ -35,7 +37,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:8x16x16, 
 _OUT = flags.DEFINE_string("out", None, "Write the report as JSON to this file.")
 _STAGE = flags.DEFINE_string("stage", "largest", "With a batch-size ramp (schedule."
                              "batch_size): the stage to compile, by number (1 = first), "
-                             "by a token count it covers (200B), or 'largest'.")
+                             "by a token count it covers (200B), or 'largest'; or a "
+                             "context-extension stage by name (config.extension: 32k).")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the compiled (optimised) HLO text "
                                 "of the train step to this file.")
 _ROUTING = flags.DEFINE_string("routing_counts", None, "Count the routed experts' work "
@@ -50,9 +53,13 @@ def main(argv):
   launch.quiet_console()
   from deepseek_jax.train import aot
   from deepseek_jax.train.recipe import Recipe
+  from configs import common
   cfg = _CONFIG.value
   try:
-    stage = Recipe(cfg).stage(_STAGE.value)
+    spec = _STAGE.value
+    if spec in (cfg.get("extension") or {}):
+      cfg, spec = common.extension_stage(cfg, spec), "largest"
+    stage = Recipe(cfg).stage(spec)
     if stage.batch != cfg.batch_size:
       cfg = cfg.copy_and_resolve_references()
       cfg.batch_size = stage.batch

@@ -77,6 +77,31 @@ def plot(recipe, path: str):
   fig.savefig(path, dpi=110)
 
 
+def extension_rows(cfg) -> list[dict]:
+  """The config's context-extension stages (config.extension) in order."""
+  rows = []
+  for name, s in (cfg.get("extension") or {}).items():
+    rows.append({"stage": name, "seq_len": s.seq_len, "batch_size": s.batch_size,
+                 "tokens_per_step": s.seq_len * s.batch_size, "steps": s.steps,
+                 "tokens": s.seq_len * s.batch_size * s.steps, "lr": s.lr,
+                 "rope_factor": s.rope_factor,
+                 "rope_original_max_len": s.rope_original_max_len,
+                 "mesh": " ".join(f"{a}={n}" for a, n in s.mesh.items())})
+  return sorted(rows, key=lambda r: r["seq_len"])
+
+
+def extension_table(rows) -> str:
+  head = (f"{'stage':>6} {'seq_len':>8} {'batch':>6} {'tokens/step':>11} {'steps':>6} "
+          f"{'tokens':>8} {'lr':>8} {'YaRN s':>6}  mesh")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    lines.append(f"{r['stage']:>6} {r['seq_len']:>8,} {r['batch_size']:>6,} "
+                 f"{_fmt_tokens(r['tokens_per_step']):>11} {r['steps']:>6,} "
+                 f"{_fmt_tokens(r['tokens']):>8} {_fmt(r['lr']):>8} "
+                 f"{r['rope_factor']:>6g}  {r['mesh']} (bias frozen, MTP at its late weight)")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   from deepseek_jax.train.recipe import Recipe, parse_tokens
@@ -91,13 +116,17 @@ def main(argv):
   print(f"\ntotal: {_fmt_tokens(recipe.total_tokens or 0)} tokens in {cfg.total_steps:,} "
         f"steps (config.total_steps); batch stages: "
         + ", ".join(f"{s.batch} from step {s.start_step:,}" for s in recipe.stages))
+  extension = extension_rows(cfg)
+  if extension:
+    print("\ncontext extension (each stage a run of its own: --config=FILE:NAME "
+          "--config.init_from=PREVIOUS_RUN):\n" + extension_table(extension))
   points = [recipe.point(t) for t in at]
   if points:
     print("\n" + table(points))
   if _OUT.value:
     with open(_OUT.value, "w") as fh:
       json.dump({"boundaries": rows, "points": points, "total_steps": int(cfg.total_steps),
-                 "total_tokens": recipe.total_tokens,
+                 "total_tokens": recipe.total_tokens, "extension": extension,
                  "stages": [vars(s) for s in recipe.stages]}, fh, indent=1)
   if _PLOT.value:
     plot(recipe, _PLOT.value)

@@ -80,7 +80,7 @@ def test_an_unknown_config_field_is_named_with_the_nearest(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.batch_size=0", "config.batch_size must be positive (got 0)"),
     ("--config.optimizer.peak_lr=-1", "config.optimizer.peak_lr must be positive (got -1.0)"),
-    ("--config.mesh.data=3", "mesh: data*fsdp*expert*tensor = 3*1*1*1 = 3, but there are 1"),
+    ("--config.mesh.data=3", "mesh: data*fsdp*expert*context*tensor = 3*1*1*1*1 = 3, but there are 1"),
     ("--config.batch_size=abc", "--config.batch_size"),
 ])
 def test_a_users_mistake_is_one_line_and_status_2(tmp_path, override, message):

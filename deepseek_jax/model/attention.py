@@ -26,10 +26,11 @@ import jax.numpy as jnp
 from jax import lax
 import flax.linen as nn
 
-from deepseek_jax.model import fused_attention
+from deepseek_jax.model import context_parallel, fused_attention
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache, cache_mask
-from deepseek_jax.model.layers import RMSNorm, apply_rope, linear, param, softmax_scale
+from deepseek_jax.model.layers import (RMSNorm, apply_rope, linear, param, softmax_scale,
+                                       target_platform)
 from deepseek_jax.model.partitioning import constrain
 
 # The latent norms use a fixed 1e-6 in DeepSeek's code and in HF, whatever rms_norm_eps.
@@ -142,6 +143,41 @@ def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=Non
   return o_BTNO[:, :T]
 
 
+def expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, scale):
+  """q [B,T,N,K] (times `scale`), k [B,S,N,K] and v [B,S,N,O] from the latent c_kv."""
+  k_nope_BSNH = linear(c_kv_BSR, w_uk_RNH)
+  v_BSNO = linear(c_kv_BSR, w_uv_RNO)
+  # One score product over [nope | rope] (K = H + P), the shared rope key broadcast to
+  # every head: a single [B,N,T,S] output instead of two summed ones.
+  B, S, N, _ = k_nope_BSNH.shape
+  k_rope_BSNP = jnp.broadcast_to(k_rope_BSP[:, :, None, :], (B, S, N, k_rope_BSP.shape[-1]))
+  # The softmax scale goes on the query ([B,T,N,K]) rather than on the scores.
+  q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * scale
+  k_BSNK = jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(k_nope_BSNH.dtype)], axis=-1)
+  return q_BTNK, k_BSNK, v_BSNO
+
+
+def attend_plain(q_BTNK, k_BSNK, v_BSNO, mask_B1TS):
+  """softmax(q . k + mask) . v [B,T,N,O] in one piece, q already scaled."""
+  # Head-major operands: the batched products then run over leading [B, N] dims.
+  q_BNTK = q_BTNK.transpose(0, 2, 1, 3)
+  k_BNSK = k_BSNK.transpose(0, 2, 1, 3)
+  v_BNSO = v_BSNO.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("BNTK,BNSK->BNTS", q_BNTK, k_BNSK, preferred_element_type=jnp.float32)
+  probs = masked_softmax(scores, mask_B1TS).astype(v_BSNO.dtype)
+  return jnp.einsum("BNTS,BNSO->BNTO", probs, v_BNSO).transpose(0, 2, 1, 3)
+
+
+def masked_softmax(scores_BNTS, mask_B1TS):
+  """softmax over S of float32 scores with the [B,1,T,S] mask."""
+  # The mask as an additive bias (0 or NEG_INF, [B,1,T,S], broadcast over heads) rather
+  # than a select on the scores: XLA:CPU fuses the add into the score product, the
+  # select it did not (attention core fwd+bwd 77 -> 52 ms at the bench's shapes). Same
+  # values: s + NEG_INF rounds to NEG_INF in float32 for any score |s| < 1e22.
+  bias_B1TS = jnp.where(mask_B1TS, 0.0, NEG_INF).astype(jnp.float32)
+  return jax.nn.softmax(scores_BNTS.astype(jnp.float32) + bias_B1TS, axis=-1)
+
+
 class MLA(nn.Module):
   cfg: ModelConfig
 
@@ -189,58 +225,52 @@ class MLA(nn.Module):
 
   def expand(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP):
     """q [B,T,N,K] (scaled), k [B,S,N,K] and v [B,S,N,O]: K and V re-expanded from c_kv."""
-    k_nope_BSNH = linear(c_kv_BSR, self._w(self.w_uk))
-    v_BSNO = linear(c_kv_BSR, self._w(self.w_uv))
-    # One score product over [nope | rope] (K = H + P), the shared rope key broadcast to
-    # every head: a single [B,N,T,S] output instead of two summed ones.
-    B, S, N, _ = k_nope_BSNH.shape
-    k_rope_BSNP = jnp.broadcast_to(k_rope_BSP[:, :, None, :], (B, S, N, k_rope_BSP.shape[-1]))
-    # The softmax scale goes on the query ([B,T,N,K]) rather than on the scores.
-    q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * softmax_scale(self.cfg)
-    k_BSNK = jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(k_nope_BSNH.dtype)], axis=-1)
-    return q_BTNK, k_BSNK, v_BSNO
+    return expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, self._w(self.w_uk),
+                     self._w(self.w_uv), softmax_scale(self.cfg))
 
   def attend_expanded(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, mask_B1TS):
     """Attention with K and V re-expanded from the latent (training and naive decode)."""
     q_BTNK, k_BSNK, v_BSNO = self.expand(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP)
-    # Head-major operands: the batched products then run over leading [B, N] dims.
-    q_BNTK = q_BTNK.transpose(0, 2, 1, 3)
-    k_BNSK = k_BSNK.transpose(0, 2, 1, 3)
-    v_BNSO = v_BSNO.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("BNTK,BNSK->BNTS", q_BNTK, k_BNSK, preferred_element_type=jnp.float32)
-    probs = self._softmax(scores, mask_B1TS, scale=1.0).astype(v_BSNO.dtype)
-    o_BNTO = jnp.einsum("BNTS,BNSO->BNTO", probs, v_BNSO)
-    return self.output(o_BNTO.transpose(0, 2, 1, 3))
+    return self.output(attend_plain(q_BTNK, k_BSNK, v_BSNO, mask_B1TS))
 
   def output(self, o_BTNO):
     """W_O over heads and head dims: [B,T,N,O] -> [B,T,D]."""
+    # Pinned like the queries it comes from: left free, the SPMD partitioner gathered
+    # the sequence for W_O's weight gradient under context parallelism.
+    o_BTNO = constrain(o_BTNO, ("batch", "length", "heads", None))
     return linear(o_BTNO, self._w(self.w_o), n_in=2)
 
-  def _softmax(self, scores_BNTS, mask_B1TS, scale=None):
-    scale = softmax_scale(self.cfg) if scale is None else scale
-    scores = scores_BNTS.astype(jnp.float32) * scale
-    # The mask as an additive bias (0 or NEG_INF, [B,1,T,S], broadcast over heads) rather
-    # than a select on the scores: XLA:CPU fuses the add into the score product, the
-    # select it did not (attention core fwd+bwd 77 -> 52 ms at the bench's shapes). Same
-    # values: s + NEG_INF rounds to NEG_INF in float32 for any score |s| < 1e22.
-    bias_B1TS = jnp.where(mask_B1TS, 0.0, NEG_INF).astype(jnp.float32)
-    return jax.nn.softmax(scores + bias_B1TS, axis=-1)
+  def _softmax(self, scores_BNTS, mask_B1TS):
+    return masked_softmax(scores_BNTS.astype(jnp.float32) * softmax_scale(self.cfg), mask_B1TS)
 
   def __call__(self, x_BTD, pos_BT, segment_ids_BT=None):
     q_nope, q_rope = self.queries(x_BTD, pos_BT)
     c_kv, k_rope = self.latents(x_BTD, pos_BT)
-    idx_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
-    if self.cfg.attention_impl == "blockwise":
-      q_BTNK, k_BSNK, v_BSNO = self.expand(q_nope, q_rope, c_kv, k_rope)
-      o_BTNO = blockwise_attention(q_BTNK, k_BSNK, v_BSNO, idx_BT, idx_BT, segment_ids_BT,
-                                   segment_ids_BT, block=self.cfg.attention_block)
-      return self.output(o_BTNO)
+    if context_parallel.context_size() > 1:
+      return self.output(context_parallel.gather_latent_attention(
+          self._core, q_nope, q_rope, c_kv, k_rope, self._w(self.w_uk), self._w(self.w_uv),
+          segment_ids_BT, platform=target_platform()))
     if self.cfg.attention_impl in fused_attention.LIBRARIES:
       q_BTNK, k_BSNK, v_BSNO = self.expand(q_nope, q_rope, c_kv, k_rope)
       return self.output(fused_attention.fused_attention(
           q_BTNK, k_BSNK, v_BSNO, segment_ids_BT, library=self.cfg.attention_impl))
-    mask = attention_mask(idx_BT, idx_BT, segment_ids_BT, segment_ids_BT)
-    return self.attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
+    idx_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
+    return self.output(self._core(q_nope, q_rope, c_kv, k_rope, self._w(self.w_uk),
+                                  self._w(self.w_uv), idx_BT, idx_BT, segment_ids_BT,
+                                  segment_ids_BT))
+
+  def _core(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO,
+            q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None):
+    """Training attention from queries and latents to o [B,T,N,O], "plain" or
+    "blockwise", causal on the token indices given (global ones under context
+    parallelism)."""
+    q_BTNK, k_BSNK, v_BSNO = expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP,
+                                       w_uk_RNH, w_uv_RNO, softmax_scale(self.cfg))
+    if self.cfg.attention_impl == "blockwise":
+      return blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT,
+                                 k_seg_BS, block=self.cfg.attention_block)
+    return attend_plain(q_BTNK, k_BSNK, v_BSNO,
+                        attention_mask(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS))
 
   def attend_absorbed(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, mask_B1TS):
     """The same attention as attend_expanded with W_UK and W_UV absorbed (V2 App. C)."""

@@ -79,7 +79,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.model import dispatch, ragged_a2a
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.partitioning import BATCH
+from deepseek_jax.model.partitioning import BATCH, CONTEXT, TOKENS
 
 EXPERT = "expert"
 TENSOR = "tensor"
@@ -382,14 +382,15 @@ def data_parallel_mesh():
   GSPMD alone the sort is global, so every device all-gathers the batch's tokens and
   runs every expert on all of them."""
   mesh = kernel_mesh()
-  if mesh is None or any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in BATCH):
+  if mesh is None or any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in TOKENS):
     return None
   return mesh
 
 
 def _token_axes(mesh, n_tokens: int) -> tuple:
-  """The mesh's batch axes of size > 1 when they divide n_tokens, else () (one shard)."""
-  axes = tuple(a for a in BATCH if a in mesh.axis_names and mesh.shape[a] > 1)
+  """The mesh's token axes (batch and context) of size > 1 when they divide n_tokens,
+  else () (one shard)."""
+  axes = tuple(a for a in TOKENS if a in mesh.axis_names and mesh.shape[a] > 1)
   return axes if n_tokens % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
@@ -423,6 +424,17 @@ def per_batch_shard(experts_fn, x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_
                            x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
+def sequence_axes(mesh, seq_len: int) -> tuple:
+  """The mesh axes that split a sequence of seq_len in the expert-parallel layer:
+  "context" (when > 1; it splits every sequence already), then "tensor" when the rest
+  divides."""
+  axes, left = (), seq_len
+  for a in (CONTEXT, TENSOR):
+    if a in mesh.axis_names and mesh.shape[a] > 1 and left % mesh.shape[a] == 0:
+      axes, left = axes + (a,), left // mesh.shape[a]
+  return axes
+
+
 def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
                    cfg: ModelConfig, mesh, traffic: bool = False):
   """The expert-parallel routed-expert sum. Returns (y_BTD, load_E, dropped), the last
@@ -431,13 +443,12 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
   (see the benchmark)."""
   check_mesh(cfg, mesh, x_BTD.shape[0])
   E, Z = cfg.n_routed_experts, mesh.shape[EXPERT]
-  # Tokens are split over every batch axis; under a "tensor" axis (which shards heads
-  # and FFN widths, not tokens) the sequence is split over it too, so the tensor shards
-  # route different tokens instead of repeating the same work. Counts are summed over
-  # every axis that splits tokens.
-  seq_axis = (TENSOR if TENSOR in mesh.axis_names and mesh.shape[TENSOR] > 1
-              and x_BTD.shape[1] % mesh.shape[TENSOR] == 0 else None)
-  token_axes = BATCH + ((seq_axis,) if seq_axis else ())
+  # Tokens are split over every batch axis and the sequence over "context"; under a
+  # "tensor" axis (which shards heads and FFN widths, not tokens) the sequence is split
+  # over it too, so the tensor shards route different tokens instead of repeating the
+  # same work. Counts are summed over every axis that splits tokens.
+  seq_axes = sequence_axes(mesh, x_BTD.shape[1])
+  token_axes = BATCH + seq_axes
 
   def per_shard(x_BTD, idx_BTK, gates_BTK, w_gate, w_up, w_down):
     B, T, D = x_BTD.shape
@@ -491,7 +502,7 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     counts = jax.tree.map(lambda v: jax.lax.psum(v, token_axes), counts)
     return out + (dict(counts, rounds=n_rounds.astype(jnp.float32)),)
 
-  tokens = PS(BATCH, seq_axis, None)
+  tokens = PS(BATCH, seq_axes or None, None)
   experts = PS(EXPERT, None, None)
   out_specs = (tokens, PS(), PS()) + (
       ({"payload_rows": PS(), "wire_bytes": PS(), "rounds": PS()},) if traffic else ())

@@ -18,6 +18,7 @@ import flax.linen as nn
 import numpy as np
 
 from deepseek_jax.model.config import ModelConfig, yarn_mscale
+from deepseek_jax.model.partitioning import CONTEXT, axis_size
 
 
 def param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None):
@@ -39,8 +40,10 @@ def target_platform() -> str:
 
 def flat_matmuls() -> bool:
   """Whether `linear` multiplies as one 2-D matmul (XLA:CPU) or as a dot_general over
-  the original dims (every other backend)."""
-  return target_platform() == "cpu"
+  the original dims (every other backend, and CPU under context parallelism: merging a
+  batch dim split over the batch axes with a length split over "context" made the SPMD
+  partitioner all-gather the batch)."""
+  return target_platform() == "cpu" and axis_size(CONTEXT) == 1
 
 
 def linear(x, w, n_in: int = 1, preferred_element_type=None):

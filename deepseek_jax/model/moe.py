@@ -30,7 +30,7 @@ from flax import struct
 from deepseek_jax.model import dispatch, expert_parallel
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import SwiGLU, param
-from deepseek_jax.model.partitioning import BATCH
+from deepseek_jax.model.partitioning import TOKENS
 
 
 @struct.dataclass
@@ -240,7 +240,7 @@ def _local_dropless(cfg: ModelConfig, n_tokens: int):
 
 
 def _batch_shards(mesh, n_tokens: int) -> int:
-  n = math.prod(mesh.shape[a] for a in BATCH if a in mesh.axis_names)
+  n = math.prod(mesh.shape[a] for a in TOKENS if a in mesh.axis_names)
   return n if n_tokens % n == 0 else 1
 
 

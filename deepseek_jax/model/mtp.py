@@ -18,6 +18,7 @@ import flax.linen as nn
 from deepseek_jax.model.block import remat_block
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import RMSNorm, linear, param
+from deepseek_jax.model.partitioning import constrain
 
 
 def shift_left(x_BT, k, fill=0):
@@ -45,12 +46,15 @@ class MTPModule(nn.Module):
     dt = self.cfg.jnp_dtype
     e_BTD = self.enorm(emb_next_BTD)
     h_BTD = self.hnorm(h_prev_BTD)
-    return linear(jnp.concatenate([e_BTD, h_BTD], -1).astype(dt), self.w_proj.astype(dt))
+    x_BTD = linear(jnp.concatenate([e_BTD, h_BTD], -1).astype(dt), self.w_proj.astype(dt))
+    # Split like the residual stream (the shifted tokens it embeds come unsplit).
+    return constrain(x_BTD, ("batch", "length", None))
 
   def __call__(self, h_prev_BTD, emb_next_BTD, pos_BT, segment_ids_BT, valid_BT, bias_E):
     """Returns (h_k [B,T,D] before the final norm, normed h_k for the head, MoEStats|None)."""
     x_BTD, stats = self.block(self._input(h_prev_BTD, emb_next_BTD), pos_BT, segment_ids_BT,
                               valid_BT, bias_E)
+    x_BTD = constrain(x_BTD, ("batch", "length", None))
     return x_BTD, self.final_norm(x_BTD), stats
 
   def decode(self, h_prev_BTD, emb_next_BTD, cache, layer: int, n_new_B, valid_BT, bias_E,

@@ -10,6 +10,10 @@ Mesh axes:
           compute stays data-parallel on those devices (as in DeepSpeed-MoE and MaxText).
           When it is > 1, tokens reach their experts by all-to-all inside shard_map
           (expert_parallel.py).
+  context every sequence split along its length (context parallelism, for the long-
+          context stages): the weights are data-parallel over it like over fsdp, and
+          attention all-gathers the compressed latent of the other shards
+          (context_parallel.py); everything else sees its shards as more tokens.
   tensor  heads / FFN width / vocab sharded (Megatron style)
 
 The model only names axes; building a mesh and placing arrays on it is the trainer's
@@ -24,25 +28,31 @@ import jax
 from absl import logging
 from jax.sharding import Mesh, PartitionSpec as PS
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH = ("data", "fsdp", "expert")
+CONTEXT = "context"
+# The axes that split tokens: a [B, T] array flattened to [X] is split over the batch
+# axes (major) and the context axis (minor), the order of MESH_AXES, so the reshape moves
+# no data.
+TOKENS = BATCH + (CONTEXT,)
 
 # logical axis -> mesh axis (or None: replicated). The only sharding table.
 RULES = (
     ("batch", BATCH),
+    ("length", CONTEXT),
     ("vocab", "tensor"),
-    # FSDP: every weight's model dim is split over fsdp AND expert (the expert axis is
-    # data parallelism for everything but the routed experts, so it shares their
-    # storage); an expert weight, whose E takes "expert", keeps "fsdp" alone.
-    ("embed", ("fsdp", "expert")),
+    # FSDP: every weight's model dim is split over fsdp AND expert AND context (both are
+    # data parallelism for everything but the routed experts, so they share their
+    # storage); an expert weight, whose E takes "expert", keeps fsdp and context.
+    ("embed", ("fsdp", "expert", CONTEXT)),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("expert", "expert"),
     # MLA's latent dims: the up-projections [Q|R, N, H] would otherwise be split only by
     # heads over "tensor"; FSDP shards them too (the down-projections [D, Q|R] already
     # take fsdp x expert on D, so their latent dim stays whole).
-    ("q_lora", ("fsdp", "expert")),
-    ("kv_lora", ("fsdp", "expert")),
+    ("q_lora", ("fsdp", "expert", CONTEXT)),
+    ("kv_lora", ("fsdp", "expert", CONTEXT)),
     ("head_dim", None),
     ("norm", None),
     ("mtp_concat", None),
@@ -63,7 +73,8 @@ def logical_to_spec(axes, shape, mesh: Mesh) -> PS:
     # A mesh axis shards one dim only: an expert weight [E, D, F] takes "expert" for E,
     # so its "embed" dim keeps just "fsdp".
     mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-    mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used)
+    mesh_axes = tuple(a for a in mesh_axes
+                      if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
     if not mesh_axes:
       spec.append(None)
       continue
@@ -99,6 +110,12 @@ def constrain(x, axes):
   into the activations (e.g. the whole batch with d_model split over fsdp). A no-op
   outside a mesh or on one device."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return x
+  if mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names):
+    return x   # (inside a whole-mesh shard_map every value is already per-device)
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def axis_size(name: str) -> int:
+  """The size of mesh axis `name` in the context mesh (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or name not in mesh.axis_names else mesh.shape[name]

@@ -35,9 +35,10 @@ from deepseek_jax.model.mtp import MTPModule, shift_left
 
 BALANCE = "balance"
 STACKS = ("dense_layers", "moe_layers")   # the scanned layout's two stacks
-# The residual stream between blocks: split over every batch axis, whole in length and
-# width, so propagation never follows the fsdp-sharded weights into the activations.
-RESIDUAL = ("batch", None, None)
+# The residual stream between blocks: split over every batch axis and (context
+# parallelism) along the sequence, whole in width, so propagation never follows the
+# fsdp-sharded weights into the activations.
+RESIDUAL = ("batch", "length", None)
 
 
 @struct.dataclass
@@ -144,7 +145,7 @@ class Transformer(nn.Module):
                         preferred_element_type=jnp.float32)
     # Batch over the batch axes, the vocabulary over "tensor": no chip holds a whole
     # [tokens, V] row of logits when the mesh has a tensor axis.
-    return constrain(logits_BTV, ("batch", None, "vocab"))
+    return constrain(logits_BTV, ("batch", "length", "vocab"))
 
   def _bias(self, row):
     if not self.cfg.n_routed_layers:

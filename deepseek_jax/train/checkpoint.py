@@ -37,7 +37,10 @@ CONFIG_FILE = "config.json"
 # are no part of a run's identity: ablation.runner.config_key).
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_batches", "final_eval_batches",
                      "checkpoint_every", "keep_checkpoints", "data.prefetch",
-                     "data.loader_threads", "data.cache_dir")
+                     "data.loader_threads", "data.cache_dir",
+                     # the layout (context parallelism at another size: the same math)
+                     # and the run a new stage started from (used before any checkpoint)
+                     "mesh", "init_from")
 # Fields that may change on resume though they change the steps still to train: a longer
 # (or shorter) run moves the end of the learning-rate schedule and the bias freeze
 # (fractions of total_steps); the loop logs what the change does (loop.describe_resume).
@@ -261,6 +264,22 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out.state, out.meta, step
+
+  def restore_parts(self, step: int | None, abstract_parts: dict):
+    """{name: subtree} of the saved state's top-level fields in abstract_parts (e.g.
+    params and expert_bias, not the optimizer) at `step` (None: the latest), read
+    without the rest; (parts, step)."""
+    steps = self.steps()
+    step = steps[-1] if step is None and steps else step
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'}"
+                              f" in {self.directory}; saved steps: {steps or 'none'}")
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), abstract_parts)
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_parts, restore_args=restore_args, partial_restore=True)))
+    return dict(out.state), step
 
   def _set_aside(self, steps):
     dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")

@@ -146,6 +146,13 @@ def validate_run_config(cfg, mesh):
   if cfg.batch_size % div:
     raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of microbatches x "
                      f"batch devices = {cfg.microbatches} x {sharding.batch_divisor(mesh)}")
+  n_context = mesh.shape.get("context", 1)
+  if cfg.seq_len % n_context:
+    raise ValueError(f"seq_len={cfg.seq_len} must be a multiple of mesh.context={n_context}"
+                     " (each context shard holds seq_len / context positions)")
+  if n_context > 1 and cfg.model.attention_impl not in ("plain", "blockwise"):
+    raise ValueError(f"mesh.context={n_context} runs attention_impl 'plain' or 'blockwise'"
+                     f" (got {cfg.model.attention_impl!r}): set --config.model.attention_impl")
   if cfg.batch_size % jax.process_count():
     raise ValueError(f"batch_size={cfg.batch_size} must split over {jax.process_count()} "
                      "processes")
@@ -431,6 +438,33 @@ def describe_resume(saved: dict, cfg, step: int) -> str | None:
                  "is not the run that set this total from the start")
 
 
+def initialized_from(spec: str, state, abstract):
+  """state with the parameters and balancing bias of run `spec` (WORKDIR or WORKDIR:STEP,
+  default its latest step), restored onto this run's shardings; the optimizer and the
+  step stay fresh (a new stage: a context extension)."""
+  import os
+  import re
+  workdir, step = spec, None
+  if m := re.fullmatch(r"(.*):(\d+)", spec):
+    workdir, step = m.group(1), int(m.group(2))
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ConfigError(f"config.init_from={spec!r}: {workdir} holds no checkpoints/ (give "
+                      "a training run's workdir, optionally :STEP)")
+  parts = {"params": abstract.params}
+  if abstract.expert_bias is not None:
+    parts["expert_bias"] = abstract.expert_bias
+  src = Checkpointer(workdir, keep=1, async_save=False)
+  try:
+    restored, at = src.restore_parts(step, parts)
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.init_from={spec!r}: {e}") from None
+  finally:
+    src.close()
+  logging.info("initialised from %s step %d (parameters%s; optimizer and step fresh)",
+               workdir, at, " and expert bias" if "expert_bias" in parts else "")
+  return state.replace(**restored)
+
+
 def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
   inputs = _inputs(cfg, workdir)
   model_cfg, resuming, corpus = inputs.model_cfg, inputs.saved_cfg is not None, inputs.corpus
@@ -478,6 +512,8 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
   else:
     state = init_fn(jax.random.PRNGKey(cfg.seed))
     step = 0
+    if cfg.get("init_from"):
+      state = initialized_from(cfg.init_from, state, abstract)
 
   flops_per_token = train_flops_per_token(model_cfg, cfg.seq_len)
   if peak_flops is None:

@@ -20,11 +20,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as PS
 import flax.linen as nn
 
-from deepseek_jax.model.partitioning import BATCH, MESH_AXES, logical_to_spec
+from deepseek_jax.model.partitioning import BATCH, CONTEXT, MESH_AXES, logical_to_spec
 
 
 def mesh_shape(mesh_cfg, n_devices: int, embed_dim: int | None = None) -> dict[str, int]:
-  """Sizes of the four axes from config; one axis may be -1 (takes what is left).
+  """Sizes of the mesh axes from config; one axis may be -1 (takes what is left). A
+  config without `context` (written before that axis existed) has context = 1.
 
   fsdp = -1 with data = 1 and the model's embed_dim given: fsdp shards every weight's
   d_model dim together with "expert", so it takes the largest part of what is left that
@@ -32,7 +33,7 @@ def mesh_shape(mesh_cfg, n_devices: int, embed_dim: int | None = None) -> dict[s
   chip count has a factor 3 (384 or 1,536 v5p chips) that factor divides no dim of
   V3's d_model (7,168) or experts: it becomes data parallelism instead of an fsdp axis
   that would replicate every weight it cannot split."""
-  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  sizes = {a: int(mesh_cfg.get(a, 1) if a == CONTEXT else mesh_cfg[a]) for a in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   bad = [a for a, s in sizes.items() if s == 0 or s < -1]
   if bad or len(free) > 1:
@@ -54,7 +55,7 @@ def mesh_shape(mesh_cfg, n_devices: int, embed_dim: int | None = None) -> dict[s
       sizes["fsdp"], sizes["data"] = fsdp, left // fsdp
   if math.prod(sizes.values()) != n_devices:
     raise ValueError(
-        f"mesh: data*fsdp*expert*tensor = {'*'.join(str(sizes[a]) for a in MESH_AXES)} = "
+        f"mesh: {'*'.join(MESH_AXES)} = {'*'.join(str(sizes[a]) for a in MESH_AXES)} = "
         f"{math.prod(sizes.values())}, but there are {n_devices} devices "
         f"({jax.process_count()} process(es)); set --config.mesh.* so the product matches")
   return sizes
@@ -87,6 +88,8 @@ def param_shardings(boxed_abstract, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays [B, T+1] (inputs and their shifted targets): B over the batch axes.
+  T+1 does not split over "context"; the model splits its [B, T] inputs itself."""
   return NamedSharding(mesh, PS(BATCH, *([None] * (ndim - 1))))
 
 

@@ -138,7 +138,7 @@ def test_671b_layout_shards_abstractly_on_a_pod_mesh(n_chips, data, fsdp):
   if data > 1:      # without the model's d_model the free axis takes it all
     assert sharding.mesh_shape(c.mesh, n_chips)["fsdp"] == data * fsdp
   shape = tuple(sizes[a] for a in sharding.MESH_AXES)
-  mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
   boxed = abstract_variables(Transformer(cfg))["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   experts_sharded, total, per_chip = 0, 0, 0.0
@@ -175,3 +175,30 @@ def test_671b_config_follows_v3_where_the_report_is_explicit():
   assert c.balance.bias_rate == 0.001
   assert c.data.doc_attention_mask is False
   assert c.model.ep_overflow == "rounds" and c.model.moe_dispatch != "capacity"
+
+
+@pytest.mark.parametrize("variant", ["32k", "128k", "cpu,32k", "cpu,128k"])
+def test_671b_extension_stages_follow_v3(variant):
+  """V3 report 4.3: each stage trains as many tokens a step as pre-training, at a
+  constant 7.3e-6, with YaRN s = 40 over the 4K original; the bias frozen; the mesh
+  splits each sequence over "context" and fills the slice; the model validates."""
+  import importlib.util
+  from deepseek_jax.train import sharding
+  spec = importlib.util.spec_from_file_location(
+      "v3", os.path.join(REPO, "configs", "deepseek_v3_671b.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  pre = mod.get_config("cpu" if variant.startswith("cpu") else None)
+  c = mod.get_config(variant)
+  assert c.seq_len * c.batch_size == pre.seq_len * pre.batch_size
+  ratio = {"32k": 8, "128k": 32, "cpu,32k": 4, "cpu,128k": 16}[variant]
+  assert c.seq_len == ratio * pre.seq_len
+  model = config.model_config_from(c.model)
+  assert model.yarn and model.rope_original_max_len == pre.seq_len
+  assert c.balance.bias_rate == 0 and not c.schedule.lr and c.total_steps == c.extension[
+      variant.split(",")[-1]].steps
+  if not variant.startswith("cpu"):
+    assert (c.optimizer.peak_lr, model.rope_factor) == (7.3e-6, 40.0)
+    sizes = sharding.mesh_shape(c.mesh, 512, model.d_model)
+    assert sizes["context"] > 1 and c.seq_len % sizes["context"] == 0
+    assert c.batch_size % __import__("math").prod(sizes[a] for a in ("data", "fsdp", "expert")) == 0

@@ -103,7 +103,8 @@ def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
               "model_flops_per_step", "executed_flops_per_chip", "useful_flops_per_chip",
               "flops_by_class", "hbm_traffic_bytes_per_chip", "roofline"):
     assert key in r, key
-  assert r["n_chips"] == 8 and r["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+  assert r["n_chips"] == 8 and r["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "context": 1,
+                                             "tensor": 2}
   b = r["per_chip_bytes"]
   # Against the analytic parameter count (model/param_count.py), fp32: sharded, a chip
   # holds at least 1/n of the weights and at most all of them.

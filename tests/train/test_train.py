@@ -496,3 +496,44 @@ def test_batch_ramp_trains_each_stage_and_resumes_exactly_across_it(reference_ru
   assert sorted(got) == sorted(want) == list(range(7))
   np.testing.assert_allclose([got[s] for s in range(7)], [want[s] for s in range(7)],
                              rtol=1e-6)
+
+
+def test_context_parallel_run_matches_and_resumes_at_another_context_size(reference_run,
+                                                                         tmp_path):
+  """Each sequence split over 4 context shards (x 2 data shards) trains the curve of the
+  single-device run; resumed from its step-4 checkpoint with 2 context shards (x 4 data)
+  it continues on that curve."""
+  ref_tmp, ref = reference_run
+  work = tmp_path / "ctx4"
+  _train(tiny_run_config(ref_tmp, **{"mesh.data": 2, "mesh.context": 4}), work)
+  got = losses(work)
+  np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],
+                             rtol=2e-5)
+  resumed = tmp_path / "ctx2"
+  shutil.copytree(work, resumed)
+  for step in os.listdir(resumed / "checkpoints"):
+    if step.isdigit() and int(step) > 4:
+      shutil.rmtree(resumed / "checkpoints" / step)
+  _train(tiny_run_config(ref_tmp, **{"mesh.data": 4, "mesh.context": 2}), resumed)
+  again = losses(resumed)
+  np.testing.assert_allclose([again[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],
+                             rtol=2e-5)
+
+
+def test_init_from_starts_a_new_stage_from_a_runs_weights(reference_run, tmp_path):
+  """A longer-context stage initialised from the reference run's last checkpoint: its
+  first step starts from the trained weights (not the seed's: its loss is near the
+  reference's last, far below the reference's first), the optimizer and step fresh; a
+  missing run is one clear error."""
+  ref_tmp, ref = reference_run
+  work = tmp_path / "stage"
+  cfg = tiny_run_config(ref_tmp, total_steps=2, seq_len=64, batch_size=4,
+                        init_from=str(ref_tmp / "run"))
+  _train(cfg, work, devices=jax.devices()[:1])
+  got = losses(work)
+  assert sorted(got) == [0, 1]
+  first, last = ref[min(ref)], ref[max(ref)]
+  assert got[0] < first - 0.5 * (first - last), (got, first, last)
+  with pytest.raises(trainer.ConfigError, match="init_from"):
+    _train(tiny_run_config(ref_tmp, init_from=str(tmp_path / "none")), tmp_path / "x",
+           devices=jax.devices()[:1])
