@@ -134,6 +134,7 @@ def _cut_down(c):
   c.total_steps = Recipe(c).total_steps
   c.log_every, c.eval_every, c.checkpoint_every = 5, 20, 20
   c.eval_batches = 2
+  c.final_eval_batches = 16    # not the whole validation set (minutes at 32K on a CPU)
   c.optimizer.peak_lr, c.optimizer.warmup_steps = 3e-3, 5
   c.mesh.expert = 2
   # The extension stages at toy lengths: 4x then 16x the 64-token pre-training context
