@@ -241,7 +241,7 @@ class MLA(nn.Module):
     return linear(o_BTNO, self._w(self.w_o), n_in=2)
 
   def _softmax(self, scores_BNTS, mask_B1TS):
-    return masked_softmax(scores_BNTS.astype(jnp.float32) * softmax_scale(self.cfg), mask_B1TS)
+    return masked_softmax(scores_BNTS * softmax_scale(self.cfg), mask_B1TS)
 
   def __call__(self, x_BTD, pos_BT, segment_ids_BT=None):
     q_nope, q_rope = self.queries(x_BTD, pos_BT)

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
+import re
 import signal
 import time
 
@@ -442,8 +444,6 @@ def initialized_from(spec: str, state, abstract):
   """state with the parameters and balancing bias of run `spec` (WORKDIR or WORKDIR:STEP,
   default its latest step), restored onto this run's shardings; the optimizer and the
   step stay fresh (a new stage: a context extension)."""
-  import os
-  import re
   workdir, step = spec, None
   if m := re.fullmatch(r"(.*):(\d+)", spec):
     workdir, step = m.group(1), int(m.group(2))

@@ -2,6 +2,7 @@
 
 import glob
 import importlib.util
+import math
 import os
 
 import pytest
@@ -201,4 +202,4 @@ def test_671b_extension_stages_follow_v3(variant):
     assert (c.optimizer.peak_lr, model.rope_factor) == (7.3e-6, 40.0)
     sizes = sharding.mesh_shape(c.mesh, 512, model.d_model)
     assert sizes["context"] > 1 and c.seq_len % sizes["context"] == 0
-    assert c.batch_size % __import__("math").prod(sizes[a] for a in ("data", "fsdp", "expert")) == 0
+    assert c.batch_size % math.prod(sizes[a] for a in ("data", "fsdp", "expert")) == 0

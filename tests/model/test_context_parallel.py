@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.model import config, context_parallel
+from deepseek_jax.model import config
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses, sharding
 
@@ -109,4 +109,3 @@ def test_the_gathered_operand_is_the_latent():
   per_head = CFG.n_heads * CFG.qk_head_dim
   assert not [g for g in gathers if f",{per_head}]" in g.split("all-gather(")[0]
               or f",{CFG.n_heads},{CFG.qk_head_dim}]" in g.split("all-gather(")[0]]
-  assert context_parallel.context_size() == 1   # outside the mesh
