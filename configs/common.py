@@ -120,7 +120,8 @@ def extension_stage(c, name: str) -> ml_collections.ConfigDict:
   tokens a step), a constant learning rate, YaRN on the rope key (the model section's
   rope_factor and rope_original_max_len), a mesh that splits each sequence over
   "context", and init_from pointing at the pre-training run. Documented choices where
-  the report is silent: the balancing bias stays frozen (bias_rate 0, as V3 had it for
+  the report is silent: the stage's "model" entries override the model section (memory
+  settings such as remat, never the architecture), the balancing bias stays frozen (bias_rate 0, as V3 had it for
   its last 500B pre-training tokens), MTP stays on at its late weight, documents stay
   packed as in pre-training, and the batch-size ramp and phase schedules are off."""
   if name not in c.extension:
@@ -140,4 +141,6 @@ def extension_stage(c, name: str) -> ml_collections.ConfigDict:
   out.model.rope_original_max_len = s.rope_original_max_len
   for axis, size in s.mesh.items():
     out.mesh[axis] = size
+  for field, value in s.get("model", {}).items():
+    out.model[field] = value
   return out

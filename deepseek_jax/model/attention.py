@@ -106,6 +106,10 @@ def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=Non
     def key_block(carry, xs):
       k_BSNK, v_BSNO, k_idx_BS, k_seg_BS, live = xs
 
+      # Rematerialised: the scan's backward then keeps each key step's carry, not its
+      # [B, N, T, S] scores and probabilities (at 32K, 64 key blocks of those were
+      # 4 GiB a layer in float32).
+      @jax.checkpoint
       def update(carry):
         m_BNT, l_BNT, acc_BNTO = carry
         s_BNTS = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK, preferred_element_type=f32)
@@ -143,13 +147,26 @@ def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=Non
   return o_BTNO[:, :T]
 
 
-def expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, scale):
-  """q [B,T,N,K] (times `scale`), k [B,S,N,K] and v [B,S,N,O] from the latent c_kv."""
-  k_nope_BSNH = linear(c_kv_BSR, w_uk_RNH)
-  v_BSNO = linear(c_kv_BSR, w_uv_RNO)
+def expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, scale,
+              batched_weights: bool = False):
+  """q [B,T,N,K] (times `scale`), k [B,S,N,K] and v [B,S,N,O] from the latent c_kv.
+
+  batched_weights: up-project with W_UK and W_UV broadcast over the batch, a product
+  with a batch dim, which the "dots_no_batch" remat policy does not save. Under context
+  parallelism the alternative kept K and V of the whole gathered sequence for the
+  backward of every layer (58 GiB a chip for the 671B at 32K)."""
+  B, S, _ = c_kv_BSR.shape
+  if batched_weights:
+    w_uk_BRNH = jnp.broadcast_to(w_uk_RNH, (B,) + w_uk_RNH.shape)
+    w_uv_BRNO = jnp.broadcast_to(w_uv_RNO, (B,) + w_uv_RNO.shape)
+    k_nope_BSNH = jnp.einsum("BSR,BRNH->BSNH", c_kv_BSR, w_uk_BRNH)
+    v_BSNO = jnp.einsum("BSR,BRNO->BSNO", c_kv_BSR, w_uv_BRNO)
+  else:
+    k_nope_BSNH = linear(c_kv_BSR, w_uk_RNH)
+    v_BSNO = linear(c_kv_BSR, w_uv_RNO)
   # One score product over [nope | rope] (K = H + P), the shared rope key broadcast to
   # every head: a single [B,N,T,S] output instead of two summed ones.
-  B, S, N, _ = k_nope_BSNH.shape
+  N = k_nope_BSNH.shape[2]
   k_rope_BSNP = jnp.broadcast_to(k_rope_BSP[:, :, None, :], (B, S, N, k_rope_BSP.shape[-1]))
   # The softmax scale goes on the query ([B,T,N,K]) rather than on the scores.
   q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * scale
@@ -264,8 +281,9 @@ class MLA(nn.Module):
     """Training attention from queries and latents to o [B,T,N,O], "plain" or
     "blockwise", causal on the token indices given (global ones under context
     parallelism)."""
-    q_BTNK, k_BSNK, v_BSNO = expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP,
-                                       w_uk_RNH, w_uv_RNO, softmax_scale(self.cfg))
+    q_BTNK, k_BSNK, v_BSNO = expand_kv(
+        q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO,
+        softmax_scale(self.cfg), batched_weights=context_parallel.context_size() > 1)
     if self.cfg.attention_impl == "blockwise":
       return blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT,
                                  k_seg_BS, block=self.cfg.attention_block)

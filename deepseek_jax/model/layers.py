@@ -18,15 +18,19 @@ import flax.linen as nn
 import numpy as np
 
 from deepseek_jax.model.config import ModelConfig, yarn_mscale
-from deepseek_jax.model.partitioning import CONTEXT, axis_size
+from deepseek_jax.model.partitioning import CONTEXT, axis_size, gathered
 
 
-def param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None):
-  """A weight of `shape` with logical `axes`, N(0, init_std) unless `init` is given."""
+def param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None,
+          gather: bool = True):
+  """A weight of `shape` with logical `axes`, N(0, init_std) unless `init` is given.
+  Under context parallelism it comes back gathered over its storage axes
+  (partitioning.gathered) unless gather is False."""
   assert len(shape) == len(axes), (name, shape, axes)
   init = init or nn.initializers.normal(stddev=cfg.init_std)
-  return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape),
-                      cfg.jnp_param_dtype)
+  w = module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape),
+                   cfg.jnp_param_dtype)
+  return gathered(w, axes) if gather and axis_size(CONTEXT) > 1 else w
 
 
 def target_platform() -> str:

@@ -115,6 +115,20 @@ def constrain(x, axes):
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
+# The logical axes whose mesh axes (fsdp, expert, context) only store a weight: under
+# context parallelism a weight is all-gathered over them where it is used (`gathered`).
+STORAGE_AXES = ("embed", "q_lora", "kv_lora")
+
+
+def gathered(w, axes):
+  """Weight w (logical `axes`) pinned to its compute sharding: whole along the storage
+  axes, still split along heads / mlp / vocab / experts. Applied under context
+  parallelism (layers.param): left to itself, the SPMD partitioner kept the 671B's LM
+  head split along d_model and all-gathered the activations of all 512 chips instead
+  (a 252 GiB [256, 8192, 64640] logits buffer at 32K)."""
+  return constrain(w, tuple(None if a in STORAGE_AXES else a for a in axes))
+
+
 def axis_size(name: str) -> int:
   """The size of mesh axis `name` in the context mesh (1 outside a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
+from deepseek_jax.model import context_parallel
 from deepseek_jax.model.block import Block, remat_block
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.kv_cache import KVCache
 from deepseek_jax.model.layers import RMSNorm, linear, param
 from deepseek_jax.model.moe import MoEStats
-from deepseek_jax.model.partitioning import constrain
+from deepseek_jax.model.partitioning import CONTEXT, axis_size, constrain, gathered
 from deepseek_jax.model.mtp import MTPModule, shift_left
 
 BALANCE = "balance"
@@ -117,7 +118,10 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+    # Gathered in embed_tokens after the cast to the compute dtype (param's float32
+    # gather cost whole [V, D] float32 copies, 3.45 GiB each for V3, at 32K).
+    self.embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg,
+                       gather=cfg.tie_embeddings)
     if cfg.scan_layers:
       n_dense = cfg.first_k_dense
       self.dense_layers = _stack_of(cfg, False, n_dense) if n_dense else None
@@ -137,7 +141,10 @@ class Transformer(nn.Module):
           jnp.float32)
 
   def embed_tokens(self, tokens_BT):
-    return jnp.take(self.embed, tokens_BT, axis=0).astype(self.cfg.jnp_dtype)
+    table_VD = self.embed
+    if axis_size(CONTEXT) > 1 and not self.cfg.tie_embeddings:
+      table_VD = gathered(table_VD.astype(self.cfg.jnp_dtype), ("vocab", "embed"))
+    return jnp.take(table_VD, tokens_BT, axis=0).astype(self.cfg.jnp_dtype)
 
   def logits(self, normed_BTD):
     w_DV = self.embed.T if self.cfg.tie_embeddings else self.head
@@ -160,26 +167,35 @@ class Transformer(nn.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid_BT = (jnp.ones((B, T), bool) if segment_ids_BT is None else segment_ids_BT != 0)
+    # Under context parallelism the blocks run in the zig-zag layout (causal work even
+    # over the shards: context_parallel.py); hidden states return to sequence order
+    # before the head, so logits and losses never see it.
+    if context_parallel.context_size() > 1:
+      lay, unlay = context_parallel.to_zigzag, context_parallel.from_zigzag
+    else:
+      lay = unlay = lambda a: a
+    tokens_in = tokens_BT
+    tokens_BT, positions_BT, valid_z = lay(tokens_BT), lay(positions_BT), lay(valid_BT)
+    segments_z = None if segment_ids_BT is None else lay(segment_ids_BT)
 
     x_BTD = self.embed_tokens(tokens_BT)
     x_BTD = constrain(x_BTD, RESIDUAL)
     stats, row = [], 0
     if cfg.scan_layers:
       if self.dense_layers is not None:
-        x_BTD, _ = self.dense_layers(x_BTD, None, positions_BT, segment_ids_BT, valid_BT)
+        x_BTD, _ = self.dense_layers(x_BTD, None, positions_BT, segments_z, valid_z)
       if self.moe_layers is not None:
         bias_LE = self.expert_bias.value[:cfg.n_moe_layers]
-        x_BTD, stats_L = self.moe_layers(x_BTD, bias_LE, positions_BT, segment_ids_BT,
-                                         valid_BT)
+        x_BTD, stats_L = self.moe_layers(x_BTD, bias_LE, positions_BT, segments_z, valid_z)
         stats, row = [stats_L], cfg.n_moe_layers
     else:
       for i, block in enumerate(self.blocks):
-        x_BTD, s = block(x_BTD, positions_BT, segment_ids_BT, valid_BT,
+        x_BTD, s = block(x_BTD, positions_BT, segments_z, valid_z,
                          self._bias(row) if cfg.is_moe_layer(i) else None)
         if s is not None:
           stats.append(_leading(s))
           row += 1
-    logits_BTV = self.logits(self.final_norm(x_BTD))
+    logits_BTV = self.logits(unlay(self.final_norm(x_BTD)))
 
     mtp_logits = None
     if mtp and cfg.mtp_depth:
@@ -191,14 +207,14 @@ class Transformer(nn.Module):
         if segment_ids_BT is not None:
           valid_k &= shift_left(segment_ids_BT, k) == segment_ids_BT
         h_BTD, normed_BTD, s = module(
-            h_BTD, self.embed_tokens(shift_left(tokens_BT, k)), positions_BT,
-            segment_ids_BT, valid_k, self._bias(row) if cfg.mtp_is_moe else None)
+            h_BTD, self.embed_tokens(lay(shift_left(tokens_in, k))), positions_BT,
+            segments_z, lay(valid_k), self._bias(row) if cfg.mtp_is_moe else None)
         if cfg.mtp_feed_normed:
           h_BTD = normed_BTD
         if s is not None:
           stats.append(_leading(s))
           row += 1
-        depth_logits.append(self.logits(normed_BTD))
+        depth_logits.append(self.logits(unlay(normed_BTD)))
       mtp_logits = jnp.stack(depth_logits)
     elif cfg.mtp_is_moe and cfg.mtp_depth and stats:
       # Keep the stats' L dim equal to the bias rows; skipped MTP layers route nothing.
@@ -206,7 +222,7 @@ class Transformer(nn.Module):
                           stats[-1])
       stats.append(zero)
     return ModelOutput(logits=logits_BTV, mtp_logits=mtp_logits, moe=_concat(stats),
-                       hidden=x_BTD)
+                       hidden=unlay(x_BTD))
 
   # Inference ------------------------------------------------------------------------
 

@@ -245,6 +245,47 @@ def causal_live_fraction(model_cfg, seq_len: int) -> float:
   return (n + 1) / (2 * n)
 
 
+def context_report(hlo_text: str, cfg, model_cfg, mesh) -> dict | None:
+  """Under a context axis: the all-gathers whose operand is MLA's latent (last dim
+  R + P), their bytes per chip per step read from the compiled program, what gathering
+  per-head K and V instead would move (the same tokens at N_local (H + P + O) values),
+  and the causal work per context shard (blockwise tiles) in the zig-zag layout the
+  model uses beside contiguous shards. None without a context axis."""
+  n = mesh.shape.get("context", 1)
+  if n == 1:
+    return None
+  h = hlo.read_hlo(hlo_text)
+  width = model_cfg.kv_lora_rank + model_cfg.qk_rope_head_dim
+  ops, runs, moved, shapes = 0, 0, 0.0, set()
+  for name, instrs in h.comps.items():
+    factor = h.mult.get(name, 0)
+    for instr in instrs:
+      if instr.op not in ("all-gather", "all-gather-start"):
+        continue
+      found = hlo.arrays(instr.shape)
+      if not found or not all(ds and ds[-1] == width for _, ds in found):
+        continue
+      ops, runs = ops + 1, runs + factor
+      moved += factor * max(hlo.array_bytes(instr.shape))
+      dtype, ds = found[-1]
+      shapes.add(f"{dtype}[{','.join(map(str, ds))}]")
+  tensor = mesh.shape.get("tensor", 1)
+  n_local = model_cfg.n_heads // tensor if model_cfg.n_heads % tensor == 0 else model_cfg.n_heads
+  per_head = n_local * (model_cfg.qk_nope_head_dim + model_cfg.qk_rope_head_dim
+                        + model_cfg.v_head_dim)
+  from deepseek_jax.model.context_parallel import shard_live_tiles
+  block = (model_cfg.attention_block if model_cfg.attention_impl == "blockwise"
+           else cfg.seq_len)
+  tiles = {"zigzag": shard_live_tiles(cfg.seq_len, n, block, zigzag=True),
+           "contiguous": shard_live_tiles(cfg.seq_len, n, block, zigzag=False)}
+  return {"context": n, "latent_width": width, "latent_all_gathers": ops,
+          "latent_gathers_per_step": runs, "latent_gather_shapes": sorted(shapes),
+          "latent_bytes_per_chip": moved, "per_head_kv_width": per_head,
+          "per_head_kv_bytes_per_chip": moved * per_head / width,
+          "shard_live_tiles": tiles,
+          "busiest_over_mean": {k: max(v) * len(v) / sum(v) for k, v in tiles.items()}}
+
+
 def work_report(hlo_text: str, cfg, model_cfg, chip: Chip, n_chips: int,
                 live: float | None, routing: dict | None = None) -> dict:
   """Executed vs useful work per chip per step, HBM and collective bytes, and the
@@ -350,6 +391,9 @@ def report(cfg, topology: str, routing_counts=None, dump_hlo: str | None = None)
         hlo_text, cfg, model_cfg, chip, len(devices), live).items()
         if k in ("executed_flops_per_chip", "flops_by_class", "roofline")}
   out.update(work_report(hlo_text, cfg, model_cfg, chip, len(devices), live, routing))
+  ctx = context_report(hlo_text, cfg, model_cfg, mesh)
+  if ctx is not None:
+    out["context"] = ctx
   return out
 
 
@@ -399,6 +443,20 @@ def format_report(r: dict) -> str:
       lines.append(f"  compiler: {r['error'][:400]}")
     return "\n".join(lines)
   lines += format_work(r)
+  if "context" in r:
+    c = r["context"]
+    lines.append(
+        f"context parallelism over {c['context']} shards: {c['latent_all_gathers']} "
+        f"all-gathers of the latent (last dim {c['latent_width']}: "
+        f"{', '.join(c['latent_gather_shapes'])}), run {c['latent_gathers_per_step']} "
+        f"times a step, {gib(c['latent_bytes_per_chip']).strip()} a chip; per-head K/V "
+        f"({c['per_head_kv_width']} wide) would be "
+        f"{gib(c['per_head_kv_bytes_per_chip']).strip()}")
+    t = c["shard_live_tiles"]
+    lines.append(f"  causal attention tiles per context shard: zig-zag {t['zigzag']} "
+                 f"(busiest {c['busiest_over_mean']['zigzag']:.2f}x the mean); contiguous "
+                 f"shards would run {t['contiguous']} "
+                 f"({c['busiest_over_mean']['contiguous']:.2f}x)")
   if "routing" in r:
     g, b = r["routing"], r["balanced"]
     lines.append(f"the given routing ({g['layers']} layers): hottest expert shard "

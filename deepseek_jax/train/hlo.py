@@ -124,6 +124,12 @@ def dims(shape_text: str) -> list[int]:
   return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
+def arrays(shape_text: str) -> list[tuple[str, list[int]]]:
+  """(dtype, dims) of every array in a type's text (a tuple type has several)."""
+  return [(dtype, [int(d) for d in ds.split(",") if d])
+          for dtype, ds in _ARRAY.findall(shape_text)]
+
+
 def array_bytes(shape_text: str) -> list[float]:
   out = []
   for dtype, ds in _ARRAY.findall(shape_text):

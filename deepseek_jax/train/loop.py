@@ -149,9 +149,10 @@ def validate_run_config(cfg, mesh):
     raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of microbatches x "
                      f"batch devices = {cfg.microbatches} x {sharding.batch_divisor(mesh)}")
   n_context = mesh.shape.get("context", 1)
-  if cfg.seq_len % n_context:
-    raise ValueError(f"seq_len={cfg.seq_len} must be a multiple of mesh.context={n_context}"
-                     " (each context shard holds seq_len / context positions)")
+  if n_context > 1 and cfg.seq_len % (2 * n_context):
+    raise ValueError(f"seq_len={cfg.seq_len} must be a multiple of 2 x mesh.context="
+                     f"{2 * n_context} (each context shard holds two chunks of "
+                     "seq_len / (2 x context) positions, the zig-zag layout)")
   if n_context > 1 and cfg.model.attention_impl not in ("plain", "blockwise"):
     raise ValueError(f"mesh.context={n_context} runs attention_impl 'plain' or 'blockwise'"
                      f" (got {cfg.model.attention_impl!r}): set --config.model.attention_impl")

@@ -87,7 +87,8 @@ def init_state(model: Transformer, tx, rng, expert_bias=None) -> TrainState:
                     expert_bias=bias)
 
 
-def _variables(state_params, bias):
+def model_variables(state_params, bias):
+  """The variables Transformer.apply takes: the parameters and the balancing bias."""
   v = {"params": state_params}
   if bias is not None:
     v[BALANCE] = {"expert_bias": bias}
@@ -145,7 +146,7 @@ def _apply(model: Transformer, params, bias, batch, cfg):
     positions, segments = batch["positions"][:, :-1], batch["segments"][:, :-1]
   else:  # V3's packing: attention crosses documents, positions run along the row
     positions, segments = None, None
-  return model.apply(_variables(params, bias), inputs, positions, segments)
+  return model.apply(model_variables(params, bias), inputs, positions, segments)
 
 
 def forward_losses(model: Transformer, params, bias, batch, cfg, hparams, counts=None):

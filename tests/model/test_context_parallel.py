@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.model import config
+from deepseek_jax.model import config, context_parallel
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses, sharding
 
@@ -74,6 +74,37 @@ def _assert_same(cfg, mesh):
   np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_zigzag_layout_puts_chunks_i_and_2n_minus_1_minus_i_on_shard_i(n):
+  """to_zigzag moves [B, T] so that shard i holds chunks i and 2n-1-i (in the order
+  zigzag_index gives); from_zigzag brings it back, and its gradient is the inverse."""
+  mesh = _mesh(context=n, data=8 // n)
+  x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
+  order = context_parallel.zigzag_index(16, n)
+  c = 16 // (2 * n)
+  assert list(order[:2 * c]) == list(range(c)) + list(range((2 * n - 1) * c, 2 * n * c))
+  with jax.set_mesh(mesh):
+    z = jax.jit(context_parallel.to_zigzag)(x)
+    back = jax.jit(context_parallel.from_zigzag)(z)
+    g = jax.jit(jax.grad(lambda a: jnp.sum(context_parallel.to_zigzag(a) * z)))(x)
+  np.testing.assert_array_equal(z, x[:, order])
+  np.testing.assert_array_equal(back, x)
+  np.testing.assert_array_equal(g, x)   # d/da sum(P(a) * P(x)) = P^T P x = x
+  with pytest.raises(ValueError, match="divisible by 2 x context"):
+    context_parallel.zigzag_index(12, 4)
+
+
+def test_zigzag_balances_the_blockwise_causal_work():
+  """Live (query block, key block) tiles per shard: contiguous shards grow with their
+  index; the zig-zag layout gives every shard the same count."""
+  contiguous = context_parallel.shard_live_tiles(32768, 4, 512, zigzag=False)
+  zigzag = context_parallel.shard_live_tiles(32768, 4, 512, zigzag=True)
+  assert contiguous[0] < contiguous[1] < contiguous[2] < contiguous[3]
+  assert len(set(zigzag)) == 1 and sum(zigzag) == sum(contiguous)
+  # The whole causal triangle of 64 blocks: 64 x 65 / 2 tiles.
+  assert sum(zigzag) == 64 * 65 // 2
 
 
 @pytest.mark.parametrize("impl", ["plain", "blockwise"])

@@ -219,3 +219,30 @@ def test_routing_counts_cost_rounds_and_the_hot_shards_work(guard_report, tmp_pa
   # grid, at least the live rows' work.
   whole = aot.work_report(text, c, m, chip, 8, None)
   assert routed(whole) >= routed(balanced)
+
+
+def test_context_parallel_report_reads_the_latent_gather_from_the_program(tmp_path):
+  """A context axis: the report finds the all-gathers of MLA's latent (R + P wide) in
+  the compiled TPU program, prices per-head K/V against them, and shows the zig-zag
+  layout's causal tiles equal over the shards where contiguous ones are not."""
+  out = tmp_path / "report.json"
+  cmd = [sys.executable, "-m", "experiments.compile", f"--topology={GUARD_TOPOLOGY}",
+         "--config=configs/tpu_smoke.py", "--config.mesh.context=2", f"--out={out}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=env)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  r = json.loads(out.read_text())
+  c = r["context"]
+  m = model_config_from(tpu_smoke.get_config().model)
+  assert r["mesh"]["context"] == 2 and c["latent_width"] == m.kv_lora_rank + m.qk_rope_head_dim
+  # Every layer's forward gathers its latent (the remat's recompute may add more).
+  assert c["latent_gathers_per_step"] >= m.n_layers + m.mtp_depth
+  assert all(s.endswith(f",{c['latent_width']}]") for s in c["latent_gather_shapes"])
+  heads = m.n_heads // r["mesh"]["tensor"]
+  width = heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+  assert c["per_head_kv_bytes_per_chip"] == pytest.approx(
+      c["latent_bytes_per_chip"] * width / c["latent_width"]) and c["latent_bytes_per_chip"] > 0
+  t = c["shard_live_tiles"]
+  assert len(set(t["zigzag"])) == 1 and t["contiguous"][0] < t["contiguous"][1]
+  assert "all-gathers of the latent" in proc.stdout

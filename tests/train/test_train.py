@@ -196,6 +196,35 @@ def test_evaluate_a_run_on_prepared_data(reference_run, tmp_path):
     evaluation.evaluate_prepared(run, [str(other)])
 
 
+def test_passkey_evaluation_of_a_run(reference_run, tmp_path):
+  """experiments.evaluate --task=passkey scores the checkpoint with the run's tokenizer:
+  one line per length, the JSON's accuracies equal to scoring the same prompts with the
+  restored model directly; a length too short for a prompt is one clear line."""
+  import json
+  from deepseek_jax.train import data, passkey
+  from deepseek_jax.train.evaluation import restore_state
+  from deepseek_jax.train.step import model_variables
+  ref_tmp, _ = reference_run
+  run = str(ref_tmp / "run")
+  r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={run}",
+                      "--task=passkey", "--lengths=48,96", "--n=3",
+                      f"--out={tmp_path / 'pk.json'}"],
+                     env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count("passkey at ") == 2 and "of 3 retrieved" in r.stdout
+  out = json.loads((tmp_path / "pk.json").read_text())
+  model, state, cfg, _, _ = restore_state(run)
+  tok = data.load_tokenizer(cfg.data, model.cfg.vocab_size)
+  v = model_variables(state.params, state.expert_bias)
+  want = passkey.score(lambda ids: model.apply(v, ids, mtp=False).logits, tok, [48, 96], 3)
+  assert out["lengths"] == {str(k): w for k, w in want.items()}
+  r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={run}",
+                      "--task=passkey", "--lengths=20"],
+                     env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "a passkey prompt needs at least 44 tokens" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
 def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
   ref_tmp, ref = reference_run
   work = tmp_path / "run"
