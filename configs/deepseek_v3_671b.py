@@ -93,14 +93,17 @@ def get_config(arg=None):
   # sequence split over "context" (4 and 16 shards: 8K positions a shard), the experts
   # over fewer shards as the batch shrinks (a batch shard must hold a sequence). The
   # routed experts' products are recomputed in the backward rather than kept
-  # (remat_save_experts off): kept, they took 18 GiB a chip at 32K.
+  # (remat_save_experts off): kept, they took 18 GiB a chip at 32K. At 128K the whole
+  # sequence's K and V (5 GiB a layer a chip, and their gradients) do not fit beside the
+  # rest: attention up-projects them one key block at a time (blockwise_latent).
   long = dict(remat_save_experts="")
   c.extension = {
       "32k": dict(seq_len=32768, batch_size=1920, steps=1000, lr=7.3e-6, rope_factor=40.0,
                   rope_original_max_len=4096, model=long,
                   mesh=dict(data=1, fsdp=-1, expert=64, context=4, tensor=2)),
       "128k": dict(seq_len=131072, batch_size=480, steps=1000, lr=7.3e-6, rope_factor=40.0,
-                   rope_original_max_len=4096, model=long,
+                   rope_original_max_len=4096,
+                   model=dict(long, attention_impl="blockwise_latent"),
                    mesh=dict(data=1, fsdp=-1, expert=16, context=16, tensor=2)),
   }
   words = [w for w in (arg or "").split(",") if w]
@@ -148,5 +151,6 @@ def _cut_down(c):
                   mesh=dict(data=1, fsdp=1, expert=2, context=2, tensor=2)),
       "128k": dict(seq_len=1024, batch_size=1, steps=10, lr=1e-4, rope_factor=16.0,
                    rope_original_max_len=64, microbatches=1,
+                   model=dict(attention_impl="blockwise_latent"),
                    mesh=dict(data=1, fsdp=1, expert=1, context=4, tensor=2)),
   }

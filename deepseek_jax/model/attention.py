@@ -14,7 +14,9 @@ Cached decode (`decode`) attends over the latent cache in one of two ways:
 
 Training (`__call__`) expands K and V and attends either "plain" (the [B, N, T, S] scores
 in one piece) or "blockwise" (`blockwise_attention`: online softmax, at most one query
-block's scores at a time, forward and backward), or on GPUs through a library's fused
+block's scores at a time, forward and backward), or "blockwise_latent" (the same loops,
+K and V up-projected one key block at a time: never whole, for the longest contexts),
+or on GPUs through a library's fused
 kernel ("cudnn", "tokamax": fused_attention.py). K = H + P is the qk head dim here. In
 blockwise_attention, I counts query blocks and J key blocks; T and S are then block lengths.
 """
@@ -64,8 +66,45 @@ def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=Non
   a fixed-length scan, which stays reverse-differentiable. Returns v's dtype; scores, the
   running max and sum, and the output accumulate in float32.
   """
+  return _blockwise(q_BTNK, (k_BSNK, v_BSNO), lambda k, v: (k, v),
+                    v_BSNO.astype(jnp.float32).mean(axis=1), v_BSNO.dtype, q_idx_BT,
+                    k_idx_BS, q_seg_BT, k_seg_BS, block)
+
+
+def blockwise_latent_attention(q_BTNK, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, q_idx_BT,
+                               k_idx_BS, q_seg_BT=None, k_seg_BS=None, *, block: int):
+  """blockwise_attention with K and V up-projected from the latent one key block at a
+  time, inside the loop (attention_impl "blockwise_latent"): the whole sequence's K and
+  V ([B, S, N, H + P + O]) never exist, forward or backward, whose gradient accumulates
+  into the latent instead. The price: each live tile re-expands its key block (about
+  0.8x the tile's attention FLOPs again for V3's dims). q is scaled and [nope | rope]."""
+  dt = c_kv_BSR.dtype
+
+  def expand(c_kv_BSR, k_rope_BSP):
+    B, S, _ = c_kv_BSR.shape
+    # Weights broadcast over the batch: a product with a batch dim, which the
+    # "dots_no_batch" remat policy does not save per key block.
+    k_nope_BSNH = jnp.einsum("BSR,BRNH->BSNH", c_kv_BSR,
+                             jnp.broadcast_to(w_uk_RNH, (B,) + w_uk_RNH.shape))
+    v_BSNO = jnp.einsum("BSR,BRNO->BSNO", c_kv_BSR,
+                        jnp.broadcast_to(w_uv_RNO, (B,) + w_uv_RNO.shape))
+    N = k_nope_BSNH.shape[2]
+    k_rope_BSNP = jnp.broadcast_to(k_rope_BSP[:, :, None, :], (B, S, N, k_rope_BSP.shape[-1]))
+    return jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(dt)], axis=-1), v_BSNO
+
+  # A fully masked row's answer, the mean of the S values, is mean(c_kv) . W_UV.
+  v_mean_BNO = jnp.einsum("BR,RNO->BNO", c_kv_BSR.astype(jnp.float32).mean(axis=1),
+                          w_uv_RNO.astype(jnp.float32))
+  return _blockwise(q_BTNK, (c_kv_BSR, k_rope_BSP), expand, v_mean_BNO, dt, q_idx_BT,
+                    k_idx_BS, q_seg_BT, k_seg_BS, block)
+
+
+def _blockwise(q_BTNK, keys, expand, v_mean_BNO, out_dtype, q_idx_BT, k_idx_BS, q_seg_BT,
+               k_seg_BS, block):
+  """The loops of blockwise_attention over key arrays `keys` (each [B, S, ...]) that
+  expand(*key blocks) turns into one key block's (k [B,S,N,K], v [B,S,N,O])."""
   B, T, N, _ = q_BTNK.shape
-  S, O = k_BSNK.shape[1], v_BSNO.shape[-1]
+  S, O = keys[0].shape[1], v_mean_BNO.shape[-1]
   bt, bs = min(block, T), min(block, S)
   I, J = -(-T // bt), -(-S // bs)
   f32, i32 = jnp.float32, jnp.int32
@@ -86,32 +125,33 @@ def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=Non
   # Blocks stay split like the activations they come from (batch over the batch axes,
   # heads over "tensor"): a loop that slices a block must never find the block dim
   # sharded, or every iteration would all-gather all of K and V.
-  heads = (None, "batch", None, "heads", None)
-  q_IBTNK = constrain(blocks(q_BTNK, I, bt), heads)
+  def pinned(x_JBS):
+    axes = (None, "batch", None, "heads", None) if x_JBS.ndim == 5 else (
+        (None, "batch", None) + (None,) * (x_JBS.ndim - 3))
+    return constrain(x_JBS, axes)
+
+  q_IBTNK = pinned(blocks(q_BTNK, I, bt))
   q_idx_IBT = blocks(q_idx_BT.astype(i32), I, bt, lo)
   q_seg_IBT = blocks(q_seg_BT.astype(i32), I, bt)
-  k_JBSNK = constrain(blocks(k_BSNK, J, bs), heads)
-  v_JBSNO = constrain(blocks(v_BSNO, J, bs), heads)
+  keys_J = tuple(pinned(blocks(x, J, bs)) for x in keys)
   k_idx_JBS = blocks(k_idx_BS.astype(i32), J, bs, hi)
   k_seg_JBS = blocks(k_seg_BS.astype(i32), J, bs)
   # A (query, key) block pair is live when some row has a causally visible pair in it;
   # one reduction over B, outside the loops (under data parallelism: one all-reduce).
   live_IJ = jnp.any(q_idx_IBT.max(-1)[:, None] >= k_idx_JBS.min(-1)[None], axis=-1)
-  # The plain path's answer for a fully masked row: the mean of all S values.
-  v_mean_BNO = v_BSNO.astype(f32).mean(axis=1)
 
   @jax.checkpoint
-  def query_block(q_BTNK, q_idx_BT, q_seg_BT, live_J, k_JBSNK, v_JBSNO, k_idx_JBS,
-                  k_seg_JBS):
+  def query_block(q_BTNK, q_idx_BT, q_seg_BT, live_J, keys_J, k_idx_JBS, k_seg_JBS):
+    # Rematerialised: the scan's backward then keeps each key step's carry and inputs,
+    # not its [B, N, T, S] scores and probabilities (at 32K, 64 key blocks of those were
+    # 4 GiB a layer in float32) nor an expanded key block.
+    @jax.checkpoint
     def key_block(carry, xs):
-      k_BSNK, v_BSNO, k_idx_BS, k_seg_BS, live = xs
+      key_blocks, k_idx_BS, k_seg_BS, live = xs
 
-      # Rematerialised: the scan's backward then keeps each key step's carry, not its
-      # [B, N, T, S] scores and probabilities (at 32K, 64 key blocks of those were
-      # 4 GiB a layer in float32).
-      @jax.checkpoint
       def update(carry):
         m_BNT, l_BNT, acc_BNTO = carry
+        k_BSNK, v_BSNO = expand(*key_blocks)
         s_BNTS = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK, preferred_element_type=f32)
         mask_BTS = ((q_idx_BT[:, :, None] >= k_idx_BS[:, None, :])
                     & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]))
@@ -132,16 +172,16 @@ def blockwise_attention(q_BTNK, k_BSNK, v_BSNO, q_idx_BT, k_idx_BS, q_seg_BT=Non
     init = (jnp.full((B, N, bt), NEG_INF, f32), jnp.zeros((B, N, bt), f32),
             jnp.zeros((B, N, bt, O), f32))
     (m_BNT, l_BNT, acc_BNTO), _ = lax.scan(
-        key_block, init, (k_JBSNK, v_JBSNO, k_idx_JBS, k_seg_JBS, live_J))
+        key_block, init, (keys_J, k_idx_JBS, k_seg_JBS, live_J))
     # m still NEG_INF: no visible key. Such a row got exp(0) per masked key of the blocks
     # run but none of those skipped, so its uniform average is taken here instead.
     empty_BNT = m_BNT == NEG_INF
     o_BNTO = acc_BNTO / jnp.where(empty_BNT, 1.0, l_BNT)[..., None]
     o_BNTO = jnp.where(empty_BNT[..., None], v_mean_BNO[:, :, None], o_BNTO)
-    return o_BNTO.astype(v_JBSNO.dtype)
+    return o_BNTO.astype(out_dtype)
 
   o_IBNTO = lax.map(
-      lambda xs: query_block(*xs, k_JBSNK, v_JBSNO, k_idx_JBS, k_seg_JBS),
+      lambda xs: query_block(*xs, keys_J, k_idx_JBS, k_seg_JBS),
       (q_IBTNK, q_idx_IBT, q_seg_IBT, live_IJ))
   o_BTNO = jnp.transpose(o_IBNTO, (1, 0, 3, 2, 4)).reshape(B, I * bt, N, O)
   return o_BTNO[:, :T]
@@ -278,9 +318,14 @@ class MLA(nn.Module):
 
   def _core(self, q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO,
             q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None):
-    """Training attention from queries and latents to o [B,T,N,O], "plain" or
-    "blockwise", causal on the token indices given (global ones under context
-    parallelism)."""
+    """Training attention from queries and latents to o [B,T,N,O], "plain",
+    "blockwise" or "blockwise_latent", causal on the token indices given (global ones
+    under context parallelism)."""
+    if self.cfg.attention_impl == "blockwise_latent":
+      q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * softmax_scale(self.cfg)
+      return blockwise_latent_attention(q_BTNK, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO,
+                                        q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS,
+                                        block=self.cfg.attention_block)
     q_BTNK, k_BSNK, v_BSNO = expand_kv(
         q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO,
         softmax_scale(self.cfg), batched_weights=context_parallel.context_size() > 1)

@@ -19,7 +19,7 @@ _EP_EXCHANGES = ("padded", "ragged")
 # expert_parallel.ragged_round name them).
 SAVEABLE_EXPERT_NAMES = ("moe_gate", "moe_up", "moe_recv")
 _DISPATCHES = ("dropless", "capacity", "ragged", "reference")
-_ATTENTION_IMPLS = ("plain", "blockwise", "cudnn", "tokamax")
+_ATTENTION_IMPLS = ("plain", "blockwise", "blockwise_latent", "cudnn", "tokamax")
 _GROUPED_MATMULS = ("xla", "tokamax", "megablox")
 # jax.checkpoint policies by name (layers.remat_policy): what a rematerialised block keeps.
 REMAT_POLICIES = ("nothing", "dots", "dots_no_batch", "everything")
@@ -153,7 +153,9 @@ class ModelConfig:
   scan_layers: bool = False
   # Training attention: "plain" materialises the [B, N, T, S] scores; "blockwise" is an
   # online-softmax over key blocks inside rematerialised query blocks of
-  # attention_block tokens (no score tensor beyond [B, N, block, block]). For GPUs
+  # attention_block tokens (no score tensor beyond [B, N, block, block]);
+  # "blockwise_latent" the same with K and V up-projected per key block from the latent
+  # (never the whole sequence's K and V: the 128K stage's choice). For GPUs
   # (fused_attention.py): "cudnn" is jax.nn.dot_product_attention's cuDNN flash
   # attention (bfloat16/float16 compute; V padded to the qk head dim), "tokamax"
   # tokamax's (a Mosaic GPU flash kernel on Hopper; other value head dims natively).

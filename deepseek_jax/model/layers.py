@@ -18,7 +18,7 @@ import flax.linen as nn
 import numpy as np
 
 from deepseek_jax.model.config import ModelConfig, yarn_mscale
-from deepseek_jax.model.partitioning import CONTEXT, axis_size, gathered
+from deepseek_jax.model.partitioning import CONTEXT, axis_size, constrain, gathered
 
 
 def param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None,
@@ -112,6 +112,10 @@ class SwiGLU(nn.Module):
     w_down = param(self, "w_down", (F, D), ("mlp", "embed"), cfg)
     x = x_BTD.astype(dt)
     h_BTF = nn.silu(linear(x, w_gate.astype(dt))) * linear(x, w_up.astype(dt))
+    if h_BTF.ndim == 3 and axis_size(CONTEXT) > 1:
+      # Left free under context parallelism, the SPMD partitioner gathered the whole
+      # sequence's hidden ([1, 131072, 18432] for V3's dense layers at 128K).
+      h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
     return linear(h_BTF, w_down.astype(dt))
 
 

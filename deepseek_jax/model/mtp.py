@@ -18,7 +18,7 @@ import flax.linen as nn
 from deepseek_jax.model.block import remat_block
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import RMSNorm, linear, param
-from deepseek_jax.model.partitioning import constrain
+from deepseek_jax.model.partitioning import CONTEXT, axis_size, constrain
 
 
 def shift_left(x_BT, k, fill=0):
@@ -46,6 +46,11 @@ class MTPModule(nn.Module):
     dt = self.cfg.jnp_dtype
     e_BTD = self.enorm(emb_next_BTD)
     h_BTD = self.hnorm(h_prev_BTD)
+    if axis_size(CONTEXT) > 1:
+      # Both halves pinned like the residual stream before the concatenation (left
+      # free, the whole sequence's [1, 131072, 2 D] was gathered at 128K).
+      e_BTD = constrain(e_BTD, ("batch", "length", None))
+      h_BTD = constrain(h_BTD, ("batch", "length", None))
     x_BTD = linear(jnp.concatenate([e_BTD, h_BTD], -1).astype(dt), self.w_proj.astype(dt))
     # Split like the residual stream (the shifted tokens it embeds come unsplit).
     return constrain(x_BTD, ("batch", "length", None))

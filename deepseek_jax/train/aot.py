@@ -239,7 +239,7 @@ def routing_rounds(counts_LE, cfg, model_cfg, mesh) -> dict:
 
 def causal_live_fraction(model_cfg, seq_len: int) -> float:
   """The blockwise attention's live tiles: query block i reads key blocks 0..i of n."""
-  if model_cfg.attention_impl != "blockwise":
+  if not model_cfg.attention_impl.startswith("blockwise"):
     return 1.0
   n = max(1, math.ceil(seq_len / model_cfg.attention_block))
   return (n + 1) / (2 * n)
@@ -274,7 +274,7 @@ def context_report(hlo_text: str, cfg, model_cfg, mesh) -> dict | None:
   per_head = n_local * (model_cfg.qk_nope_head_dim + model_cfg.qk_rope_head_dim
                         + model_cfg.v_head_dim)
   from deepseek_jax.model.context_parallel import shard_live_tiles
-  block = (model_cfg.attention_block if model_cfg.attention_impl == "blockwise"
+  block = (model_cfg.attention_block if model_cfg.attention_impl.startswith("blockwise")
            else cfg.seq_len)
   tiles = {"zigzag": shard_live_tiles(cfg.seq_len, n, block, zigzag=True),
            "contiguous": shard_live_tiles(cfg.seq_len, n, block, zigzag=False)}

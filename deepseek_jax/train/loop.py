@@ -153,8 +153,10 @@ def validate_run_config(cfg, mesh):
     raise ValueError(f"seq_len={cfg.seq_len} must be a multiple of 2 x mesh.context="
                      f"{2 * n_context} (each context shard holds two chunks of "
                      "seq_len / (2 x context) positions, the zig-zag layout)")
-  if n_context > 1 and cfg.model.attention_impl not in ("plain", "blockwise"):
-    raise ValueError(f"mesh.context={n_context} runs attention_impl 'plain' or 'blockwise'"
+  if n_context > 1 and cfg.model.attention_impl not in ("plain", "blockwise",
+                                                       "blockwise_latent"):
+    raise ValueError(f"mesh.context={n_context} runs attention_impl 'plain', 'blockwise' "
+                     "or 'blockwise_latent'"
                      f" (got {cfg.model.attention_impl!r}): set --config.model.attention_impl")
   if cfg.batch_size % jax.process_count():
     raise ValueError(f"batch_size={cfg.batch_size} must split over {jax.process_count()} "

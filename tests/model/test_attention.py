@@ -11,7 +11,8 @@ import pytest
 
 import reference_numpy as ref
 from deepseek_jax.model import config, fused_attention
-from deepseek_jax.model.attention import MLA, NEG_INF, attention_mask, blockwise_attention
+from deepseek_jax.model.attention import (MLA, NEG_INF, attention_mask, blockwise_attention,
+                                         blockwise_latent_attention)
 
 B, T = 2, 7
 
@@ -183,17 +184,19 @@ def _value_and_grads(cfg):
 
 
 # T = 12 throughout: the plain reference compiles once per config and segment choice.
-@pytest.mark.parametrize("name,block,segments", [
-    ("qlora", 4, True),             # T a multiple of the block
-    ("qlora", 5, True),             # ragged last block
-    ("qlora", 16, True),            # block >= T: one block
-    ("plain_q_yarn", 5, False),     # no segment ids: causal only
+@pytest.mark.parametrize("name,block,segments,impl", [
+    ("qlora", 4, True, "blockwise"),             # T a multiple of the block
+    ("qlora", 5, True, "blockwise"),             # ragged last block
+    ("qlora", 16, True, "blockwise"),            # block >= T: one block
+    ("plain_q_yarn", 5, False, "blockwise"),     # no segment ids: causal only
+    ("qlora", 5, True, "blockwise_latent"),      # K, V up-projected per key block
+    ("plain_q_yarn", 4, False, "blockwise_latent"),
 ])
-def test_blockwise_matches_plain(name, block, segments):
+def test_blockwise_matches_plain(name, block, segments, impl):
   """Blockwise == plain MLA: the output and its gradients w.r.t. weights and input."""
   T = 12
   plain = CFGS[name]
-  blockwise = plain.replace(attention_impl="blockwise", attention_block=block)
+  blockwise = plain.replace(attention_impl=impl, attention_block=block)
   p = _params(plain, seed=5)
   rng = np.random.default_rng(5)
   x = rng.standard_normal((B, T, plain.d_model)).astype(np.float32)
@@ -287,6 +290,45 @@ def test_blockwise_gradient_has_no_full_score_tensor():
   plain = CFGS["qlora"]
   assert (B, plain.n_heads, T, T) in offenders(plain)
   assert offenders(plain.replace(attention_impl="blockwise", attention_block=8)) == set()
+  assert offenders(plain.replace(attention_impl="blockwise_latent", attention_block=8)) == set()
+
+
+def test_blockwise_latent_never_holds_the_whole_sequences_keys():
+  """blockwise_latent_attention (8 queries at the end of 48 keys, blocks of 8) equals
+  blockwise_attention on the expanded K and V, value and gradients, and its forward and
+  backward hold K and V one key block at a time: no value of per-head keys or values
+  covering the 48 positions (whole, or as 6 stacked blocks), which blockwise has."""
+  rng = np.random.default_rng(3)
+  T, S, N, H, P, O, R = 8, 48, 2, 4, 3, 5, 6
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q, c_kv, k_rope, w_uk, w_uv = f(B, T, N, H + P), f(B, S, R), f(B, S, P), f(R, N, H), f(R, N, O)
+  q_idx = np.broadcast_to(np.arange(S - T, S), (B, T)).astype(np.int32)
+  k_idx = np.broadcast_to(np.arange(S), (B, S)).astype(np.int32)
+  seg = np.broadcast_to((np.arange(S) >= 20) + 1, (B, S)).astype(np.int32)
+
+  def expanded(q, c_kv, k_rope, w_uk, w_uv):
+    k = jnp.concatenate([jnp.einsum("BSR,RNH->BSNH", c_kv, w_uk),
+                         jnp.broadcast_to(k_rope[:, :, None], (B, S, N, P))], -1)
+    v = jnp.einsum("BSR,RNO->BSNO", c_kv, w_uv)
+    return blockwise_attention(q, k, v, q_idx, k_idx, seg[:, S - T:], seg, block=8)
+
+  latent = lambda q, c_kv, k_rope, w_uk, w_uv: blockwise_latent_attention(
+      q, c_kv, k_rope, w_uk, w_uv, q_idx, k_idx, seg[:, S - T:], seg, block=8)
+  args = (q, c_kv, k_rope, w_uk, w_uv)
+  ct = f(B, T, N, O)
+  grads = lambda fn: jax.vjp(fn, *args)[1](ct)
+  _close(jax.jit(latent)(*args), jax.jit(expanded)(*args))
+  for g, w in zip(jax.jit(lambda: grads(latent))(), jax.jit(lambda: grads(expanded))()):
+    _close(g, w)
+
+  def whole_keys(fn):
+    jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1](ct))(*args).jaxpr
+    return {tuple(v.aval.shape) for eqn in _eqns(jaxpr) for v in eqn.outvars
+            if len(getattr(v.aval, "shape", ())) >= 3 and v.aval.shape[-2] == N
+            and v.aval.shape[-1] in (H + P, O) and np.prod(v.aval.shape[:-2]) >= B * S}
+
+  assert (B, S, N, H + P) in whole_keys(expanded)
+  assert whole_keys(latent) == set()
 
 
 # Fused (GPU) attention: the masking and V padding checked on CPU through each library's

@@ -2,8 +2,8 @@
 gradient with each sequence split over the mesh's "context" axis (2, 4, 8 shards, and
 beside data / fsdp / expert / tensor axes) equal the unsharded model's in float32, with
 packed documents that cross shard boundaries, positions that restart per document,
-MTP on, YaRN on, and both training attentions (plain, blockwise); the gathered operand
-is the latent, R + P wide."""
+MTP on, YaRN on, and the training attentions (plain, blockwise, blockwise_latent); the
+zig-zag layout and its balance; the gathered operand is the latent, R + P wide."""
 
 import functools
 
@@ -120,6 +120,18 @@ def test_context_shards_match_one_device(n, impl):
                          ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
 def test_context_beside_other_axes_matches_one_device(axes):
   _assert_same(YARN.replace(attention_impl="blockwise", attention_block=4), _mesh(**axes))
+
+
+def test_blockwise_latent_under_context_matches_one_device():
+  """The 128K stage's attention (K and V up-projected per key block) at context 4 beside
+  tensor 2, against the one-device plain model."""
+  cfg = YARN.replace(attention_impl="blockwise_latent", attention_block=4)
+  (loss0, logits0), g0 = _run(YARN)
+  (loss1, logits1), g1 = _run(cfg, _mesh(context=4, tensor=2))
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_the_gathered_operand_is_the_latent():
