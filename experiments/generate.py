@@ -11,12 +11,11 @@ the KV cache size. --speculative needs a model trained with MTP modules (mtp_dep
 --compare also runs plain decoding and prints the speed-up.
 """
 
-import os
 import sys
 
 from absl import app, flags
 
-from experiments import launch
+from experiments import inference_model, launch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (checkpoints/, "
                                "config.json).")
@@ -50,21 +49,12 @@ def main(argv):
   from deepseek_jax.inference import decoding, speculative
   from deepseek_jax.inference.sampling import Sampling
 
-  if _WORKDIR.value:
-    from deepseek_jax.train import data
-    try:
-      model, variables, run_cfg, step = decoding.load_workdir(_WORKDIR.value)
-    except FileNotFoundError as e:
-      raise app.UsageError(str(e)) from None
-    tokenizer = data.load_tokenizer(run_cfg.data, model.cfg.vocab_size)
-    print(f"# {_WORKDIR.value}: step {step}", file=sys.stderr)
-  else:
-    from deepseek_jax import hf
-    try:
-      model, variables = hf.load_checkpoint(_HF_DIR.value, dtype=_DTYPE.value)
-    except FileNotFoundError as e:
-      raise app.UsageError(str(e)) from None
-    tokenizer = _hf_tokenizer(_HF_DIR.value)
+  try:
+    model, variables, tokenizer, trained_len, label = inference_model.load_model(
+        _WORKDIR.value, _HF_DIR.value, _DTYPE.value)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
+  print(f"# {label}", file=sys.stderr)
   if (_SPECULATIVE.value or _COMPARE.value) and model.cfg.mtp_depth < 1:
     raise app.UsageError("--speculative/--compare need a model with MTP modules "
                          "(mtp_depth >= 1)")
@@ -76,8 +66,6 @@ def main(argv):
   if not prompts:
     raise app.UsageError("give --prompt or --prompt_ids")
   prompts = [list(map(int, p)) for p in prompts]
-  trained_len = (run_cfg.seq_len if _WORKDIR.value else
-                 int(model.cfg.rope_original_max_len * model.cfg.rope_factor))
   try:
     for w in decoding.check_generation(model.cfg, [len(p) for p in prompts], _MAX_NEW.value,
                                        trained_len, _CACHE_DTYPE.value):
@@ -124,14 +112,6 @@ class _Stream:
       sys.stdout.write(text[len(self.shown):])
       sys.stdout.flush()
       self.shown = text
-
-
-def _hf_tokenizer(path):
-  f = os.path.join(path, "tokenizer.json")
-  if not os.path.exists(f):
-    return None
-  from deepseek_jax.train.data import BPETokenizer
-  return BPETokenizer.load(f)
 
 
 if __name__ == "__main__":

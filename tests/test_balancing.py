@@ -252,8 +252,8 @@ def test_multiplicative_bias_starts_neutral_and_follows_the_sign_rule(tmp_path):
   # At the neutral bias the model is the additive model at b = 0, logit for logit.
   add_model = Transformer(model_config_from(cfg.model).replace(bias_mode="add"))
   tokens = batch["tokens"][:, :-1]
-  out_mul = jax.jit(model.apply)(ts._variables(state.params, state.expert_bias), tokens)
-  out_add = jax.jit(add_model.apply)(ts._variables(state.params, state.expert_bias - 1.0),
+  out_mul = jax.jit(model.apply)(ts.model_variables(state.params, state.expert_bias), tokens)
+  out_add = jax.jit(add_model.apply)(ts.model_variables(state.params, state.expert_bias - 1.0),
                                      tokens)
   np.testing.assert_array_equal(out_mul.logits, out_add.logits)
   new, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(

@@ -259,3 +259,4 @@ def load_workdir(workdir: str, step: int | None = None):
   if state.expert_bias is not None:
     variables[BALANCE] = {"expert_bias": state.expert_bias}
   return model, variables, run_cfg, step
+
