@@ -8,6 +8,8 @@
       --stage=1          # the batch ramp's first stage (default: the largest)
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8 \
       --stage=128k       # a context-extension stage (config.extension)
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:4x4x8 \
+      --mode=decode --batch=128 --context=32768   # serving: one cached decode step
 
 Prints the per-chip memory, the executed work against the useful work by class, HBM and
 collective bytes and a roofline step (deepseek_jax/train/aot.py, train/hlo.py), writes
@@ -45,7 +47,27 @@ _ROUTING = flags.DEFINE_string("routing_counts", None, "Count the routed experts
                                "and rounds at these per-layer expert loads: a run's "
                                "metrics.jsonl (its last evaluation's val_load) or JSON "
                                "[[count per expert] per layer]. Default: balanced.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode"], "train: the train step; "
+                          "decode: one cached decode step of --batch requests at --context "
+                          "positions (weights in bfloat16, experts over an expert axis).")
+_BATCH = flags.DEFINE_integer("batch", 128, "--mode=decode: requests decoded together.")
+_CONTEXT = flags.DEFINE_integer("context", 32768, "--mode=decode: cached positions a "
+                                "request.")
 flags.mark_flags_as_required(["config", "topology"])
+
+
+def decode(cfg):
+  """--mode=decode: the report of inference/compile_decode.py."""
+  from deepseek_jax.inference import compile_decode
+  from deepseek_jax.model.config import model_config_from
+  if _BATCH.value < 1 or _CONTEXT.value < 1:
+    raise ValueError(f"--batch and --context must be >= 1; got {_BATCH.value}, "
+                     f"{_CONTEXT.value}")
+  model = model_config_from(cfg.model).replace(dtype="bfloat16", param_dtype="bfloat16")
+  mesh = {"data": 1, "fsdp": 1, "expert": -1, "context": 1,
+          "tensor": cfg.mesh.get("tensor", 1)}
+  return compile_decode.decode_report(model, _TOPOLOGY.value, _BATCH.value,
+                                      _CONTEXT.value, mesh)
 
 
 def main(argv):
@@ -55,6 +77,17 @@ def main(argv):
   from deepseek_jax.train.recipe import Recipe
   from configs import common
   cfg = _CONFIG.value
+  if _MODE.value == "decode":
+    from deepseek_jax.inference import compile_decode
+    try:
+      r = decode(cfg)
+    except (aot.TopologyError, ValueError) as e:
+      sys.exit(f"experiments.compile: {e}")
+    print(compile_decode.format_decode_report(r))
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(r, f, indent=1)
+    sys.exit(0 if r["fits_hbm"] else 1)
   try:
     spec = _STAGE.value
     if spec in (cfg.get("extension") or {}):

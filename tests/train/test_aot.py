@@ -246,3 +246,31 @@ def test_context_parallel_report_reads_the_latent_gather_from_the_program(tmp_pa
   t = c["shard_live_tiles"]
   assert len(set(t["zigzag"])) == 1 and t["contiguous"][0] < t["contiguous"][1]
   assert "all-gathers of the latent" in proc.stdout
+
+
+def test_decode_step_report_for_a_v5p_host(tmp_path):
+  """experiments.compile --mode=decode: one cached decode step compiled for TPU; the
+  cache a chip holds is its share of the requests' latents (bf16: L x (R + P) x 2 bytes
+  a token, one copy at tensor 1), the weights a chip holds are at least its share, and
+  the roofline follows from those bytes and the chip's HBM bandwidth."""
+  out = tmp_path / "decode.json"
+  cmd = [sys.executable, "-m", "experiments.compile", f"--topology={GUARD_TOPOLOGY}",
+         "--config=configs/tpu_smoke.py", "--mode=decode", "--batch=16", "--context=1024",
+         f"--out={out}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=env)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  r = json.loads(out.read_text())
+  m = model_config_from(tpu_smoke.get_config().model)
+  per_token = m.n_layers * (m.kv_lora_rank + m.qk_rope_head_dim) * 2
+  assert r["analytic_cache_bytes_per_token"] == per_token == r["cache_bytes_per_token"]
+  b = r["per_chip_bytes"]
+  assert b["cache"] * r["n_chips"] == 16 * 1024 * per_token
+  n_params = count_params(m)["total"]
+  assert 2 * n_params / r["n_chips"] <= b["weights"] < 2 * n_params
+  assert r["fits_hbm"] and b["total"] >= b["weights"] + b["cache"]
+  rf = r["roofline"]
+  assert rf["step_s"] == pytest.approx((b["weights"] + b["cache"]) / aot.CHIPS["v5p"].hbm_bw)
+  assert rf["tokens_per_s_per_chip"] == pytest.approx(16 / rf["step_s"] / r["n_chips"])
+  assert "decode on v5p:2x2x2" in proc.stdout
