@@ -664,10 +664,27 @@ def test_dropped_frac_is_dropped_over_routed_assignments(tmp_path):
 
 
 def test_micro_counting_updates_the_bias_after_every_microbatch(tmp_path):
-  cfg, model, tx, state, batch, hp = _setup(
-      tmp_path, **{"microbatches": 2, "balance.count_scope": "micro"})
-  new, m = jax.jit(lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))(
-      state, batch, hp)
+  """count_scope="micro" with 2 microbatches (learning rate 0, so only the bias moves)
+  equals two one-microbatch steps in a row: microbatch 0 (rows 0, 2, 4, 6: strided)
+  routed with the start bias moves it, then microbatch 1 is routed with the moved bias
+  and moves it again. Counting one microbatch twice, or both at once, gives another
+  bias."""
+  over = {"balance.count_scope": "micro", "optimizer.peak_lr": 0.0}
+  cfg, model, tx, state, batch, hp = _setup(tmp_path / "two", microbatches=2, **over)
+  step = lambda cfg, model, tx: jax.jit(
+      lambda s, b, h: ts.train_step(s, b, h, model=model, tx=tx, cfg=cfg))
+  new, _ = step(cfg, model, tx)(state, batch, hp)
+  B = cfg.batch_size
+  cfg1, model1, tx1, state1, _, hp1 = _setup(tmp_path / "one", microbatches=1,
+                                             batch_size=B // 2, **over)
+  one = step(cfg1, model1, tx1)
+  halves = [{k: v[m::2] for k, v in batch.items()} for m in (0, 1)]
+  after0, _ = one(state1, halves[0], hp1)
+  after1, _ = one(after0, halves[1], hp1)
+  twice0, _ = one(after0, halves[0], hp1)
+  jax.tree.map(np.testing.assert_array_equal, after1.params, state.params)   # lr 0
+  np.testing.assert_allclose(new.expert_bias, after1.expert_bias, atol=1e-7)
+  assert float(jnp.abs(new.expert_bias - twice0.expert_bias).max()) > 1e-3
   # Two sign steps of u = 0.01: a bias can move by 0.02 (global counting: at most 0.01).
   assert float(jnp.abs(new.expert_bias).max()) == pytest.approx(0.02)
 
