@@ -104,16 +104,38 @@ def test_jitted_lr_equals_the_step_based_schedule_it_generalises():
   assert float(new(49)) == pytest.approx(1e-4) and float(old(49)) > 1e-4
 
 
+def _v3_lr_by_hand(s: int) -> float:
+  """V3's learning rate at the end of step s, typed from the report (SPEC 6), with no
+  Recipe: batch 3,072 / 6,144 / 9,216 / 12,288 / 15,360 sequences of 4,096 from steps
+  0 / 9,319 / 13,979 / 17,086 / 19,416 (117.25B tokens a stage, a stage's last step
+  completed: ceil(117.25e9 / (batch x 4,096)) steps); warmup 0 -> 2.2e-4 over 2,000
+  steps; constant to 10T tokens; cosine to 2.2e-5 over 4.3T; 2.2e-5 for 333B; 7.3e-6."""
+  starts, batches = [0, 9319, 13979, 17086, 19416], [3072, 6144, 9216, 12288, 15360]
+  ends = starts[1:] + [math.inf]
+  tokens = sum(max(0, min(s + 1, e) - a) * b * 4096 for a, e, b in zip(starts, ends, batches))
+  if s < 2000:
+    return 2.2e-4 * (s + 1) / 2000
+  if tokens < 10e12:
+    return 2.2e-4
+  if tokens < 14.3e12:
+    f = (tokens - 10e12) / 4.3e12
+    return 2.2e-5 + 0.5 * (2.2e-4 - 2.2e-5) * (1 + math.cos(math.pi * f))
+  return 2.2e-5 if tokens < 14.3e12 + 333e9 else 7.3e-6
+
+
 def test_jitted_lr_follows_tokens_through_a_batch_ramp():
   """With a ramp, steps and tokens stop being proportional: the jitted lr at step s is
-  the host schedule at the tokens seen at the end of step s (float32 to ~1e-7)."""
+  V3's schedule at the tokens seen at the end of step s, computed by hand (float32 to
+  ~1e-7), through every stage and phase boundary; the host schedule agrees."""
   c = _v3()
   r = recipe.Recipe(c)
   f = r.lr_schedule()
-  for s in (0, 1, 1999, 2000, 9318, 9319, 13979, 19416, 170905, 170906, 239252, 239253,
-            244545, c.total_steps - 1):
-    want = r.lr_at_tokens(r.tokens_at_step(s + 1))
+  assert [st.start_step for st in r.stages] == [0, 9319, 13979, 17086, 19416]
+  for s in (0, 1, 1999, 2000, 9318, 9319, 13979, 19416, 170905, 170906, 200000, 239252,
+            239253, 244545, c.total_steps - 1):
+    want = _v3_lr_by_hand(s)
     assert float(f(s)) == pytest.approx(want, rel=2e-6, abs=1e-12), s
+    assert r.lr_at_tokens(r.tokens_at_step(s + 1)) == pytest.approx(want, rel=1e-9), s
 
 
 def test_batch_stages_read_the_stream_in_order():
