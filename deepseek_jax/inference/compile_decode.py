@@ -18,7 +18,6 @@ shard once: step >= those bytes / HBM bandwidth) with its output tokens/s a chip
 
 from __future__ import annotations
 
-import math
 import time
 
 import flax.linen as nn
@@ -31,10 +30,6 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.partitioning import BATCH
 from deepseek_jax.model.transformer import Transformer
 from deepseek_jax.train import aot, sharding
-
-
-def _shard_bytes(x) -> int:
-  return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
 
 
 def decode_inputs(cfg: ModelConfig, mesh, batch: int, context: int):
@@ -84,8 +79,8 @@ def decode_report(cfg: ModelConfig, topology: str, batch: int, context: int,
 
   analytic = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(
       cfg.dtype).itemsize
-  weights = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
-  cache_chip = _shard_bytes(cache.c_kv) + _shard_bytes(cache.k_rope)
+  weights = aot.per_chip_bytes(params)
+  cache_chip = aot.per_chip_bytes((cache.c_kv, cache.k_rope))
   out = {"mode": "decode", "topology": topology, "n_chips": len(devices),
          "mesh": dict(mesh.shape), "batch": batch, "context": context,
          "n_layers": cfg.n_layers, "hbm_bytes_per_chip": chip.hbm_bytes,

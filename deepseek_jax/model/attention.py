@@ -78,25 +78,14 @@ def blockwise_latent_attention(q_BTNK, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO,
   V ([B, S, N, H + P + O]) never exist, forward or backward, whose gradient accumulates
   into the latent instead. The price: each live tile re-expands its key block (about
   0.8x the tile's attention FLOPs again for V3's dims). q is scaled and [nope | rope]."""
-  dt = c_kv_BSR.dtype
-
-  def expand(c_kv_BSR, k_rope_BSP):
-    B, S, _ = c_kv_BSR.shape
-    # Weights broadcast over the batch: a product with a batch dim, which the
-    # "dots_no_batch" remat policy does not save per key block.
-    k_nope_BSNH = jnp.einsum("BSR,BRNH->BSNH", c_kv_BSR,
-                             jnp.broadcast_to(w_uk_RNH, (B,) + w_uk_RNH.shape))
-    v_BSNO = jnp.einsum("BSR,BRNO->BSNO", c_kv_BSR,
-                        jnp.broadcast_to(w_uv_RNO, (B,) + w_uv_RNO.shape))
-    N = k_nope_BSNH.shape[2]
-    k_rope_BSNP = jnp.broadcast_to(k_rope_BSP[:, :, None, :], (B, S, N, k_rope_BSP.shape[-1]))
-    return jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(dt)], axis=-1), v_BSNO
+  def expand(c_kv_BSR, k_rope_BSP):   # one key block, batched: not saved per block
+    return up_project(c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, batched_weights=True)
 
   # A fully masked row's answer, the mean of the S values, is mean(c_kv) . W_UV.
   v_mean_BNO = jnp.einsum("BR,RNO->BNO", c_kv_BSR.astype(jnp.float32).mean(axis=1),
                           w_uv_RNO.astype(jnp.float32))
-  return _blockwise(q_BTNK, (c_kv_BSR, k_rope_BSP), expand, v_mean_BNO, dt, q_idx_BT,
-                    k_idx_BS, q_seg_BT, k_seg_BS, block)
+  return _blockwise(q_BTNK, (c_kv_BSR, k_rope_BSP), expand, v_mean_BNO, c_kv_BSR.dtype,
+                    q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS, block)
 
 
 def _blockwise(q_BTNK, keys, expand, v_mean_BNO, out_dtype, q_idx_BT, k_idx_BS, q_seg_BT,
@@ -187,30 +176,35 @@ def _blockwise(q_BTNK, keys, expand, v_mean_BNO, out_dtype, q_idx_BT, k_idx_BS, 
   return o_BTNO[:, :T]
 
 
-def expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, scale,
-              batched_weights: bool = False):
-  """q [B,T,N,K] (times `scale`), k [B,S,N,K] and v [B,S,N,O] from the latent c_kv.
+def up_project(c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, batched_weights: bool = False):
+  """(k [B,S,N,K], v [B,S,N,O]) from the latent: k = [c_kv W_UK | k_R broadcast to every
+  head] (one score product over K = H + P), v = c_kv W_UV.
 
-  batched_weights: up-project with W_UK and W_UV broadcast over the batch, a product
-  with a batch dim, which the "dots_no_batch" remat policy does not save. Under context
-  parallelism the alternative kept K and V of the whole gathered sequence for the
-  backward of every layer (58 GiB a chip for the 671B at 32K)."""
+  batched_weights: W_UK and W_UV broadcast over the batch, a product with a batch dim,
+  which the "dots_no_batch" remat policy does not save. Under context parallelism the
+  alternative kept K and V of the whole gathered sequence for the backward of every
+  layer (58 GiB a chip for the 671B at 32K)."""
   B, S, _ = c_kv_BSR.shape
   if batched_weights:
-    w_uk_BRNH = jnp.broadcast_to(w_uk_RNH, (B,) + w_uk_RNH.shape)
-    w_uv_BRNO = jnp.broadcast_to(w_uv_RNO, (B,) + w_uv_RNO.shape)
-    k_nope_BSNH = jnp.einsum("BSR,BRNH->BSNH", c_kv_BSR, w_uk_BRNH)
-    v_BSNO = jnp.einsum("BSR,BRNO->BSNO", c_kv_BSR, w_uv_BRNO)
+    k_nope_BSNH = jnp.einsum("BSR,BRNH->BSNH", c_kv_BSR,
+                             jnp.broadcast_to(w_uk_RNH, (B,) + w_uk_RNH.shape))
+    v_BSNO = jnp.einsum("BSR,BRNO->BSNO", c_kv_BSR,
+                        jnp.broadcast_to(w_uv_RNO, (B,) + w_uv_RNO.shape))
   else:
     k_nope_BSNH = linear(c_kv_BSR, w_uk_RNH)
     v_BSNO = linear(c_kv_BSR, w_uv_RNO)
-  # One score product over [nope | rope] (K = H + P), the shared rope key broadcast to
-  # every head: a single [B,N,T,S] output instead of two summed ones.
   N = k_nope_BSNH.shape[2]
   k_rope_BSNP = jnp.broadcast_to(k_rope_BSP[:, :, None, :], (B, S, N, k_rope_BSP.shape[-1]))
+  return jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(k_nope_BSNH.dtype)], axis=-1), v_BSNO
+
+
+def expand_kv(q_nope_BTNH, q_rope_BTNP, c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, scale,
+              batched_weights: bool = False):
+  """q [B,T,N,K] (times `scale`), k [B,S,N,K] and v [B,S,N,O] from the latent c_kv
+  (up_project)."""
+  k_BSNK, v_BSNO = up_project(c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, batched_weights)
   # The softmax scale goes on the query ([B,T,N,K]) rather than on the scores.
   q_BTNK = jnp.concatenate([q_nope_BTNH, q_rope_BTNP], axis=-1) * scale
-  k_BSNK = jnp.concatenate([k_nope_BSNH, k_rope_BSNP.astype(k_nope_BSNH.dtype)], axis=-1)
   return q_BTNK, k_BSNK, v_BSNO
 
 

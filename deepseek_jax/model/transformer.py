@@ -175,8 +175,9 @@ class Transformer(nn.Module):
     else:
       lay = unlay = lambda a: a
     tokens_in = tokens_BT
-    tokens_BT, positions_BT, valid_z = lay(tokens_BT), lay(positions_BT), lay(valid_BT)
+    tokens_BT, positions_BT = lay(tokens_BT), lay(positions_BT)
     segments_z = None if segment_ids_BT is None else lay(segment_ids_BT)
+    valid_z = valid_BT if segments_z is None else segments_z != 0
 
     x_BTD = self.embed_tokens(tokens_BT)
     x_BTD = constrain(x_BTD, RESIDUAL)

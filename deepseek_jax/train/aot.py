@@ -140,7 +140,7 @@ def compile_train_step(cfg, mesh):
   return compiled, args[0], time.perf_counter() - t0
 
 
-def _per_chip(tree) -> int:
+def per_chip_bytes(tree) -> int:
   """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (its shard shapes)."""
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
@@ -374,8 +374,8 @@ def report(cfg, topology: str, routing_counts=None, dump_hlo: str | None = None)
       per_chip_bytes={"arguments": args, "temporaries": temps, "outputs": outs,
                       "aliased": alias, "total": total,
                       # the arguments' two big parts, from the state's shardings
-                      "params": _per_chip(state.params),
-                      "optimizer": _per_chip(state.opt_state)},
+                      "params": per_chip_bytes(state.params),
+                      "optimizer": per_chip_bytes(state.opt_state)},
       replicated=replicated_state(state, mesh),
       fits_hbm=bool(total <= chip.hbm_bytes), compile_s=compile_s,
       xla_cost_analysis={"flops": float(cost.get("flops", 0.0)),
