@@ -5,10 +5,13 @@
       --slots=8 --max_new_tokens=64 --temperature=0.8 --top_p=0.95
   python -m experiments.serve --workdir=RUN --prompts=F --out=O --compare   # vs alone
   python -m experiments.serve --workdir=RUN --prompts=F --out=O --cache_dtype=fp8
+  python -m experiments.serve --workdir=RUN --prompts=F --out=O --speculative \
+      --draft_depth=2      # MTP drafts, the last module chained past the trained depth
 
 --prompts holds one {"prompt": text} a line; --out gets one line a prompt, in input
 order: {"prompt", "completion", "completion_ids"}. The last lines printed give tokens/s,
-the page pool's use and the compile time (inference/engine.py). --compare also decodes
+the page pool's use and the compile time (inference/engine.py); with --speculative, the
+tokens a round and the drafts' acceptance. --compare also decodes
 each prompt alone (experiments.generate's path), prints the tokens/s ratio and, when
 greedy, whether every completion is the same.
 """
@@ -32,6 +35,11 @@ _PAGES = flags.DEFINE_integer("pages", None, "Pages in the pool (default: slots 
 _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "fp8"],
                                  "Page dtype (default: the compute dtype); fp8: FlashMLA's "
                                  "layout, c_kv in e4m3 with a scale per 128 values.")
+_SPECULATIVE = flags.DEFINE_bool("speculative", False, "Decode with the MTP modules as "
+                                  "drafters (greedy output unchanged).")
+_DRAFT_DEPTH = flags.DEFINE_integer("draft_depth", None, "--speculative: drafts a round "
+                                    "(default: the model's MTP depth; more chains the "
+                                    "last module).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
@@ -69,6 +77,8 @@ def main(argv):
   launch.quiet_console()
   if _MAX_NEW.value < 1 or _SLOTS.value < 1 or _PAGE.value < 1:
     raise app.UsageError("--max_new_tokens, --slots and --page_size must be >= 1")
+  if _DRAFT_DEPTH.value is not None and (_DRAFT_DEPTH.value < 1 or not _SPECULATIVE.value):
+    raise app.UsageError("--draft_depth needs --speculative and a value >= 1")
   from deepseek_jax.inference import decoding
   from deepseek_jax.inference.engine import Engine
   from deepseek_jax.inference.sampling import Sampling
@@ -96,7 +106,8 @@ def main(argv):
   try:
     engine = Engine(model, variables, slots=_SLOTS.value, max_len=longest,
                     page_size=_PAGE.value, n_pages=_PAGES.value, sampling=sampling,
-                    seed=_SEED.value, eos_id=eos, cache_dtype=_CACHE_DTYPE.value)
+                    seed=_SEED.value, eos_id=eos, cache_dtype=_CACHE_DTYPE.value,
+                    speculative=_SPECULATIVE.value, draft_depth=_DRAFT_DEPTH.value)
     served = engine.serve(prompts, _MAX_NEW.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None

@@ -47,6 +47,9 @@ def test_bench_smoke_run(tmp_path):
     assert np.isfinite(res[key]), key
   assert res["dropped_frac"] == 0.0
   assert res["speculative_exact"] is True   # greedy drafts never change the output
+  for depth in (1, 2):    # the serving engine's rounds, the module chained at depth 2
+    assert res[f"engine_speculative_exact_depth_{depth}"] is True
+    assert np.isfinite(res[f"engine_speculative_speedup_depth_{depth}"])
   # The profile attributes op time to model parts, forward and backward.
   for part in ("attention", "moe_routed", "dense_ffn"):
     for direction in ("fwd", "bwd"):

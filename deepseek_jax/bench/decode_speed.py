@@ -21,7 +21,7 @@ import numpy as np
 from deepseek_jax.inference import decoding, speculative
 from deepseek_jax.model import config, kv_cache
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.transformer import BALANCE, Transformer
+from deepseek_jax.model.transformer import Transformer
 from deepseek_jax.inference.sampling import Sampling
 
 
@@ -113,20 +113,6 @@ def kv_bytes() -> list[dict]:
 
 # Speculative decoding ------------------------------------------------------------------
 
-def truncate_mtp(model: Transformer, variables, depth: int):
-  """The same model with only its first `depth` MTP modules (and their bias rows)."""
-  cfg = model.cfg
-  if depth == cfg.mtp_depth:
-    return model, variables
-  params = {k: v for k, v in variables["params"].items()
-            if not (k.startswith("mtp_") and int(k[4:]) >= depth)}
-  out = {"params": params}
-  if BALANCE in variables:
-    keep = cfg.n_moe_layers + (depth if cfg.mtp_is_moe else 0)
-    out[BALANCE] = {"expert_bias": variables[BALANCE]["expert_bias"][:keep]}
-  return Transformer(cfg.replace(mtp_depth=depth)), out
-
-
 def validation_prompts(run_cfg, vocab_size: int, n: int, length: int) -> list[list[int]]:
   """n evenly spaced slices of the run's validation stream (never trained on)."""
   from deepseek_jax.train import data
@@ -148,7 +134,7 @@ def speculative_vs_plain(model: Transformer, variables, prompts, max_new_tokens:
   modes = {"plain": (decoding.generate, model, variables)}
   for depth in depths:
     modes[f"mtp_depth_{depth}"] = (speculative.speculative_generate,
-                                   *truncate_mtp(model, variables, depth))
+                                   *speculative.with_draft_depth(model, variables, depth))
   for fn, m, v in modes.values():
     fn(m, v, batches[0], max_new_tokens)   # compiles and warms up; not timed
   best = {name: [] for name in modes}     # per mode: the fastest run of each batch
@@ -176,9 +162,41 @@ def speculative_vs_plain(model: Transformer, variables, prompts, max_new_tokens:
   return out
 
 
-def train_drafter(workdir: str, steps: int, small_corpus: bool = False):
-  """Trains configs/smoke.py (byte tokens, one MTP module) for `steps` steps on the
-  embedded corpus into workdir, so that the drafts are a trained model's, not noise.
+def engine_speculative_vs_plain(model: Transformer, variables, prompts, max_new_tokens: int,
+                                depths=(1, 2), slots: int = 1, repeats: int = 3) -> dict:
+  """The serving engine (inference/engine.py) on the same prompts, plain and with MTP
+  speculation at each draft depth (past the model's MTP depth the last module is
+  chained); modes take turns `repeats` times, each keeps its fastest run. Returns
+  {"plain": {...}, "engine_depth_k": {...}} with tokens_per_s, and for the drafts
+  speedup_vs_plain, acceptance, tokens_per_round and same_tokens_as_plain."""
+  from deepseek_jax.inference.engine import Engine
+  max_len = max(map(len, prompts)) + max_new_tokens
+  engines = {"plain": Engine(model, variables, slots=slots, max_len=max_len)}
+  for depth in depths:
+    engines[f"engine_depth_{depth}"] = Engine(model, variables, slots=slots, max_len=max_len,
+                                              speculative=True, draft_depth=depth)
+  for engine in engines.values():
+    engine.serve(prompts[:slots], max_new_tokens)   # compiles and warms up; not timed
+  runs = {name: [] for name in engines}
+  for _ in range(repeats):
+    for name, engine in engines.items():
+      runs[name].append(engine.serve(prompts, max_new_tokens))
+  best = {name: max(rs, key=lambda r: r.tokens_per_s) for name, rs in runs.items()}
+  out = {"plain": {"tokens_per_s": best["plain"].tokens_per_s}}
+  for name, served in best.items():
+    if name != "plain":
+      out[name] = {"tokens_per_s": served.tokens_per_s,
+                   "speedup_vs_plain": served.tokens_per_s / best["plain"].tokens_per_s,
+                   "acceptance": served.acceptance,
+                   "tokens_per_round": served.emitted / max(served.slot_steps, 1),
+                   "same_tokens_as_plain": served.tokens == best["plain"].tokens}
+  return out
+
+
+def train_drafter(workdir: str, steps: int, small_corpus: bool = False, n_layers: int = 2):
+  """Trains configs/smoke.py (byte tokens, one MTP module; n_layers deep) for `steps`
+  steps on the embedded corpus into workdir, so that the drafts are a trained model's,
+  not noise.
   small_corpus (the --tiny smoke run): only the stdlib's json package, so that reading
   and tokenizing the whole corpus (~40 s of a ~90 s smoke run) is not paid for 4 steps.
   Returns decoding.load_workdir(workdir)."""
@@ -186,6 +204,7 @@ def train_drafter(workdir: str, steps: int, small_corpus: bool = False):
   from configs import smoke
   from deepseek_jax.train import loop as trainer
   cfg = smoke.get_config()
+  cfg.model.n_layers = n_layers
   if small_corpus:
     cfg.data.source = "files"
     cfg.data.paths = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
@@ -247,10 +266,14 @@ def round_cost(layers=(4, 16), repeats: int = 5) -> list[dict]:
 # The bench command's decode part ------------------------------------------------------
 
 def run(tiny: bool = False, repeats: int = 5, spec_workdir: str | None = None,
-        drafter_steps: int = 300) -> dict:
+        drafter_steps: int = 300, drafter_layers: int = 8) -> dict:
   """Flat keys for experiments/bench.py: absorbed vs naive at 4k context (on the tiny
-  attention config when tiny), and speculative vs plain greedy decoding with the MTP
-  module of spec_workdir's run, or of a drafter trained here for drafter_steps steps."""
+  attention config when tiny), and speculative vs plain greedy decoding, through
+  decoding.generate and through the serving engine (one slot; 1 draft and 2 chained),
+  with the MTP module of spec_workdir's run, or of a drafter of drafter_layers layers
+  trained here for drafter_steps steps. The drafter is 8 layers deep by default so that
+  its one-layer MTP module costs a fraction of the main model, as V3's does (1 of 61
+  layers); in the 2-layer smoke model the module costs about half a step."""
   row = absorbed_vs_naive((4096,), repeats=repeats, tiny=tiny)[0]
   out = {"decode_absorbed_ms_4k": row["absorbed_ms"], "decode_naive_ms_4k": row["naive_ms"],
          "decode_speedup_absorbed_vs_naive_4k": row["speedup"]}
@@ -258,18 +281,26 @@ def run(tiny: bool = False, repeats: int = 5, spec_workdir: str | None = None,
     if spec_workdir:
       model, variables, run_cfg, _ = decoding.load_workdir(spec_workdir)
     else:
-      model, variables, run_cfg, _ = train_drafter(os.path.join(tmp, "drafter"),
-                                                   4 if tiny else drafter_steps,
-                                                   small_corpus=tiny)
+      model, variables, run_cfg, _ = train_drafter(
+          os.path.join(tmp, "drafter"), 4 if tiny else drafter_steps, small_corpus=tiny,
+          n_layers=2 if tiny else drafter_layers)
     if model.cfg.mtp_depth < 1:
       raise ValueError(f"{spec_workdir} has no MTP module to draft with")
-    n, length, max_new = (2, 16, 8) if tiny else (8, 32, 64)
+    n, length, max_new = (2, 16, 8) if tiny else (16, 32, 64)
     prompts = validation_prompts(run_cfg, model.cfg.vocab_size, n, length)
-    spec = speculative_vs_plain(model, variables, prompts, max_new, depths=[1],
-                                repeats=max(1, min(repeats, 3)))
+    rep = max(1, min(repeats, 3))
+    spec = speculative_vs_plain(model, variables, prompts, max_new, depths=[1], repeats=rep)
+    engine = engine_speculative_vs_plain(model, variables, prompts, max_new, repeats=rep)
+  out["drafter_layers"] = model.cfg.n_layers
   out["plain_decode_tokens_per_s"] = spec["plain"]["tokens_per_s"]
   out["speculative_tokens_per_s"] = spec["mtp_depth_1"]["tokens_per_s"]
   out["speculative_speedup"] = spec["mtp_depth_1"]["speedup_vs_plain"]
   out["speculative_acceptance"] = spec["mtp_depth_1"]["acceptance_per_depth"][0]
   out["speculative_exact"] = spec["mtp_depth_1"]["same_tokens_as_plain"]
+  out["engine_plain_tokens_per_s"] = engine["plain"]["tokens_per_s"]
+  for depth in (1, 2):
+    r = engine[f"engine_depth_{depth}"]
+    out[f"engine_speculative_speedup_depth_{depth}"] = r["speedup_vs_plain"]
+    out[f"engine_speculative_acceptance_depth_{depth}"] = r["acceptance"]
+    out[f"engine_speculative_exact_depth_{depth}"] = r["same_tokens_as_plain"]
   return out

@@ -3,11 +3,18 @@
 The engine holds `slots` rows of a PagedCache and a queue of requests. Each turn of its
 loop it admits waiting requests into free slots (a prefill of that one row: the model
 runs the prompt against the shared page pool through the row's own page table, so the
-other slots pay nothing), then decodes one token for every running slot in one batched
-step. A request that reaches its token budget or eos gives its pages back and its slot
-to the next request in the queue. Pages are reserved at admission for the prompt and
-the token budget, so a running request never waits for memory; a request waits in the
-queue while too few pages are free.
+other slots pay nothing), then advances every running slot in one batched step. A
+request that reaches its token budget or eos gives its pages back and its slot to the
+next request in the queue. Pages are reserved at admission for the prompt and the token
+budget, so a running request never waits for memory; a request waits in the queue while
+too few pages are free.
+
+A step is either a plain decode step (one token a slot) or, with `speculative=True`,
+one MTP speculation round (speculative_lib.spec_round: the modules draft, the main model
+verifies the drafts, the longest agreeing prefix and the main model's next token are
+accepted: 1 .. D+1 tokens a slot), one compiled program either way. The MTP modules'
+caches live in a second pool of D layers addressed by the same page tables (a module's
+position j sits where the main model's does).
 
 Greedy output equals the same request decoded alone (tests/inference/test_engine.py):
 every row of a step is computed independently of the others, and an idle row (no
@@ -26,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.inference import speculative as speculative_lib
 from deepseek_jax.inference.decoding import PAD_MULTIPLE
 from deepseek_jax.inference.sampling import Sampling, sample, split_rng
 from deepseek_jax.model import paged_cache
@@ -37,46 +45,166 @@ class Served:
   tokens: list[list[int]]     # completion ids per request, in input order
   wall_s: float               # the loop, from the first admission to the last token
   compile_s: float
-  steps: int                  # batched decode steps
+  steps: int                  # batched decode steps (speculative: rounds)
   prefills: int
   peak_pages: int             # most pages held at once
   n_pages: int
   page_size: int
-  cache_bytes: int            # the page pool
+  cache_bytes: int            # the page pools (the MTP modules' included)
   bytes_per_token_layer: int  # one position of one layer in the pool
+  slot_steps: int = 0         # (slot, step) pairs of running requests
+  emitted: int = 0            # tokens those produced (kept or cut at the budget)
+  mtp_depth: int = 0          # drafts a round (0: plain decoding)
 
   @property
   def tokens_per_s(self) -> float:
     n = sum(map(len, self.tokens))
     return n / self.wall_s if self.wall_s > 0 else float("nan")
 
+  @property
+  def acceptance(self) -> float:
+    """Accepted drafts / drafted, over the rounds of running requests."""
+    drafted = self.slot_steps * self.mtp_depth
+    return (self.emitted - self.slot_steps) / drafted if drafted else float("nan")
+
   def summary(self) -> str:
+    spec = ""
+    if self.mtp_depth:
+      spec = (f"; speculative: {self.emitted / max(self.slot_steps, 1):.2f} tokens a round, "
+              f"acceptance {self.acceptance:.3f} of {self.mtp_depth} draft(s)")
     return (f"{len(self.tokens)} requests, {sum(map(len, self.tokens))} tokens in "
             f"{self.wall_s:.2f} s: {self.tokens_per_s:.1f} tok/s; {self.steps} batched "
             f"steps, {self.prefills} prefills; cache peak {self.peak_pages}/{self.n_pages} "
             f"pages of {self.page_size} ({self.cache_bytes / 2**20:.2f} MiB pool, "
             f"{self.bytes_per_token_layer} bytes a token a layer); "
-            f"compile {self.compile_s:.1f} s")
+            f"compile {self.compile_s:.1f} s{spec}")
 
+
+# Plain decoding: one token a slot a step ----------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
-def _prefill(variables, cache, pages_1J, tokens_1T, n_1, rng, *, model, sampling):
-  """One request's prompt through its own page table: (pools, first token [1])."""
+def _prefill(variables, state, pages_1J, slot, tokens_1T, n_1, rng, *, model, sampling):
+  """One request's prompt into slot `slot` through its own page table: (state, first
+  token [1]); state = (pools with every slot's length, each slot's pending token)."""
+  cache, last_B = state
   row = cache.rows(pages_1J, jnp.zeros((1,), jnp.int32))
   out, row = model.apply(variables, tokens_1T, row, n_1, method=Transformer.extend)
   token = sample(rng, out.logits[jnp.arange(1), n_1 - 1], sampling)
-  return cache.replace(c_kv=row.c_kv, k_rope=row.k_rope), token
+  cache = row.rows(cache.pages, cache.lengths.at[slot].set(n_1[0]))
+  return (cache, last_B.at[slot].set(token[0])), token
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
-def _step(variables, cache, pages_BJ, lengths_B, tokens_B, active_B, rng, *, model,
-          sampling):
-  """One token for every active slot: (pools, next token [B])."""
-  rows = cache.rows(pages_BJ, lengths_B)
-  out, rows = model.apply(variables, tokens_B[:, None], rows, active_B.astype(jnp.int32),
-                          method=Transformer.extend)
-  token = sample(rng, out.logits[:, 0], sampling)
-  return cache.replace(c_kv=rows.c_kv, k_rope=rows.k_rope), token
+def _step(variables, state, pages_BJ, rng, *, model, sampling):
+  """One token for every slot that owns pages (the others write and advance nothing):
+  (state, next token [B])."""
+  cache, last_B = state
+  active_B = (pages_BJ[:, 0] < cache.n_pages).astype(jnp.int32)
+  out, cache = model.apply(variables, last_B[:, None], cache.rows(pages_BJ, cache.lengths),
+                           active_B, method=Transformer.extend)
+  token_B = sample(rng, out.logits[:, 0], sampling)
+  return (cache, jnp.where(active_B > 0, token_B, last_B)), token_B
+
+
+class _PlainSlots:
+  """The slots' device state for plain decoding: the pools (with each slot's length)
+  and each slot's pending token; a step takes only the page table from the host."""
+  extra_positions = 0
+
+  def __init__(self, engine: "Engine", cache_dtype):
+    cfg = engine.model.cfg
+    self.engine = engine
+    self.state = (paged_cache.create(cfg, cfg.n_layers, engine.n_pages, engine.page_size,
+                                     engine.slots, engine.max_pages, cache_dtype),
+                  jnp.zeros((engine.slots,), jnp.int32))
+
+  def prefill(self, slot, pages_1J, tokens_1T, n, rng) -> int:
+    args = (self.engine.variables, self.state, pages_1J, np.int32(slot), tokens_1T,
+            np.array([n], np.int32), rng)
+    self.state, first = self.engine.compiled("prefill", _prefill, *args)(*args)
+    return int(first[0])
+
+  def step(self, table, active, rng) -> list[list[int]]:
+    del active   # a slot is active when its table owns pages
+    args = (self.engine.variables, self.state, table, rng)
+    self.state, token = self.engine.compiled("step", _step, *args)(*args)
+    return [[t] for t in np.asarray(token).tolist()]
+
+  @property
+  def pools(self):
+    return [self.state[0]]
+
+
+# Speculative decoding: an MTP round a step ----------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
+def _spec_prefill(variables, state, pages_1J, slot, tokens_1T, n_1, rng, *, model,
+                  sampling):
+  """One request's prompt into slot `slot` of the state: (state, first token [1])."""
+  zero = jnp.zeros((1,), jnp.int32)
+  row = speculative_lib.prefill_into(variables, tokens_1T, n_1, rng,
+                                 state.cache.rows(pages_1J, zero),
+                                 state.mtp_cache.rows(pages_1J, zero),
+                                 model=model, sampling=sampling)
+  put = lambda whole, one: whole.at[slot].set(one[0])
+  state = state.replace(
+      cache=row.cache.rows(state.cache.pages, put(state.cache.lengths, row.cache.lengths)),
+      mtp_cache=row.mtp_cache.rows(state.mtp_cache.pages,
+                                   put(state.mtp_cache.lengths, row.mtp_cache.lengths)),
+      token=put(state.token, row.token), h_buf=put(state.h_buf, row.h_buf),
+      tok_buf=put(state.tok_buf, row.tok_buf))
+  return state, row.token
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
+def _spec_step(variables, state, pages_BJ, *, model, sampling):
+  """One draft + verify + accept round of every slot (idle slots own no page: they
+  write nothing): (state, emitted [B, D+1] (-1 past each row's count), counts [B])."""
+  state = state.replace(cache=state.cache.rows(pages_BJ, state.cache.lengths),
+                        mtp_cache=state.mtp_cache.rows(pages_BJ, state.mtp_cache.lengths))
+  state, emitted_BK1, n_B, _ = speculative_lib.spec_round(variables, state, model=model,
+                                                      sampling=sampling)
+  return state, emitted_BK1, n_B
+
+
+class _SpeculativeSlots:
+  """The slots' device state for MTP speculation: a SpecState over the paged pools
+  (main model: n_layers layers; MTP modules: mtp_depth layers, same page tables)."""
+
+  def __init__(self, engine: "Engine", cache_dtype, seed: int):
+    cfg = engine.model.cfg
+    if cfg.mtp_depth < 1:
+      raise ValueError("speculative serving needs MTP modules (this model's mtp_depth is "
+                       "0): serve without --speculative")
+    self.engine = engine
+    # A round writes the pending token and D drafts past the last kept position.
+    self.extra_positions = cfg.mtp_depth + 1
+    args = (cfg, engine.n_pages, engine.page_size, engine.slots, engine.max_pages,
+            cache_dtype)
+    W = speculative_lib.window(cfg)
+    self.state = speculative_lib.SpecState(
+        cache=paged_cache.create(cfg, cfg.n_layers, *args[1:]),
+        mtp_cache=paged_cache.create(cfg, cfg.mtp_depth, *args[1:]),
+        token=jnp.zeros((engine.slots,), jnp.int32),
+        h_buf=jnp.zeros((engine.slots, W, cfg.d_model), jnp.dtype(cfg.dtype)),
+        tok_buf=jnp.zeros((engine.slots, W), jnp.int32),
+        rng=jax.random.PRNGKey(seed + 1))
+
+  def prefill(self, slot, pages_1J, tokens_1T, n, rng) -> int:
+    args = (self.engine.variables, self.state, pages_1J, np.int32(slot), tokens_1T,
+            np.array([n], np.int32), rng)
+    self.state, first = self.engine.compiled("spec_prefill", _spec_prefill, *args)(*args)
+    return int(first[0])
+
+  def step(self, table, active, rng) -> list[list[int]]:
+    del active, rng   # idle rows write nothing; the round draws from the state's rng
+    args = (self.engine.variables, self.state, table)
+    self.state, emitted, counts = self.engine.compiled("spec_step", _spec_step, *args)(*args)
+    return [row[:c] for row, c in zip(np.asarray(emitted).tolist(), np.asarray(counts))]
+
+  @property
+  def pools(self):
+    return [self.state.cache, self.state.mtp_cache]
 
 
 class Engine:
@@ -86,21 +214,26 @@ class Engine:
   def __init__(self, model: Transformer, variables, *, slots: int, max_len: int,
                page_size: int = 16, n_pages: int | None = None,
                sampling: Sampling = Sampling(), seed: int = 0, eos_id: int | None = None,
-               cache_dtype=None):
+               cache_dtype=None, speculative: bool = False, draft_depth: int | None = None):
     if slots < 1 or page_size < 1:
       raise ValueError(f"slots and page_size must be >= 1; got {slots}, {page_size}")
+    if speculative:   # draft_depth past the trained modules chains the last one
+      model, variables = speculative_lib.with_draft_depth(
+          model, variables, draft_depth or model.cfg.mtp_depth)
     self.model, self.variables, self.sampling = model, variables, sampling
     self.slots, self.page_size, self.eos_id = slots, page_size, eos_id
-    self.max_pages = -(-max_len // page_size)
+    extra = model.cfg.mtp_depth + 1 if speculative else 0
+    self.max_pages = -(-(max_len + extra) // page_size)
     # Default pool: every slot at max_len (what a dense cache would hold).
     self.n_pages = n_pages or slots * self.max_pages
-    self.cache = paged_cache.create(model.cfg, model.cfg.n_layers, self.n_pages, page_size,
-                                    slots, self.max_pages, cache_dtype)
     self.rng = jax.random.PRNGKey(seed)
     self.compile_s = 0.0
     self._compiled = {}
+    self.speculative = speculative
+    self.slots_state = (_SpeculativeSlots(self, cache_dtype, seed) if speculative
+                        else _PlainSlots(self, cache_dtype))
 
-  def _fn(self, name, fn, *args):
+  def compiled(self, name, fn, *args):
     """fn compiled ahead of time for these argument shapes (its compile time counted)."""
     key = (name,) + tuple(getattr(a, "shape", None) for a in args[2:])
     if key not in self._compiled:
@@ -110,38 +243,42 @@ class Engine:
       self.compile_s += time.perf_counter() - t0
     return self._compiled[key]
 
-  def serve(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Served:
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    need = [-(-(len(p) + max_new_tokens) // self.page_size) for p in prompts]
+  def _pages_needed(self, prompts, max_new_tokens) -> list[int]:
+    extra = self.slots_state.extra_positions
+    need = [-(-(len(p) + max_new_tokens + extra) // self.page_size) for p in prompts]
     if min(map(len, prompts), default=1) < 1:
       raise ValueError("every prompt needs at least one token")
     if max(need, default=0) > min(self.max_pages, self.n_pages):
       raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new "
                        f"needs {max(need)} pages of {self.page_size}; this engine has "
                        f"{min(self.max_pages, self.n_pages)} a row (raise max_len)")
+    return need
+
+  def serve(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Served:
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    need = self._pages_needed(prompts, max_new_tokens)
+    slots = self.slots_state
     free_pages = collections.deque(range(self.n_pages))
     table = np.full((self.slots, self.max_pages), self.n_pages, np.int32)
-    lengths = np.zeros(self.slots, np.int32)
-    last = np.zeros(self.slots, np.int32)
     owner = [None] * self.slots                 # request index per slot
     out = [[] for _ in prompts]
     queue = collections.deque(range(len(prompts)))
-    steps = prefills = peak = 0
+    steps = prefills = peak = slot_steps = emitted = 0
     t0 = time.perf_counter()
     compile0 = self.compile_s
 
-    def finish(slot):
-      for p in table[slot]:
-        if p != self.n_pages:
-          free_pages.append(int(p))
-      table[slot] = self.n_pages
-      lengths[slot] = 0
-      owner[slot] = None
-
-    def done(r):
-      return len(out[r]) >= max_new_tokens or (
-          self.eos_id is not None and out[r] and out[r][-1] == self.eos_id)
+    def take(slot, new) -> None:
+      """Appends a slot's new tokens up to the budget or eos; frees a finished slot."""
+      r = owner[slot]
+      for t in new:
+        out[r].append(int(t))
+        if len(out[r]) >= max_new_tokens or t == self.eos_id:
+          for p in table[slot]:
+            if p != self.n_pages:
+              free_pages.append(int(p))
+          table[slot], owner[slot] = self.n_pages, None
+          return
 
     while queue or any(o is not None for o in owner):
       for slot in range(self.slots):           # admit into free slots
@@ -150,37 +287,28 @@ class Engine:
         r = queue.popleft()
         table[slot, :need[r]] = [free_pages.popleft() for _ in range(need[r])]
         n = len(prompts[r])
-        T = -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
-        tokens = np.zeros((1, T), np.int32)
+        tokens = np.zeros((1, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE), np.int32)
         tokens[0, :n] = prompts[r]
         self.rng, sub = jax.random.split(self.rng)
-        args = (self.variables, self.cache, table[slot:slot + 1], tokens,
-                np.array([n], np.int32), sub)
-        self.cache, first = self._fn("prefill", _prefill, *args)(*args)
+        owner[slot] = r
+        take(slot, [slots.prefill(slot, table[slot:slot + 1], tokens, n, sub)])
         prefills += 1
-        owner[slot], lengths[slot] = r, n
-        out[r].append(int(first[0]))
-        last[slot] = out[r][-1]
-        if done(r):
-          finish(slot)
       peak = max(peak, self.n_pages - len(free_pages))
       active = np.array([o is not None for o in owner])
       if not active.any():
         continue
       self.rng, sub = split_rng(self.rng, 2, self.sampling)
-      args = (self.variables, self.cache, table, lengths, last, active, sub)
-      self.cache, token = self._fn("step", _step, *args)(*args)
+      new = slots.step(table, active, sub)
       steps += 1
-      token = np.asarray(token)
       for slot in np.flatnonzero(active):
-        r = owner[slot]
-        lengths[slot] += 1
-        out[r].append(int(token[slot]))
-        last[slot] = token[slot]
-        if done(r):
-          finish(slot)
+        slot_steps += 1
+        emitted += len(new[slot])
+        take(slot, new[slot])
     wall = time.perf_counter() - t0 - (self.compile_s - compile0)
+    pools = slots.pools
     return Served(tokens=out, wall_s=wall, compile_s=self.compile_s, steps=steps,
                   prefills=prefills, peak_pages=peak, n_pages=self.n_pages,
-                  page_size=self.page_size, cache_bytes=self.cache.nbytes,
-                  bytes_per_token_layer=self.cache.bytes_per_token_layer)
+                  page_size=self.page_size, cache_bytes=sum(p.nbytes for p in pools),
+                  bytes_per_token_layer=pools[0].bytes_per_token_layer,
+                  slot_steps=slot_steps, emitted=emitted,
+                  mtp_depth=self.model.cfg.mtp_depth if self.speculative else 0)

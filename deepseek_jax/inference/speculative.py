@@ -42,9 +42,9 @@ from flax import struct
 
 from deepseek_jax.model import kv_cache
 from deepseek_jax.inference.decoding import (Generation, StreamedRows, at_index, compile_loop,
-                                   pad_prompts, prefill_cache)
+                                             pad_prompts)
 from deepseek_jax.model.kv_cache import KVCache
-from deepseek_jax.model.transformer import Transformer
+from deepseek_jax.model.transformer import BALANCE, Transformer
 from deepseek_jax.inference.sampling import (Sampling, probabilities, sample,
                                              speculative_accept, split_rng)
 
@@ -57,6 +57,32 @@ class SpecState:
   h_buf: jax.Array      # [B, W, D] h_0 (as module 1 reads it) at positions n-W .. n-1
   tok_buf: jax.Array    # [B, W] tokens at positions n-W+1 .. n
   rng: jax.Array
+
+
+def with_draft_depth(model: Transformer, variables, depth: int):
+  """The model drafting `depth` tokens a round: with fewer MTP modules than it has, the
+  first `depth` (and their bias rows); with more, modules past the last trained one
+  reuse its weights and balancing bias (chained drafts, as SGLang serves V3's single
+  MTP module for several draft steps). Each module k keeps its own cache layer, since
+  the hidden states it reads differ."""
+  cfg = model.cfg
+  if depth < 1 or cfg.mtp_depth < 1:
+    raise ValueError(f"speculative decoding needs MTP modules and a draft depth >= 1; the "
+                     f"model has mtp_depth {cfg.mtp_depth}, the draft depth is {depth}")
+  if depth == cfg.mtp_depth:
+    return model, variables
+  trained = cfg.mtp_depth
+  params = {k: v for k, v in variables["params"].items()
+            if not (k.startswith("mtp_") and int(k[4:]) >= depth)}
+  for k in range(trained, depth):
+    params[f"mtp_{k}"] = variables["params"][f"mtp_{trained - 1}"]
+  out = {**variables, "params": params}
+  if BALANCE in variables and cfg.mtp_is_moe:
+    bias_LE = variables[BALANCE]["expert_bias"]
+    rows = [bias_LE[:cfg.n_moe_layers + min(depth, trained)]]
+    rows += [bias_LE[cfg.n_moe_layers + trained - 1:][:1]] * max(depth - trained, 0)
+    out[BALANCE] = {"expert_bias": jnp.concatenate(rows, axis=0)}
+  return Transformer(cfg.replace(mtp_depth=depth)), out
 
 
 def window(cfg) -> int:
@@ -74,12 +100,24 @@ def _take_rows(x_BQ, start_B, width: int):
                                              "cache_dtype"))
 def spec_prefill(variables, tokens_BT, lengths_B, rng, *, model: Transformer,
                  sampling: Sampling, max_len: int, absorb: bool = True, cache_dtype=None):
-  """Main prefill, first token, and the MTP caches over the prompt's committed positions."""
+  """Main prefill, first token, and the MTP caches over the prompt's committed positions,
+  into fresh dense caches of max_len."""
+  cfg = model.cfg
+  B = tokens_BT.shape[0]
+  return prefill_into(variables, tokens_BT, lengths_B, rng,
+                      kv_cache.create(cfg, cfg.n_layers, B, max_len, cache_dtype),
+                      kv_cache.create(cfg, cfg.mtp_depth, B, max_len, cache_dtype),
+                      model=model, sampling=sampling, absorb=absorb)
+
+
+def prefill_into(variables, tokens_BT, lengths_B, rng, cache, mtp_cache, *,
+                 model: Transformer, sampling: Sampling, absorb: bool = True) -> SpecState:
+  """spec_prefill's work on given empty caches (dense, or a paged cache's rows)."""
   cfg = model.cfg
   D, W = cfg.mtp_depth, window(cfg)
   B, T = tokens_BT.shape
-  out, cache = prefill_cache(variables, tokens_BT, lengths_B, model=model, max_len=max_len,
-                             absorb=absorb, cache_dtype=cache_dtype)
+  out, cache = model.apply(variables, tokens_BT, cache, lengths_B, absorb=absorb,
+                           method=Transformer.extend)
   rng, sub = jax.random.split(rng)
   first_B = sample(sub, at_index(out.logits, lengths_B - 1), sampling)
   # Tokens with t[n] = first appended at each row's length; D spare columns for i+k.
@@ -89,7 +127,7 @@ def spec_prefill(variables, tokens_BT, lengths_B, rng, *, model: Transformer,
   # Module k at position j reads t[j+k]: committed for j <= n-D. Keep position n-1 out
   # of the cache either way, so the first round's window is never empty.
   m_B = jnp.maximum(jnp.minimum(lengths_B - D + 1, lengths_B - 1), 0)
-  mtp_cache = kv_cache.create(cfg, D, B, max_len, cache_dtype)
+  mtp_cache = mtp_cache.with_lengths(jnp.zeros_like(m_B))
   h_BTD = out.hidden
   for k in range(1, D + 1):
     o, mtp_cache = model.apply(variables, k, h_BTD, ext_BT[:, k:k + T], mtp_cache, m_B,

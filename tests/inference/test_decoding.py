@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from deepseek_jax.inference import decoding, speculative
+from deepseek_jax.inference.engine import Engine
 from deepseek_jax.model import config, kv_cache
 from deepseek_jax.train.losses import lm_losses
 from deepseek_jax.model.transformer import BALANCE, Transformer
@@ -233,6 +234,40 @@ def test_speculative_greedy_equals_plain_greedy(trained):
   cfg = model.cfg
   assert plain.cache_values_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
   assert spec.cache_values_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * (2 + 2)
+
+
+def test_engine_speculation_on_a_trained_drafter_matches_plain_greedy(trained):
+  """Served through the engine's speculative rounds (2 slots, 4 requests) at draft depth
+  1, 2 (the trained modules) and 3 (the last module chained once more): every
+  completion equals plain greedy, drafts are accepted (some, not all), and the slots
+  need fewer steps than tokens."""
+  model, v, ids = trained
+  prompts = [ids[a:a + n].tolist() for a, n in ((100, 12), (2000, 5), (5000, 20), (7000, 9))]
+  plain = decoding.generate(model, v, prompts, max_new_tokens=24).tokens
+  for depth in (1, 2, 3):
+    served = Engine(model, v, slots=2, max_len=64, page_size=8, speculative=True,
+                    draft_depth=depth).serve(prompts, 24)
+    assert served.tokens == plain, depth
+    assert 0.0 < served.acceptance < 1.0, (depth, served.summary())
+    assert served.steps < 2 * 23, (depth, served.summary())
+
+
+def test_draft_depth_truncates_or_chains_the_mtp_modules():
+  cfg = TINY
+  model, v = Transformer(cfg), _variables(cfg)
+  n_moe, D = cfg.n_moe_layers, cfg.mtp_depth
+  short, v1 = speculative.with_draft_depth(model, v, 1)
+  assert short.cfg.mtp_depth == 1 and "mtp_1" not in v1["params"]
+  assert v1[BALANCE]["expert_bias"].shape[0] == n_moe + 1
+  long, v4 = speculative.with_draft_depth(model, v, D + 2)
+  assert long.cfg.mtp_depth == D + 2
+  for k in (D, D + 1):
+    assert v4["params"][f"mtp_{k}"] is v["params"][f"mtp_{D - 1}"]
+  bias = np.asarray(v4[BALANCE]["expert_bias"])
+  np.testing.assert_array_equal(bias[:n_moe + D], v[BALANCE]["expert_bias"])
+  np.testing.assert_array_equal(bias[n_moe + D:], np.repeat(bias[n_moe + D - 1:][:1], 2, 0))
+  with pytest.raises(ValueError, match="draft depth >= 1"):
+    speculative.with_draft_depth(model, v, 0)
 
 
 def test_mtp_drafts_are_the_training_forward_predictions(trained):

@@ -146,7 +146,55 @@ def test_fp8_cache_is_close_to_the_full_precision_cache():
   full = Engine(Transformer(CFG), v, slots=2, max_len=16, page_size=8).serve(prompts, 4)
   fp8 = Engine(Transformer(CFG), v, slots=2, max_len=16, page_size=8,
                cache_dtype="fp8").serve(prompts, 4)
-  assert [len(t) for t in fp8.tokens] == [4, 4] and fp8.cache_bytes < full.cache_bytes
+  assert fp8.cache_bytes < full.cache_bytes
+  # The engine keeps each write's scales: its completions are those of each request
+  # decoded alone on fp8 pages (prefill, then one token a step, greedy).
+  assert fp8.tokens == [_alone_on_pages(v, p, 4, "fp8") for p in prompts]
+
+
+def _alone_on_pages(v, prompt, max_new, dtype):
+  """One request decoded greedily on its own paged cache of `dtype` (the prompt padded
+  to 16 tokens, as the engine's prefill pads it)."""
+  cache = paged_cache.create(CFG, CFG.n_layers, 4, 8, 1, 4, dtype)
+  cache = cache.rows(jnp.arange(4, dtype=jnp.int32)[None], cache.lengths)
+  tokens = np.zeros((1, 16), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  run, out = _extend(CFG), []
+  logits, cache = run(v, tokens, cache, jnp.asarray([len(prompt)], jnp.int32))
+  out.append(int(np.argmax(logits.logits[0, len(prompt) - 1])))
+  while len(out) < max_new:
+    logits, cache = run(v, np.asarray([[out[-1]]], np.int32), cache,
+                        jnp.ones((1,), jnp.int32))
+    out.append(int(np.argmax(logits.logits[0, 0])))
+  return out
+
+
+@pytest.mark.parametrize("draft_depth", [None, 3], ids=["trained_depth", "chained"])
+def test_speculative_engine_equals_each_request_decoded_alone(draft_depth):
+  """MTP speculation inside the engine (one compiled round a step, the modules' caches
+  on the same page tables): 9 ragged requests through 3 slots and a 14-page pool, and
+  with an eos, give each request's plain greedy decode; with draft_depth 3 the second
+  (last trained) module drafts twice more, on its own cache layer."""
+  v = _variables(CFG)
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(1, CFG.vocab_size, n)) for n in (5, 1, 19, 8, 3, 12, 16, 2, 9)]
+  engine = Engine(Transformer(CFG), v, slots=3, max_len=40, page_size=8, n_pages=14,
+                  speculative=True, draft_depth=draft_depth)
+  served = engine.serve(prompts, 6)
+  full = _alone(v, prompts, 6)
+  assert served.tokens == full
+  assert served.mtp_depth == (draft_depth or CFG.mtp_depth)
+  assert engine.slots_state.state.mtp_cache.c_kv.shape[0] == served.mtp_depth
+  eos = full[0][2]
+  cut = [f[:f.index(eos) + 1] if eos in f else f for f in full]
+  assert Engine(Transformer(CFG), v, slots=2, max_len=40, page_size=8, speculative=True,
+                eos_id=eos).serve(prompts, 6).tokens == cut
+
+
+def test_speculative_engine_refuses_a_model_without_mtp():
+  cfg = CFG.replace(mtp_depth=0)
+  with pytest.raises(ValueError, match="needs MTP modules"):
+    Engine(Transformer(cfg), _variables(cfg), slots=1, max_len=8, speculative=True)
 
 
 @pytest.mark.parametrize("axes", [dict(data=2, expert=2, tensor=2), dict(expert=4, tensor=2)],

@@ -227,9 +227,10 @@ def test_passkey_evaluation_of_a_run(reference_run, tmp_path):
 
 def test_serve_a_run_in_input_order_as_each_prompt_alone(reference_run, tmp_path):
   """experiments.serve on the run: one output line per prompt in input order (prompt,
-  completion text, completion ids), served through 2 slots, every completion the same as
-  that prompt decoded alone (--compare, greedy); a malformed prompts line is one clear
-  line naming the file and line."""
+  completion text, completion ids), served through 2 slots with MTP speculation (the
+  module chained to 2 drafts), every completion the same as that prompt decoded alone
+  without it (--compare, greedy); a malformed prompts line is one clear line naming the
+  file and line."""
   import json
   ref_tmp, _ = reference_run
   run = str(ref_tmp / "run")
@@ -239,7 +240,8 @@ def test_serve_a_run_in_input_order_as_each_prompt_alone(reference_run, tmp_path
   out = tmp_path / "out.jsonl"
   r = subprocess.run([sys.executable, "-m", "experiments.serve", f"--workdir={run}",
                       f"--prompts={prompts}", f"--out={out}", "--max_new_tokens=6",
-                      "--slots=2", "--page_size=8", "--compare", "--nostop_at_eos"],
+                      "--slots=2", "--page_size=8", "--compare", "--nostop_at_eos",
+                      "--speculative", "--draft_depth=2"],
                      env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(l) for l in out.read_text().splitlines()]
@@ -247,6 +249,7 @@ def test_serve_a_run_in_input_order_as_each_prompt_alone(reference_run, tmp_path
   assert all(len(row["completion_ids"]) == 6 and isinstance(row["completion"], str)
              for row in rows)
   assert "same completions: 5 of 5" in r.stderr and "tok/s" in r.stderr
+  assert "acceptance" in r.stderr and "of 2 draft(s)" in r.stderr
   prompts.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
   r = subprocess.run([sys.executable, "-m", "experiments.serve", f"--workdir={run}",
                       f"--prompts={prompts}", f"--out={out}"],
