@@ -96,9 +96,15 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
       batch_aux_alpha=0.0))     # batch-wise balance loss (V3 4.5.3)
 
   c.data = ml_collections.ConfigDict(dict(
-      # stdlib (the embedded default) | files | prepared (experiments.prepare_data);
-      # stdlib and files are prepared on first use into cache_dir, in the same format.
+      # stdlib (the embedded default) | domains (code, prose and structured text cut
+      # from the Python install: data/domains.py; bytes tokenizer) | files | prepared
+      # (experiments.prepare_data); all but prepared are prepared on first use into
+      # cache_dir, in the same format.
       source="stdlib",
+      # How a batch draws on a mixture's sources: mixed (shuffled together) |
+      # single_domain (each micro-batch from one source, rotating; needs an explicit
+      # microbatches)
+      composition="mixed",
       # files: comma-separated globs; prepared: DIR, or DIR1:W1,DIR2:W2 (a mixture)
       paths=config_dict.placeholder(str),
       tokenizer="bpe",          # stdlib / files: bpe (trained on the corpus) | bytes

@@ -25,11 +25,17 @@ scores), so the losses see the router itself, not the bias's correction of it. E
 loss is summed over the routed layers (MTP blocks included): each layer adds its own
 alpha * L_layer, as Hugging Face's DeepSeek-V2 code and Megatron do.
 
-Counting scope with gradient accumulation (balance.count_scope, microbatches > 1):
-  global  the batch-level losses (aux, batch_aux) take f_i from the whole step's counts
-          (all microbatches; Qwen arXiv 2501.11873), the bias one update from the whole
-          step's loads (QB: the mean of the microbatches' targets, as Megatron)
-  micro   each microbatch's own f_i, and a bias update after every microbatch
+Balance scope: the tokens whose loads a loss or a bias update counts (term_scopes):
+  sequence  seq_aux, always: f_i and P_i per sequence, averaged over sequences
+  micro     balance.count_scope="micro": aux and batch_aux take f_i from each
+            micro-batch (accumulation step) alone; the bias (sign, magnitude, quantile)
+            moves after every micro-batch, from its loads
+  global    balance.count_scope="global" (default): f_i from the whole step's counts
+            (all micro-batches; Qwen arXiv 2501.11873), one bias update from the whole
+            step's loads (QB: the mean of the micro-batches' targets, as Megatron)
+With one micro-batch a step, micro and global count the same tokens. Data shards are
+not a scope of their own: under data parallelism the step's counts are all-reduced
+over the batch shards, so every scope above already spans them.
 """
 
 from __future__ import annotations
@@ -41,6 +47,21 @@ from deepseek_jax.model.moe import MoEStats
 
 BIAS_RULES = ("sign", "magnitude", "quantile")
 COUNT_SCOPES = ("global", "micro")
+
+
+def term_scopes(balance, microbatches: int) -> dict:
+  """{active balancing term: the scope it counts over} for a config's balance section:
+  "sequence", "micro" or "global" (micro with one micro-batch a step reads "global")."""
+  scope = balance.get("count_scope", "global") if microbatches > 1 else "global"
+  out = {}
+  for name in ("aux", "batch_aux"):
+    if balance.get(f"{name}_alpha"):
+      out[name] = scope
+  if balance.get("seq_aux_alpha"):
+    out["seq_aux"] = "sequence"
+  if balance.get("bias_rate"):
+    out[f"bias_{balance.get('bias_rule', 'sign')}"] = scope
+  return out
 
 
 def _f(count_E, n_tokens, top_k):

@@ -36,7 +36,9 @@ _SWEEP = flags.DEFINE_string("sweep", "", "Instead of --strategies: 'rate' (the 
                              "in {1e-4, 1e-3, 1e-2}) or 'pareto' (the aux, batch_aux and "
                              "seq_aux losses at alpha in {1e-4, 1e-3, 1e-2, 1e-1}, the bias "
                              "at u in {1e-4, 1e-3, 1e-2}, quantile and none: validation "
-                             "loss against MaxVio_global).")
+                             "loss against MaxVio_global) or 'lfb_softmax' (with "
+                             "--gate=softmax: the magnitude-rule bias against aux at "
+                             "alpha 1e-4, 3e-4, 1e-3).")
 _GATE = flags.DEFINE_enum("gate", "sigmoid", ["sigmoid", "softmax"], "The router's "
                           "affinities for every run: sigmoid (V3, LFB's 1B) or softmax "
                           "(V2; LFB's softmax comparison).")
@@ -77,6 +79,9 @@ def main(argv):
   for name, _ in runs:
     if not _SWEEP.value and name not in small.STRATEGIES:
       raise app.UsageError(f"unknown strategy {name!r}; known: {sorted(small.STRATEGIES)}")
+  if _SWEEP.value == "lfb_softmax" and _GATE.value != "softmax":
+    raise app.UsageError("--sweep=lfb_softmax is LFB's softmax-gate setting: add "
+                         "--gate=softmax")
   if _PARALLEL.value < 1:
     raise app.UsageError(f"--parallel must be >= 1; got {_PARALLEL.value}")
   import jax

@@ -741,3 +741,33 @@ def test_a_run_is_reused_by_its_numbers_not_its_logging_or_loader():
     small.get_config("strategy=bias,alpha=0.1")
   with pytest.raises(ValueError, match="unknown gate"):
     small.get_config("gate=relu")
+
+
+def test_every_balancing_term_names_the_scope_it_counts_over():
+  """seq_aux counts per sequence; the batch losses and the bias per micro-batch or per
+  step as count_scope says, which with one micro-batch a step is the same: global."""
+  from deepseek_jax import balancing
+  from ml_collections import ConfigDict
+  b = ConfigDict(dict(aux_alpha=0.0, batch_aux_alpha=1e-3, seq_aux_alpha=1e-4,
+                      bias_rate=1e-3, bias_rule="quantile", count_scope="micro"))
+  assert balancing.term_scopes(b, 4) == {"batch_aux": "micro", "seq_aux": "sequence",
+                                         "bias_quantile": "micro"}
+  assert balancing.term_scopes(b, 1) == {"batch_aux": "global", "seq_aux": "sequence",
+                                         "bias_quantile": "global"}
+  b.count_scope, b.bias_rate, b.seq_aux_alpha = "global", 0.0, 0.0
+  assert balancing.term_scopes(b, 4) == {"batch_aux": "global"}
+
+
+def test_lfb_softmax_sweep_plans_the_papers_softmax_setting():
+  """--sweep=lfb_softmax: the magnitude-rule bias at every rate and the classic aux loss
+  at 3e-4 and around it; the report files the magnitude bias with the bias family."""
+  from configs import small
+  from deepseek_jax.ablation import report, runner
+  runs = dict(runner.plan([], "lfb_softmax"))
+  assert set(runs) == {"aux_a0.0001", "aux_a0.0003", "aux_a0.001", "bias_magnitude_u0.0001",
+                       "bias_magnitude_u0.001", "bias_magnitude_u0.01"}
+  cfg = small.get_config(runs["bias_magnitude_u0.001"] + ",size=tiny,gate=softmax")
+  assert cfg.balance.bias_rule == "magnitude" and cfg.model.score_func == "softmax"
+  assert report.family(cfg.balance.to_dict()) == ("bias", 1e-3)
+  aux = small.get_config(runs["aux_a0.0003"] + ",size=tiny").balance.to_dict()
+  assert report.family(aux) == ("aux", 3e-4)

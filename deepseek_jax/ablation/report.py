@@ -266,7 +266,7 @@ _COLOR = {"aux": "tab:red", "batch_aux": "tab:orange", "seq_aux": "tab:purple",
 
 def family(balance: dict) -> tuple[str, float] | None:
   """(loss, alpha) for a run with one balance loss and no bias, ("bias", u) for the
-  sign-rule bias alone, ("quantile", 0) / ("none", 0); None for combinations."""
+  sign- or magnitude-rule bias alone, ("quantile", 0) / ("none", 0); None for combinations."""
   alpha = {"aux": balance.get("aux_alpha", 0.0),
            "batch_aux": balance.get("batch_aux_alpha", 0.0),
            "seq_aux": balance.get("seq_aux_alpha", 0.0)}
@@ -276,7 +276,7 @@ def family(balance: dict) -> tuple[str, float] | None:
     return losses[0], alpha[losses[0]]
   if losses:
     return None
-  if rate and rule == "sign":
+  if rate and rule in ("sign", "magnitude"):   # magnitude: LFB's softmax setting
     return "bias", rate
   if rate and rule == "quantile":
     return "quantile", 0.0

@@ -12,6 +12,9 @@ Sweeps (instead of a strategy list):
           normalised affinities), the sign-rule bias at every u of RATE_SWEEP, Quantile
           Balancing, and no balancing; the report draws validation loss against
           MaxVio_global per family
+  lfb_softmax  LFB's softmax-gate setting (run with --gate=softmax): the magnitude-rule
+          bias at every u of RATE_SWEEP against the classic aux loss at alpha 1e-4, 3e-4
+          (the appendix's) and 1e-3
 
 `reuse` folders (earlier ablations, e.g. the main job's) lend their finished runs: a run
 whose config.json equals a planned run's config is copied in instead of retrained. An
@@ -37,7 +40,8 @@ RATE_SWEEP = (1e-4, 1e-3, 1e-2)          # LFB Fig. 4
 PARETO_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)  # every loss's alpha, LFB's 1e-3 in the middle
 # The balance losses that can trade balance for loss (configs/small.py ALPHA_OF).
 PARETO_LOSSES = ("aux", "batch_aux", "seq_aux")
-SWEEPS = ("rate", "pareto")
+LFB_SOFTMAX_ALPHAS = (1e-4, 3e-4, 1e-3)
+SWEEPS = ("rate", "pareto", "lfb_softmax")
 
 
 class Interrupted(RuntimeError):
@@ -50,6 +54,12 @@ def plan(strategies, sweep: str | None):
   rate = [(f"bias_u{u:g}", f"strategy=bias,rate={u:g}") for u in RATE_SWEEP]
   if sweep == "rate":
     return rate
+  if sweep == "lfb_softmax":
+    # LFB's softmax-gate comparison as the issue reads its appendix: the magnitude
+    # update rule for the bias, the classic aux loss at 3e-4 and the alphas around it.
+    return ([(f"aux_a{a:g}", f"strategy=aux,alpha={a:g}") for a in LFB_SOFTMAX_ALPHAS]
+            + [(f"bias_magnitude_u{u:g}", f"strategy=bias_magnitude,rate={u:g}")
+               for u in RATE_SWEEP])
   if sweep == "pareto":
     return ([("none", "strategy=none")]
             + [(f"{loss}_a{a:g}", f"strategy={loss},alpha={a:g}")
@@ -132,22 +142,34 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
       for k, v in (overrides or {}).items():
         common.set_path(cfg, k, v)
       jobs.append((run_name(name, seed, seeds), cfg))
-  if reuse:
-    copy_reusable(jobs, workdir, reuse)
-  if parallel > 1 and len(jobs) > 1:
-    _run_in_lanes(jobs, workdir, peak_flops, parallel, t0)
-  else:
-    for i, (name, cfg) in enumerate(jobs):
-      print(f"=== [{i + 1}/{len(jobs)}] {name}: {cfg.total_steps} steps, seed {cfg.seed} "
-            f"({time.perf_counter() - t0:.0f}s elapsed) ===", flush=True)
-      last = trainer.train(cfg, os.path.join(workdir, name), peak_flops=peak_flops)
-      if last.get("preempted"):
-        raise Interrupted(f"{name} stopped at step {last.get('step')} (saved); rerun the "
-                          "same command to resume the ablation")
+  train_jobs(jobs, workdir, peak_flops=peak_flops, parallel=parallel, reuse=reuse)
   runs_data = {name: report.load_run(os.path.join(workdir, name)) for name, _ in jobs}
   results = report.write_report(runs_data, workdir)
   logging.info("ablation done in %.0fs", time.perf_counter() - t0)
   return results
+
+
+def train_jobs(jobs, workdir: str, *, peak_flops: float | None = None, parallel: int = 1,
+               reuse=()):
+  """Trains [(run name, config)] into workdir/<name>: finished runs are skipped (each
+  workdir resumes itself), `reuse` folders lend finished twins, parallel > 1 trains that
+  many at once in their own processes. Raises Interrupted when a run was stopped."""
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.perf_counter()
+  if reuse:
+    copy_reusable(jobs, workdir, reuse)
+  done = set(finished_runs([workdir]).values())
+  jobs = [(n, c) for n, c in jobs if os.path.join(workdir, n) not in done]
+  if parallel > 1 and len(jobs) > 1:
+    _run_in_lanes(jobs, workdir, peak_flops, parallel, t0)
+    return
+  for i, (name, cfg) in enumerate(jobs):
+    print(f"=== [{i + 1}/{len(jobs)}] {name}: {cfg.total_steps} steps, seed {cfg.seed} "
+          f"({time.perf_counter() - t0:.0f}s elapsed) ===", flush=True)
+    last = trainer.train(cfg, os.path.join(workdir, name), peak_flops=peak_flops)
+    if last.get("preempted"):
+      raise Interrupted(f"{name} stopped at step {last.get('step')} (saved); rerun the "
+                        "same command to resume the ablation")
 
 
 # Lanes ----------------------------------------------------------------------------------

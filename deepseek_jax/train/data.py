@@ -38,6 +38,7 @@ from deepseek_jax.data import inputs as inputs_lib
 from deepseek_jax.data import prepare, shards
 
 EOS = "<|eos|>"
+COMPOSITIONS = ("mixed", "single_domain")   # how a batch's micro-batches draw on sources
 
 
 def stdlib_files() -> list[str]:
@@ -100,6 +101,7 @@ class Corpus:
   weights: list                # per source (1.0 for one source)
   dirs: list                   # the prepared folders
   manifest: dict               # the first source's (all share the tokenizer)
+  names: list = None           # per source: its domain (source=domains), else its folder
 
 
 def _cache_key(data_cfg, vocab_size: int, files: list[str]) -> str:
@@ -143,8 +145,10 @@ def prepared_dirs(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
         directory, weight = part.strip(), "1"
       out.append((os.path.expanduser(directory), float(weight)))
     return out
+  if data_cfg.source == "domains":
+    return _domain_dirs(data_cfg, vocab_size)
   if data_cfg.source not in ("stdlib", "files"):
-    raise ValueError(f"data.source must be stdlib, files or prepared; got "
+    raise ValueError(f"data.source must be stdlib, domains, files or prepared; got "
                      f"{data_cfg.source!r} (hf_local folders and jsonl/parquet files: "
                      "python -m experiments.prepare_data, then source=prepared)")
   if data_cfg.tokenizer not in ("bpe", "bytes"):
@@ -161,6 +165,42 @@ def prepared_dirs(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
     except inputs_lib.InputError as e:
       raise ValueError(f"data: {e}") from None
   return [(out, 1.0)]
+
+
+def _domain_dirs(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
+  """The embedded domains (data/domains.py: code, prose, structured), each written and
+  prepared on first use into the cache directory: a mixture of equal weights."""
+  from deepseek_jax.data import domains
+  if data_cfg.tokenizer != "bytes":
+    raise ValueError("data.source='domains' needs data.tokenizer='bytes' (one tokenizer "
+                     "for the three domains; a BPE would be trained on each)")
+  names = tuple(data_cfg.get("domains") or domains.DOMAINS)
+  unknown = sorted(set(names) - set(domains.DOMAINS))
+  if unknown:
+    raise ValueError(f"data.domains: unknown {unknown}; choose from {domains.DOMAINS}")
+  max_bytes = int(data_cfg.get("domain_bytes") or 8 << 20)
+  cache = data_cfg.get("cache_dir") or default_cache_dir()
+  key = hashlib.sha256(f"{domains.VERSION}\0{sys.version}\0{max_bytes}\0"
+                       f"{data_cfg.val_fraction}".encode()).hexdigest()[:12]
+  out = []
+  for name in names:
+    directory = os.path.join(cache, f"domain-{name}-{key}")
+    if not os.path.exists(os.path.join(directory, shards.MANIFEST)):
+      os.makedirs(cache, exist_ok=True)
+      jsonl = os.path.join(cache, f"domain-{name}-{key}.jsonl")
+      logging.info("writing the %s domain into %s", name, jsonl)
+      domains.write_domain(name, jsonl, max_bytes)
+      prepare.prepare([jsonl], "bytes", directory, val_fraction=data_cfg.val_fraction)
+    out.append((directory, 1.0))
+  return out
+
+
+def source_names(data_cfg, dirs) -> list[str]:
+  """A name per source of a run's data: the domain, or the prepared folder's name."""
+  if data_cfg.source == "domains":
+    from deepseek_jax.data import domains
+    return list(data_cfg.get("domains") or domains.DOMAINS)
+  return [os.path.basename(os.path.normpath(d)) for d, _ in dirs]
 
 
 def _is_number(text: str) -> bool:
@@ -218,7 +258,8 @@ def load_corpus(data_cfg, vocab_size: int) -> Corpus:
                      f"data.val_fraction={data_cfg.val_fraction} is empty; raise "
                      "data.val_fraction")
   return Corpus(_tokenizer_of(dirs[0][0], manifests[0]), train, val,
-                [w for _, w in dirs], [d for d, _ in dirs], manifests[0])
+                [w for _, w in dirs], [d for d, _ in dirs], manifests[0],
+                source_names(data_cfg, dirs))
 
 
 def packed_rows(streams, weights, seq_len: int, seed: int, shuffle: bool = True):
@@ -324,7 +365,22 @@ class Mixture:
     return src, pos
 
   def rows(self, positions) -> dict[str, np.ndarray]:
-    src, pos = self.locate(positions)
+    return self.source_rows(*self.locate(positions))
+
+  def single_domain_rows(self, step: int, batch: int, microbatches: int, lo: int, hi: int):
+    """Rows lo..hi-1 of step `step`'s batch composed one source a micro-batch: row i
+    belongs to micro-batch i mod M (train/step.py's strided split), global micro-batch
+    j = step M + i mod M reads source j mod K, each source running through its own
+    stream (micro-batch j // K of it) at its own pace: domains rotate over
+    micro-batches and steps, and the batch is a pure function of (seed, step)."""
+    M, K = microbatches, len(self.sources)
+    i = np.arange(lo, hi, dtype=np.int64)
+    j = step * M + i % M
+    return self.source_rows(j % K, (j // K) * (batch // M) + i // M)
+
+  def source_rows(self, src, pos) -> dict[str, np.ndarray]:
+    """The rows at positions `pos` of the sources `src` (each its own epochs)."""
+    src, pos = np.asarray(src), np.asarray(pos)
     parts, order = [], []
     for k in np.unique(src):
       sel = np.flatnonzero(src == k)
@@ -349,12 +405,27 @@ class BatchSchedule:
   one stage: the rule above), and a batch may run from one epoch into the next.
   """
 
-  def __init__(self, rows: PackedRows, batch_size: int, seed: int, stages=None):
+  def __init__(self, rows: PackedRows, batch_size: int, seed: int, stages=None,
+               composition: str = "mixed", microbatches: int = 1):
     """stages: [(start_step, batch)] in step order, the first at step 0 (None: one
-    stage of batch_size)."""
+    stage of batch_size). composition "single_domain" (a Mixture, one stage): each
+    micro-batch of `microbatches` from one source (Mixture.single_domain_rows); "mixed":
+    the sources shuffled together."""
     stages = [(0, batch_size)] if stages is None else [(int(a), int(b)) for a, b in stages]
     if stages[0][0] != 0:
       raise ValueError("batch stages must start at step 0")
+    if composition not in COMPOSITIONS:
+      raise ValueError(f"data.composition must be one of {COMPOSITIONS}; got "
+                       f"{composition!r}")
+    if composition == "single_domain":
+      if not isinstance(rows, Mixture):
+        raise ValueError("data.composition='single_domain' needs several sources (a "
+                         "mixture, e.g. data.source='domains')")
+      if len(stages) > 1 or microbatches < 1 or batch_size % microbatches:
+        raise ValueError(f"data.composition='single_domain' needs one batch size divisible "
+                         f"by an explicit microbatches (batch_size={batch_size}, "
+                         f"microbatches={microbatches}, {len(stages)} batch stage(s))")
+    self.composition, self.microbatches = composition, microbatches
     biggest = max(b for _, b in stages)
     if rows.n_rows < biggest:
       raise ValueError(f"{rows.n_rows} rows cannot fill a batch of {biggest}")
@@ -390,6 +461,10 @@ class BatchSchedule:
 
   def batch(self, step: int, process_index: int = 0, process_count: int = 1):
     """This process's contiguous slice of the global batch of `step`."""
+    if self.composition == "single_domain":
+      per = self.batch_size // process_count
+      return self.rows.single_domain_rows(step, self.batch_size, self.microbatches,
+                                          process_index * per, (process_index + 1) * per)
     idx = self.global_indices(step)
     per = len(idx) // process_count
     return self.rows.rows(idx[process_index * per:(process_index + 1) * per])

@@ -248,7 +248,14 @@ def describe_run(cfg, model_cfg, mesh) -> str:
           f"top-{model_cfg.top_k}), MTP depth {model_cfg.mtp_depth} | mesh {mesh_s} | "
           f"batch {cfg.batch_size} x {cfg.seq_len}{_ramp(cfg)}, {cfg.total_steps} steps, "
           f"{cfg.microbatches} microbatch(es) | balancing: "
-          + (", ".join(alphas + [bias] if bias else alphas) or "none"))
+          + (", ".join(alphas + [bias] if bias else alphas) or "none")
+          + _scopes(cfg))
+
+
+def _scopes(cfg) -> str:
+  scopes = balancing.term_scopes(cfg.balance, int(cfg.microbatches))
+  return (" | counted over: " + ", ".join(f"{k} {v}" for k, v in scopes.items())
+          if scopes else "")
 
 
 def _ramp(cfg) -> str:
@@ -414,7 +421,9 @@ def _inputs(cfg, workdir: str) -> _Inputs:
     val_rows = _packed_rows(corpus.val, corpus.weights, cfg, "validation")
     recipe = Recipe(cfg)
     schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed,
-                                  [(s.start_step, s.batch) for s in recipe.stages])
+                                  [(s.start_step, s.batch) for s in recipe.stages],
+                                  cfg.data.get("composition", "mixed"),
+                                  int(cfg.microbatches))
     hparams = jax.tree.map(jnp.float32, balance_hparams(cfg))
   return _Inputs(model_cfg, saved_cfg if resuming else None, corpus, val_rows, recipe,
                  schedule, hparams)
