@@ -29,6 +29,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely (0: al
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Draft with the MTP modules.")
+_DRAFT_DEPTH = flags.DEFINE_integer("draft_depth", None, "--speculative: drafts a round "
+                                    "(default: the model's MTP depth; more chains the "
+                                    "last module).")
 _COMPARE = flags.DEFINE_bool("compare", False, "Also run plain decoding; print speed-up.")
 _NAIVE = flags.DEFINE_bool("naive", False, "Re-expand K and V from the cache (no weight "
                            "absorption), for comparison.")
@@ -58,6 +61,12 @@ def main(argv):
   if (_SPECULATIVE.value or _COMPARE.value) and model.cfg.mtp_depth < 1:
     raise app.UsageError("--speculative/--compare need a model with MTP modules "
                          "(mtp_depth >= 1)")
+  if _DRAFT_DEPTH.value is not None and _DRAFT_DEPTH.value < 1:
+    raise app.UsageError(f"--draft_depth must be >= 1; got {_DRAFT_DEPTH.value}")
+  drafter = (model, variables)
+  if model.cfg.mtp_depth >= 1:
+    drafter = speculative.with_draft_depth(model, variables,
+                                           _DRAFT_DEPTH.value or model.cfg.mtp_depth)
   prompts = [[int(t) for t in p.split(",") if t.strip()] for p in _PROMPT_IDS.value]
   if _PROMPT.value:
     if tokenizer is None:
@@ -79,9 +88,11 @@ def main(argv):
   sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   kw = dict(seed=_SEED.value, absorb=not _NAIVE.value, cache_dtype=_CACHE_DTYPE.value,
             eos_id=getattr(tokenizer, "eos_id", None) if _STOP_AT_EOS.value else None)
-  run = speculative.speculative_generate if _SPECULATIVE.value else decoding.generate
-  result = run(model, variables, prompts, _MAX_NEW.value, sampling,
-               on_tokens=stream, **kw)
+  plain = lambda **more: decoding.generate(model, variables, prompts, _MAX_NEW.value,
+                                          sampling, **kw, **more)
+  spec = lambda **more: speculative.speculative_generate(*drafter, prompts, _MAX_NEW.value,
+                                                         sampling, **kw, **more)
+  result = (spec if _SPECULATIVE.value else plain)(on_tokens=stream)
   if stream is None:
     for p, out in zip(prompts, result.tokens):
       print(repr(decode(p)), "->", repr(decode(out)))
@@ -90,8 +101,7 @@ def main(argv):
   print(f"# {'speculative' if _SPECULATIVE.value else 'plain'}: {result.summary()}",
         file=sys.stderr)
   if _COMPARE.value:
-    other = decoding.generate if _SPECULATIVE.value else speculative.speculative_generate
-    base = other(model, variables, prompts, _MAX_NEW.value, sampling, **kw)
+    base = (plain if _SPECULATIVE.value else spec)()
     print(f"# {'plain' if _SPECULATIVE.value else 'speculative'}: {base.summary()}",
           file=sys.stderr)
     if sampling.greedy:

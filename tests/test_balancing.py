@@ -687,6 +687,13 @@ def test_micro_counting_updates_the_bias_after_every_microbatch(tmp_path):
   assert float(jnp.abs(new.expert_bias - twice0.expert_bias).max()) > 1e-3
   # Two sign steps of u = 0.01: a bias can move by 0.02 (global counting: at most 0.01).
   assert float(jnp.abs(new.expert_bias).max()) == pytest.approx(0.02)
+  # Global counting on the same batch: one update from both microbatches' loads.
+  cfg_g, model_g, tx_g, state_g, batch_g, hp_g = _setup(
+      tmp_path / "global", microbatches=2, **{"optimizer.peak_lr": 0.0})
+  np.testing.assert_array_equal(batch_g["tokens"], batch["tokens"])
+  glob, _ = step(cfg_g, model_g, tx_g)(state_g, batch_g, hp_g)
+  assert float(jnp.abs(glob.expert_bias).max()) == pytest.approx(0.01)
+  assert float(jnp.abs(new.expert_bias - glob.expert_bias).max()) > 1e-3
 
 
 def test_mtp_lambda_switches_at_the_configured_step(tmp_path):

@@ -56,8 +56,11 @@ def verdicts(rows) -> list[str]:
       continue
     (single, s_sign), (mixed, m_sign) = _reading(gaps["single_domain"]), _reading(gaps["mixed"])
     js = paired_gap(rows, strategy, "single_domain", "js_divergence")
-    js_words = "" if js is None else (f"; domain JS divergence micro - global under "
-                                      f"single_domain {js['mean']:+.4f} bits")
+    js_words = ""
+    if js is not None:
+      half = "" if math.isnan(js["ci95"]) else f" ± {js['ci95']:.4f}"
+      js_words = (f"; domain JS divergence micro - global under single_domain "
+                  f"{js['mean']:+.4f}{half} bits (lower: less specialised by domain)")
     reproduces = s_sign > 0 and m_sign <= 0
     out.append(f"{strategy}: under single_domain, {single}; under mixed, {mixed}{js_words}. "
                f"Qwen's finding (global beats micro only when micro-batches hold one "

@@ -561,13 +561,13 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
       bad = [g for g, fin in zip(groups, np.asarray(m.get("grad_finite", []))) if not fin]
       where = f" (non-finite gradients in {', '.join(bad)})" if bad else ""
       skipped_run.append(s)
-      if len(skipped_run) > cfg.get("max_skipped_steps", 0):
+      if len(skipped_run) > cfg.get("max_skipped_steps", 3):
         ckpt.wait()
         saved = ckpt.steps()
         raise NonFiniteLoss(
             f"non-finite {what} at step {s}{where}: {len(skipped_run)} step(s) in a row "
             f"(steps {skipped_run[0]}-{s}) were skipped, more than max_skipped_steps="
-            f"{cfg.get('max_skipped_steps', 0)}; training stopped. The skipped steps "
+            f"{cfg.get('max_skipped_steps', 3)}; training stopped. The skipped steps "
             f"changed nothing; the latest checkpoint is step "
             f"{saved[-1] if saved else None} in {ckpt.directory} (its parameters are "
             "finite; a diverging run can still hold huge ones there: lower the learning "

@@ -57,7 +57,7 @@ def test_verdicts_come_from_paired_intervals():
   assert gap["mean"] == pytest.approx(0.05, abs=1e-3) and gap["n"] == 3
   (v,) = rep.verdicts(rows)
   assert "global scope better" in v and "no difference beyond the interval" in v
-  assert "reproduces here" in v and "-0.0500 bits" in v
+  assert "reproduces here" in v and "-0.0500 ± 0.0000 bits" in v
   rows[3] = _row("bias", "micro", "mixed", [b + 0.05 + d for b, d in
                                             zip(base, (0.001, -0.002, 0.001))])
   (v,) = rep.verdicts(rows)
