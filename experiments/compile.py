@@ -1,4 +1,5 @@
-"""Compile a config's train step for a TPU topology on this host, and say whether it fits.
+"""Compile a config's train step, or its serving decode step or prefill, for a TPU topology
+on this host, and say whether it fits.
 
   pip install -e ".[tpu]"
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x16x16
@@ -10,6 +11,12 @@
       --stage=128k       # a context-extension stage (config.extension)
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:4x4x8 \
       --mode=decode --batch=128 --context=32768   # serving: one cached decode step
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:4x4x8 \
+      --mode=decode --batch=4096 --context=32768 --mha   # and the MHA counterfactual
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:4x4x8 \
+      --mode=decode --batch=4096 --context=32768 --find_max_batch --weights=int8
+  python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:4x4x8 \
+      --mode=prefill --batch=128 --context=32768  # one prefill of 128 prompts
 
 Prints the per-chip memory, the executed work against the useful work by class, HBM and
 collective bytes and a roofline step (deepseek_jax/train/aot.py, train/hlo.py), writes
@@ -47,27 +54,48 @@ _ROUTING = flags.DEFINE_string("routing_counts", None, "Count the routed experts
                                "and rounds at these per-layer expert loads: a run's "
                                "metrics.jsonl (its last evaluation's val_load) or JSON "
                                "[[count per expert] per layer]. Default: balanced.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode"], "train: the train step; "
-                          "decode: one cached decode step of --batch requests at --context "
-                          "positions (weights in bfloat16, experts over an expert axis).")
-_BATCH = flags.DEFINE_integer("batch", 128, "--mode=decode: requests decoded together.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode", "prefill"],
+                          "train: the train step; decode: one cached decode step of "
+                          "--batch requests at --context positions; prefill: --batch "
+                          "prompts of --context tokens into an empty cache (serving: "
+                          "weights bf16 or int8, experts over an expert axis).")
+_BATCH = flags.DEFINE_integer("batch", 128, "--mode=decode/prefill: requests together "
+                              "(with --find_max_batch: the first guess).")
 _CONTEXT = flags.DEFINE_integer("context", 32768, "--mode=decode: cached positions a "
-                                "request.")
+                                "request; --mode=prefill: prompt tokens a request.")
+_WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "int8"], "--mode=decode/prefill: "
+                             "matmul weights in bf16, or int8 with per-output-channel "
+                             "scales dequantised inside the step.")
+_MHA = flags.DEFINE_bool("mha", False, "--mode=decode: also compile the MHA counterfactual "
+                         "(per-head K and V cached instead of the latent).")
+_FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "--mode=decode: find the largest "
+                              "batch that fits at --context by compiling (--batch is the "
+                              "first guess); report at that batch.")
 flags.mark_flags_as_required(["config", "topology"])
 
 
-def decode(cfg):
-  """--mode=decode: the report of inference/compile_decode.py."""
-  from deepseek_jax.inference import compile_decode
+def serve(cfg):
+  """--mode=decode/prefill: the report of inference/compile_decode.py or compile_prefill."""
+  from deepseek_jax.inference import compile_decode, compile_prefill
   from deepseek_jax.model.config import model_config_from
+  mode = _MODE.value
   if _BATCH.value < 1 or _CONTEXT.value < 1:
-    raise ValueError(f"--batch and --context must be >= 1; got {_BATCH.value}, "
-                     f"{_CONTEXT.value}")
+    raise app.UsageError(f"--batch and --context must be >= 1; got {_BATCH.value}, "
+                         f"{_CONTEXT.value}")
+  if mode == "prefill" and (_MHA.value or _FIND_MAX.value):
+    raise app.UsageError("--mha and --find_max_batch go with --mode=decode only")
   model = model_config_from(cfg.model).replace(dtype="bfloat16", param_dtype="bfloat16")
   mesh = {"data": 1, "fsdp": 1, "expert": -1, "context": 1,
           "tensor": cfg.mesh.get("tensor", 1)}
-  return compile_decode.decode_report(model, _TOPOLOGY.value, _BATCH.value,
-                                      _CONTEXT.value, mesh)
+  if mode == "prefill":
+    r = compile_prefill.prefill_report(model, _TOPOLOGY.value, _BATCH.value,
+                                       _CONTEXT.value, mesh, _WEIGHTS.value)
+    return r, compile_prefill.format_prefill_report(r), r["fits_hbm"]
+  r = compile_decode.decode_report(model, _TOPOLOGY.value, _BATCH.value, _CONTEXT.value,
+                                   mesh, _WEIGHTS.value, mha=_MHA.value,
+                                   find_max_batch=_FIND_MAX.value)
+  ok = r["max_batch"][str(_CONTEXT.value)] > 0 if _FIND_MAX.value else r["fits_hbm"]
+  return r, compile_decode.format_decode_report(r), ok
 
 
 def main(argv):
@@ -77,17 +105,19 @@ def main(argv):
   from deepseek_jax.train.recipe import Recipe
   from configs import common
   cfg = _CONFIG.value
-  if _MODE.value == "decode":
-    from deepseek_jax.inference import compile_decode
+  if _MODE.value != "train":
     try:
-      r = decode(cfg)
+      r, text, ok = serve(cfg)
     except (aot.TopologyError, ValueError) as e:
       sys.exit(f"experiments.compile: {e}")
-    print(compile_decode.format_decode_report(r))
+    print(text)
     if _OUT.value:
       with open(_OUT.value, "w") as f:
         json.dump(r, f, indent=1)
-    sys.exit(0 if r["fits_hbm"] else 1)
+    sys.exit(0 if ok else 1)
+  if _MHA.value or _FIND_MAX.value or _WEIGHTS.value != "bf16":
+    raise app.UsageError("--mha, --find_max_batch and --weights go with --mode=decode "
+                         "or --mode=prefill")
   try:
     spec = _STAGE.value
     if spec in (cfg.get("extension") or {}):

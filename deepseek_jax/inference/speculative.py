@@ -2,7 +2,7 @@
 
 Notation: n = tokens the main model has cached (its cache length); t[n] the pending
 token (chosen, not yet run); D = mtp_depth. Module k at position i reads h_{k-1}[i] and
-token t[i+k] and predicts t[i+k+1], exactly as in training (model.py), so from position
+token t[i+k] and predicts t[i+k+1], exactly as in training (model/mtp.py), so from position
 n-1 the chain k = 1..D drafts t[n+1] .. t[n+D]: module k reads the draft of module k-1.
 
 One round (a single jitted function, static shapes):
