@@ -1,28 +1,17 @@
 """The MHA counterfactual cache (inference/mha_cache.py): the same model with per-head K
 and V cached instead of the latent gives the latent-cached decode's logits."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.inference import mha_cache
 from deepseek_jax.model import config, kv_cache
-from deepseek_jax.model.transformer import BALANCE, Transformer
+from deepseek_jax.model.transformer import Transformer
+
+from test_decoding import _variables
 
 TINY = config.tiny().replace(n_layers=3, mtp_depth=0)   # dense, MoE, MoE; float32
-
-
-def _variables(cfg, seed=0):
-  shapes = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0),
-                                   jnp.zeros((1, 8), jnp.int32)))
-  rng = np.random.default_rng(seed)
-  draw = lambda path, s: (np.ones(s.shape, s.dtype) if path[-1].key == "scale" else
-                          (cfg.init_std * rng.standard_normal(s.shape)).astype(s.dtype))
-  params = jax.tree_util.tree_map_with_path(draw, shapes["params"])
-  bias = 0.1 * rng.standard_normal(shapes[BALANCE]["expert_bias"].shape)
-  return jax.tree.map(jnp.asarray, {"params": params,
-                                    BALANCE: {"expert_bias": bias.astype(np.float32)}})
 
 
 def test_mha_cache_holds_per_head_kv():
