@@ -151,15 +151,13 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
 
 def train_jobs(jobs, workdir: str, *, peak_flops: float | None = None, parallel: int = 1,
                reuse=()):
-  """Trains [(run name, config)] into workdir/<name>: finished runs are skipped (each
-  workdir resumes itself), `reuse` folders lend finished twins, parallel > 1 trains that
+  """Trains [(run name, config)] into workdir/<name>: each workdir resumes itself (a
+  finished run only re-reads its end), `reuse` folders lend finished twins, parallel > 1 trains that
   many at once in their own processes. Raises Interrupted when a run was stopped."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   if reuse:
     copy_reusable(jobs, workdir, reuse)
-  done = set(finished_runs([workdir]).values())
-  jobs = [(n, c) for n, c in jobs if os.path.join(workdir, n) not in done]
   if parallel > 1 and len(jobs) > 1:
     _run_in_lanes(jobs, workdir, peak_flops, parallel, t0)
     return
