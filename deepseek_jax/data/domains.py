@@ -33,7 +33,7 @@ VERSION = "1"   # bump when what a domain holds changes (the prepared cache's ke
 
 
 def _modules():
-  from deepseek_jax.train.data import stdlib_files
+  from deepseek_jax.data.inputs import stdlib_files
   for path in stdlib_files():
     try:
       with open(path, encoding="utf-8") as fh:

@@ -16,9 +16,17 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sysconfig
 from dataclasses import dataclass, field
 
 RECORD_EXTS = (".jsonl", ".json", ".parquet")
+
+
+def stdlib_files() -> list[str]:
+  """The Python install's standard-library sources (the embedded corpus), sorted."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
+  return [f for f in files if "site-packages" not in f and "dist-packages" not in f]
 
 
 class InputError(ValueError):

@@ -21,7 +21,6 @@ of the global batch from the memory-mapped shards.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import functools
 import json
@@ -39,12 +38,6 @@ from deepseek_jax.data import prepare, shards
 
 EOS = "<|eos|>"
 COMPOSITIONS = ("mixed", "single_domain")   # how a batch's micro-batches draw on sources
-
-
-def stdlib_files() -> list[str]:
-  root = sysconfig.get_paths()["stdlib"]
-  files = sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
-  return [f for f in files if "site-packages" not in f and "dist-packages" not in f]
 
 
 # Tokenizers --------------------------------------------------------------------
@@ -120,7 +113,7 @@ def _input_files(data_cfg) -> tuple[list[str], str | None]:
   """(files, name root) of the stdlib / files sources (documents named relative to the
   stdlib root, or by absolute path for files: the split the in-memory path used)."""
   if data_cfg.source == "stdlib":
-    return stdlib_files(), sysconfig.get_paths()["stdlib"]
+    return inputs_lib.stdlib_files(), sysconfig.get_paths()["stdlib"]
   if not data_cfg.get("paths"):
     raise ValueError(f"data.source={data_cfg.source!r} needs data.paths (comma-separated "
                      "globs)")
