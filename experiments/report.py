@@ -8,7 +8,7 @@ import os
 
 from absl import app, flags
 
-from deepseek_jax.ablation import report
+from deepseek_jax.ablation import report, saved_runs
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories, or folders of runs.")
 _OUT = flags.DEFINE_string("out", None, "Where to write (default: the first workdir).")
@@ -38,7 +38,7 @@ def main(argv):
   runs = _runs(_WORKDIRS.value)
   out = _OUT.value or (_WORKDIRS.value[0] if len(runs) > 1 else os.path.dirname(
       next(iter(runs.values()))))
-  report.write_report({n: report.load_run(p) for n, p in runs.items()}, out)
+  report.write_report({n: saved_runs.load_run(p) for n, p in runs.items()}, out)
   print(open(os.path.join(out, "report.md")).read())
 
 

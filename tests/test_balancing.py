@@ -313,8 +313,8 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
   assert "Pareto" not in report_md    # one alpha and one rate make no sweep
   assert results["bias"]["steps"] == 6
   # The report rebuilds from the saved runs alone.
-  from deepseek_jax.ablation import report
-  again = report.write_report({n: report.load_run(str(tmp_path / "abl" / n))
+  from deepseek_jax.ablation import report, saved_runs
+  again = report.write_report({n: saved_runs.load_run(str(tmp_path / "abl" / n))
                                for n in ("aux", "bias")}, str(tmp_path / "again"))
   assert again["aux"]["val_loss"] == pytest.approx(saved["aux"]["val_loss"])
 
@@ -402,7 +402,7 @@ def test_pareto_families_intervals_and_matched_pairs_against_hand_values():
   means with the overlapping ones marked, each loss family's trade-off and the bias
   against its matched point as paired intervals, and the words they give, all against
   values computed here by hand."""
-  from deepseek_jax.ablation import report
+  from deepseek_jax.ablation import pareto, saved_runs, verdicts
   runs = {}
   table = {  # name: (losses, MaxVios over seeds 0-2, summary kwargs)
       "none": ([3.99, 3.98, 4.00], [7.0, 7.2, 7.1], {}),
@@ -418,8 +418,8 @@ def test_pareto_families_intervals_and_matched_pairs_against_hand_values():
   for name, (losses, vios, kw) in table.items():
     for seed in range(3):
       runs[f"{name}_seed{seed}"] = _summary(losses[seed], vios[seed], seed=seed, **kw)
-  groups = report.group_by_strategy(runs)
-  pts = {p["name"]: p for p in report.pareto_points(groups)}
+  groups = saved_runs.group_by_strategy(runs)
+  pts = {p["name"]: p for p in pareto.pareto_points(groups)}
   t2 = 4.303  # t quantile, 2 degrees of freedom
   half = lambda v: t2 * np.std(v, ddof=1) / np.sqrt(3)
   assert (pts["batch_aux_a0.1"]["family"], pts["batch_aux_a0.1"]["knob"]) == ("batch_aux", 0.1)
@@ -440,7 +440,7 @@ def test_pareto_families_intervals_and_matched_pairs_against_hand_values():
   # batch_aux_a0.001's MaxVio (1.1 +- 0.248) is clear of the bias's (0.40 +- 0.124).
   assert "bias_u0.001" not in pts["batch_aux_a0.001"]["within_noise"]
 
-  comp = report.matched_comparisons(groups, list(pts.values()))
+  comp = pareto.matched_comparisons(groups, list(pts.values()))
   # batch_aux reaches the bias's balance (0.35 <= 0.40): paired bias - batch_aux_a0.1.
   b = comp["batch_aux"]
   assert (b["bias"], b["match"], b["reaches"]) == ("bias_u0.001", "batch_aux_a0.1", True)
@@ -455,7 +455,7 @@ def test_pareto_families_intervals_and_matched_pairs_against_hand_values():
   a = comp["aux"]
   assert (a["match"], a["reaches"]) == ("aux_a0.1", False)
   np.testing.assert_allclose(a["val_loss"]["mean"], np.mean([-0.32, -0.32, -0.35]))
-  words = "\n".join(report.dilemma_verdict(comp))
+  words = "\n".join(verdicts.dilemma_verdict(comp))
   aux_line = next(l for l in words.splitlines() if l.startswith("- **aux**"))
   batch_line = next(l for l in words.splitlines() if l.startswith("- **batch_aux**"))
   assert "shows the dilemma" in aux_line and "sits below the family's curve" in aux_line
@@ -463,52 +463,52 @@ def test_pareto_families_intervals_and_matched_pairs_against_hand_values():
   assert "balance improves at no resolved loss cost" in batch_line
   assert "sits inside the noise of the family's curve" in batch_line
   # One seed gives no verdict, never a verdict from means.
-  one = report.group_by_strategy({n: r for n, r in runs.items() if n.endswith("_seed0")})
-  one_pts = report.pareto_points(one)
+  one = saved_runs.group_by_strategy({n: r for n, r in runs.items() if n.endswith("_seed0")})
+  one_pts = pareto.pareto_points(one)
   assert all(p["within_noise"] == [] for p in one_pts)
-  assert all("no verdict" in l for l in report.dilemma_verdict(
-      report.matched_comparisons(one, one_pts)))
+  assert all("no verdict" in l for l in verdicts.dilemma_verdict(
+      pareto.matched_comparisons(one, one_pts)))
 
 
 def test_pareto_points_mark_the_dominated_runs():
-  from deepseek_jax.ablation import report
-  groups = report.group_by_strategy({
+  from deepseek_jax.ablation import pareto, saved_runs, verdicts
+  groups = saved_runs.group_by_strategy({
       "none": _summary(3.99, 2.2), "aux_a0.001": _summary(3.98, 1.8, alpha=1e-3),
       "aux_a0.1": _summary(4.05, 0.5, alpha=0.1), "bias_u0.001": _summary(3.97, 0.2, rate=1e-3),
       "bias_u0.01": _summary(4.00, 0.1, rate=1e-2)})
-  pts = {p["name"]: p for p in report.pareto_points(groups)}
+  pts = {p["name"]: p for p in pareto.pareto_points(groups)}
   assert set(pts["aux_a0.1"]["dominated_by"]) == {"bias_u0.001", "bias_u0.01"}
   assert set(pts["none"]["dominated_by"]) == {"aux_a0.001", "bias_u0.001"}
   assert pts["bias_u0.01"]["dominated_by"] == [] and pts["bias_u0.001"]["dominated_by"] == []
-  words = " ".join(report.pareto_verdict(list(pts.values())))
+  words = " ".join(verdicts.pareto_verdict(list(pts.values())))
   assert "bias_u0.001, bias_u0.01" in words
   assert "Aux runs dominated by a bias run: 2 of 2" in words
   assert "No aux alpha reaches the bias's best balance" in words
 
 
 def test_seeded_verdict_is_worded_from_the_interval():
-  from deepseek_jax.ablation import report
+  from deepseek_jax.ablation import saved_runs, stats, verdicts
   runs = {}
   for s, (a, b) in enumerate([(3.98, 3.99), (3.97, 3.985), (3.99, 4.0)]):
     runs[f"aux_seed{s}"] = _summary(a, 1.8, alpha=1e-3, seed=s)
     runs[f"bias_seed{s}"] = _summary(b, 0.2, rate=1e-3, seed=s)
     runs[f"none_seed{s}"] = _summary(a + (0.01 if s == 0 else -0.01), 2.0, seed=s)
-  groups = report.group_by_strategy(runs)
-  lines = report.seeded_verdict(groups)
+  groups = saved_runs.group_by_strategy(runs)
+  lines = verdicts.seeded_verdict(groups)
   bias = next(l for l in lines if l.startswith("- **bias"))
   none = next(l for l in lines if l.startswith("- **none"))
   assert "validation loss is higher" in bias and "MaxVio_global is lower" in bias
   assert "validation loss is indistinguishable" in none
-  iv = report.paired(groups, "aux", "bias", "val_loss")
+  iv = stats.paired(groups, "aux", "bias", "val_loss")
   np.testing.assert_allclose(iv["mean"], np.mean([0.01, 0.015, 0.01]))
   np.testing.assert_allclose(iv["ci95"], 4.303 * np.std([0.01, 0.015, 0.01], ddof=1)
                              / np.sqrt(3))
 
 
 def test_report_verdict_never_hides_a_loss_gap():
-  from deepseek_jax.ablation import report
+  from deepseek_jax.ablation import verdicts
   aux = {"maxvio_global": 1.0, "val_loss": 3.982}
-  say = lambda bias_loss, bias_vio=0.2: report.verdict(
+  say = lambda bias_loss, bias_vio=0.2: verdicts.verdict(
       {"aux": aux, "bias": {"maxvio_global": bias_vio, "val_loss": bias_loss}})[1]
   assert "agrees with the paper" in say(3.980)
   small = say(3.985)
@@ -769,12 +769,12 @@ def test_lfb_softmax_sweep_plans_the_papers_softmax_setting():
   """--sweep=lfb_softmax: the magnitude-rule bias at every rate and the classic aux loss
   at 3e-4 and around it; the report files the magnitude bias with the bias family."""
   from configs import small
-  from deepseek_jax.ablation import report, runner
+  from deepseek_jax.ablation import pareto, runner
   runs = dict(runner.plan([], "lfb_softmax"))
   assert set(runs) == {"aux_a0.0001", "aux_a0.0003", "aux_a0.001", "bias_magnitude_u0.0001",
                        "bias_magnitude_u0.001", "bias_magnitude_u0.01"}
   cfg = small.get_config(runs["bias_magnitude_u0.001"] + ",size=tiny,gate=softmax")
   assert cfg.balance.bias_rule == "magnitude" and cfg.model.score_func == "softmax"
-  assert report.family(cfg.balance.to_dict()) == ("bias", 1e-3)
+  assert pareto.family(cfg.balance.to_dict()) == ("bias", 1e-3)
   aux = small.get_config(runs["aux_a0.0003"] + ",size=tiny").balance.to_dict()
-  assert report.family(aux) == ("aux", 3e-4)
+  assert pareto.family(aux) == ("aux", 3e-4)

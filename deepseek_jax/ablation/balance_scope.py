@@ -27,7 +27,7 @@ import numpy as np
 
 from configs import balance_scope as scope_config
 from deepseek_jax.ablation import specialisation
-from deepseek_jax.ablation.report import interval
+from deepseek_jax.ablation.stats import interval
 
 STRATEGIES = ("bias", "batch_aux", "seq_aux", "quantile")
 QUICK_STRATEGIES = ("bias", "batch_aux")

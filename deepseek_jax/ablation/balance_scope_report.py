@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from deepseek_jax.ablation.report import _plt, interval
+from deepseek_jax.ablation.plots import pyplot
+from deepseek_jax.ablation.stats import interval
 
 
 def _cell(rows, strategy, scope, composition):
@@ -78,7 +79,7 @@ def _fmt(iv, spec=".4f"):
 
 def plot_cells(rows, path: str):
   """Validation loss and domain JS divergence per cell, 95% intervals as error bars."""
-  plt = _plt()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   labels = [f"{r['strategy']}\n{r['scope']}" for r in rows]
   colors = ["C0" if r["composition"] == "mixed" else "C3" for r in rows]

@@ -32,7 +32,7 @@ import time
 from absl import logging
 
 from configs import common
-from deepseek_jax.ablation import report
+from deepseek_jax.ablation import report, saved_runs
 from deepseek_jax.train import checkpoint
 from deepseek_jax.train import loop as trainer
 
@@ -96,8 +96,8 @@ def finished_runs(folders) -> dict:
       if not os.path.isfile(os.path.join(d, checkpoint.CONFIG_FILE)):
         continue
       try:
-        run = report.load_run(d)
-        done = report.summarize(run)["steps"] == run["config"]["total_steps"]
+        run = saved_runs.load_run(d)
+        done = saved_runs.summarize(run)["steps"] == run["config"]["total_steps"]
       except (OSError, ValueError, KeyError):
         done = False
       if done:
@@ -143,7 +143,7 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
         common.set_path(cfg, k, v)
       jobs.append((run_name(name, seed, seeds), cfg))
   train_jobs(jobs, workdir, peak_flops=peak_flops, parallel=parallel, reuse=reuse)
-  runs_data = {name: report.load_run(os.path.join(workdir, name)) for name, _ in jobs}
+  runs_data = {name: saved_runs.load_run(os.path.join(workdir, name)) for name, _ in jobs}
   results = report.write_report(runs_data, workdir)
   logging.info("ablation done in %.0fs", time.perf_counter() - t0)
   return results
