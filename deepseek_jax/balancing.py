@@ -64,7 +64,9 @@ def term_scopes(balance, microbatches: int) -> dict:
   return out
 
 
-def _f(count_E, n_tokens, top_k):
+def _load_fraction(count_E, n_tokens, top_k):
+  """f_i of V3 eq 18: E / K times the fraction of the tokens routed to expert i (1 when
+  balanced)."""
   E = count_E.shape[-1]
   return E / top_k * count_E / jnp.maximum(n_tokens, 1.0)[..., None]
 
@@ -74,7 +76,7 @@ def seq_aux_loss(stats: MoEStats, top_k: int):
   sum_i f_i P_i, SUMMED over the routed layers (each layer adds its own alpha * L, as
   HF's DeepSeek-V2 code and Megatron do; SPEC 3). A layer that routed nothing adds 0."""
   n_LB = stats.n_tokens_B
-  f_LBE = _f(stats.aux_count_BE, n_LB, top_k)
+  f_LBE = _load_fraction(stats.aux_count_BE, n_LB, top_k)
   p_LBE = stats.aux_prob_BE / jnp.maximum(n_LB, 1.0)[..., None]
   per_seq_LB = jnp.sum(f_LBE * p_LBE, axis=-1)
   has_tokens_LB = (n_LB > 0).astype(jnp.float32)
@@ -99,7 +101,7 @@ def batch_aux_loss(stats: MoEStats, top_k: int, raw_scores: bool = False, counts
   """
   n_L = stats.n_tokens_B.sum(-1)
   count_LE, n_f_L = batch_counts(stats) if counts is None else counts
-  f_LE = _f(count_LE, n_f_L, top_k)
+  f_LE = _load_fraction(count_LE, n_f_L, top_k)
   prob_BE = stats.aux_score_BE if raw_scores else stats.aux_prob_BE
   p_LE = prob_BE.sum(-2) / jnp.maximum(n_L, 1.0)[..., None]
   return jnp.sum(f_LE * p_LE)

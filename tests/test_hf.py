@@ -21,6 +21,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=_WHY)
 import jax  # noqa: E402
 
 from deepseek_jax import hf
+from deepseek_jax.hf import weights as hf_weights  # noqa: E402
 from deepseek_jax.model import config  # noqa: E402
 from deepseek_jax.model.transformer import Transformer  # noqa: E402
 from test_hf_config import BASE  # noqa: E402  (the tiny HF config both files use)
@@ -212,15 +213,15 @@ def _random_variables(cfg, seed=0):
   """Random variables of the right tree, norms near 1, a small balancing bias."""
   rng = np.random.RandomState(seed)
   flat = {}
-  for path, s in hf._expected_leaves(Transformer(cfg)).items():
+  for path, s in hf_weights.expected_leaves(Transformer(cfg)).items():
     if path.endswith("scale"):
       x = 1.0 + 0.1 * rng.randn(*s.shape)
-    elif path.startswith(hf.BIAS):
+    elif path.startswith(hf_weights.BIAS):
       x = rng.uniform(-0.05, 0.05, s.shape)
     else:
       x = 0.08 * rng.randn(*s.shape)
     flat[path] = x.astype(s.dtype)
-  return hf._unflatten(flat, cfg.n_routed_layers)
+  return hf_weights.unflatten_leaves(flat, cfg.n_routed_layers)
 
 
 def _mtp_cfg():
