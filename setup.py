@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # pytest-xdist: pytest.ini runs the suite in 2 worker processes (XLA compiles
-        # on one core each; BUILD_NOTES.md, issue 19).
+        # on one core each; docs/history.md, "Fast feedback").
         # tokamax: the GPU kernels' libraries are tested on CPU through their XLA paths.
         # pyarrow: prepare_data's parquet and save_to_disk readers are tested.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "tokamax==0.0.12", "pyarrow>=14"],
@@ -39,7 +39,7 @@ setup(
         "tpu": ["jax[tpu]==0.10.2"],
         # NVIDIA GPUs: the CUDA 12 plugin at the pinned jax, and tokamax for the fused
         # attention ("tokamax") and grouped-GEMM experts (grouped_matmul="tokamax").
-        # attention_impl="cudnn" needs only jax's cuDNN. README.md, "On NVIDIA GPUs".
+        # attention_impl="cudnn" needs only jax's cuDNN. docs/scale.md, "On NVIDIA GPUs".
         "cuda": ["jax[cuda12]==0.10.2", "tokamax==0.0.12"],
     },
 )

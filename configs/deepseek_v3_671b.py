@@ -15,7 +15,7 @@
   python -m experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8 \
       --stage=128k
 The mesh takes its size from the slice (fsdp = -1), so one file serves 512, 1,024 and
-2,048 chips. Why this layout (BUILD_NOTES.md has the compiler's numbers):
+2,048 chips. Why this layout (docs/pod.md has the compiler's numbers):
   tensor=2   15,360 sequences do not split over 2,048 chips; with heads, FFN widths and
              the vocabulary over 2 chips (and the MoE's tokens split over them by
              sequence), the batch splits over 256 / 512 / 1,024 shards: 60 / 30 / 15
@@ -39,11 +39,12 @@ def get_config(arg=None):
   model = model_config.deepseek_v3_671b().replace(
       rope_factor=1.0,             # pre-training: plain RoPE at 4K (YaRN comes later)
       scan_layers=True,            # compile time and program size independent of depth
-      # save the weight matmuls' outputs, recompute the rest (BUILD_NOTES: fits 512
-      # chips at 64.8 GiB against 48.6 with "nothing", and skips a ~1/4 recompute)
+      # save the weight matmuls' outputs, recompute the rest (fits 512 chips at 64.8 GiB
+      # against 48.6 with "nothing", and skips a ~1/4 recompute: docs/history.md, "Pod
+      # scale before the ragged exchange", remat policy)
       remat=True, remat_policy="dots_no_batch",
       # and keep the routed experts' gate/up products: no routed matmul runs twice
-      # (BUILD_NOTES "Pod efficiency": 1.11x instead of 1.33x the routed experts' useful
+      # (docs/pod.md, "Pod efficiency": 1.11x instead of 1.33x the routed experts' useful
       # FLOPs, for 8.8 GiB a chip at 512 chips; "" gives that memory back)
       remat_save_experts="moe_gate,moe_up",
       attention_impl="blockwise", attention_block=512,
@@ -80,7 +81,7 @@ def get_config(arg=None):
   # 4.1); the targets then cross document boundaries too (train/losses.py).
   c.data.doc_attention_mask = False
   # No default corpus at this size: a dataset prepared with V3's tokenizer (vocab
-  # 129,280 rows; README, "Train on your own data"), given on the command line:
+  # 129,280 rows; docs/usage.md, "Train on your own data"), given on the command line:
   #   --config.data.paths=DIR  (or DIR1:0.7,DIR2:0.3 for a mixture)
   c.data.source = "prepared"
   c.mesh.data = 1

@@ -5,7 +5,7 @@
 
 Arguments (comma-separated key=value after the colon):
   strategy  a key of STRATEGIES (default bias)
-  size      tiny (tests), small (default; the README's main job), medium
+  size      tiny (tests), small (default; the main job of README.md, "Quickstart"), medium
   rate      overrides the bias update rate u (the --sweep=rate and pareto runs)
   alpha     overrides the alpha of the strategy's own loss: aux_alpha for aux,
             seq_aux_alpha for seq_aux, batch_aux_alpha for batch_aux (the --sweep=pareto
@@ -42,8 +42,9 @@ STRATEGIES = {
 
 # LFB's 1B model: 9 MoE layers, 2 shared + 64 routed top-6, sigmoid gate, no group limit.
 # size small has LFB's expert layout (2 shared + 64 routed, top-6) with experts of width
-# 32 (d_model / 4): measured as fast per step as the earlier 1 shared + 16 routed top-4
-# of width 64 (BUILD_NOTES.md), which width 64 at 64 experts is not (1.35x slower).
+# 32 (d_model / 4): measured as fast per step as 1 shared + 16 routed top-4 of width 64,
+# which width 64 at 64 experts is not (1.35x slower; docs/results.md, "The miniature's
+# expert layout").
 SIZES = {
     "tiny": dict(model=dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2,
                             q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,

@@ -12,7 +12,8 @@ model on fsdp x expert x tensor = 2 x 2 x 2 with a 65,536-token vocabulary and 1
 sequences, one sequence per batch shard per microbatch as the 671B config runs, so that
 the [tokens, V] f32 logits dominate a chip's memory as they do in the 671B step:
 tests/train/test_aot.py holds its compiled step to a per-chip budget computed from those
-sizes (a 2-D logits product cost the 671B its pod fit: BUILD_NOTES.md, issue 20).
+sizes (a 2-D logits product costs the 671B its pod fit: docs/history.md, "the pod fit
+lost and restored").
 """
 
 from configs import common

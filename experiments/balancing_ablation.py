@@ -19,10 +19,10 @@ from absl import app, flags
 from experiments import launch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-# The default four fit the 15-minute budget on 2 CPU cores (BUILD_NOTES.md): no
-# balancing, the aux loss, the aux-loss-free bias and Quantile Balancing; add
-# bias_seq_aux, seq_aux, batch_aux, bias_magnitude, bias_mult, bias_freeze, ...
-# (configs/small.py STRATEGIES) as needed.
+# The default four fit the 15-minute budget on 2 CPU cores (BUILD_NOTES.md, "Balancing
+# ablation (the main job)"): no balancing, the aux loss, the aux-loss-free bias and
+# Quantile Balancing; add bias_seq_aux, seq_aux, batch_aux, bias_magnitude, bias_mult,
+# bias_freeze, ... (configs/small.py STRATEGIES) as needed.
 _STRATEGIES = flags.DEFINE_list("strategies", ["none", "aux", "bias", "quantile"],
                                 "Strategies to compare (configs/small.py STRATEGIES).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps per strategy (default: the "

@@ -6,7 +6,7 @@ all-reduce against the same floats concatenated into one buffer:
 
   JAX_PLATFORMS=cpu python scripts/gloo_allreduce.py
 
-BUILD_NOTES.md ("Multi-host") records the numbers: the train step's gradient all-reduce
+docs/design.md ("Multi-host") records the numbers: the train step's gradient all-reduce
 of a multi-process CPU run pays per operand.
 """
 

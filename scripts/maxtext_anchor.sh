@@ -9,7 +9,7 @@
 # MAXTEXT_DIR: a MaxText checkout (git clone https://github.com/AI-Hypercomputer/maxtext).
 # Default slice 512 chips (v5p:8x8x8 in our notation): 30 sequences of 4,096 a chip, run as
 # per_device_batch_size=10 x gradient_accumulation_steps=3 (more key=value arguments
-# override; BUILD_NOTES "Pod efficiency" has what it gave). Exit status 1 with the
+# override; docs/pod.md, "The anchor: MaxText" has what it gave). Exit status 1 with the
 # compiler's line when MaxText's step does not fit. Writes maxtext_anchor_out/{step.hlo,memory.json,
 # report.json} and prints the table.
 set -euo pipefail

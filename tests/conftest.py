@@ -13,8 +13,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # The tests' programs are tiny: compiling them is most of the suite's time and running
 # them little. LLVM's optimisation level 0 compiles XLA:CPU programs about twice as fast
 # (a 12-step tiny training run: 51 s -> 30 s, the same losses); it changes no HLO, so
-# every sharding, fusion and program the tests check is the one users get (BUILD_NOTES.md,
-# issue 19). Subprocesses inherit it (train_helpers.subprocess_env).
+# every sharding, fusion and program the tests check is the one users get
+# (docs/history.md, "Fast feedback"). Subprocesses inherit it (train_helpers.subprocess_env).
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAG
@@ -34,7 +34,7 @@ if _HERE not in sys.path:
 
 # pytest.ini runs two xdist workers that take whole files in collection order, two files
 # each to start: the longest files go first, paired so that neither worker starts with
-# two long ones (measured durations in BUILD_NOTES.md, issue 19). Within a file the order
+# two long ones (measured durations: docs/history.md, "Fast feedback"). Within a file the order
 # is unchanged.
 _LONG_FILES_FIRST = ("tests/train/test_train.py", "tests/test_bench.py",
                      "tests/train/test_aot.py", "tests/test_balancing.py",

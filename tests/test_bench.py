@@ -112,8 +112,8 @@ def test_gpu_bench_smoke_run_on_cpu(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   assert not [k for k in res if k.endswith("/error")], res
-  # One train variant (the others differ by config only; all ran in `--tiny` by hand,
-  # BUILD_NOTES.md): the default paths, and the grouped GEMM part.
+  # One train variant (the others differ by config only; all ran in `--tiny` by hand:
+  # docs/gpu.md, "The measurement"): the default paths, and the grouped GEMM part.
   for key in ("train/cudnn+tokamax/tokens_per_s", "train/cudnn+tokamax/mfu_vs_measured_matmul",
               "train/cudnn+tokamax/compile_s", "gemm/tokamax/fwd_bwd_ms",
               "gemm/xla/fwd_bwd_ms", "matmul_bf16_flops"):

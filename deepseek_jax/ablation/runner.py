@@ -172,8 +172,8 @@ def train_jobs(jobs, workdir: str, *, peak_flops: float | None = None, parallel:
 
 # Lanes ----------------------------------------------------------------------------------
 # One small run leaves XLA:CPU's second core half idle (158% CPU for the main job on 2
-# cores); two runs at once train 1.38x more steps per second there (BUILD_NOTES.md,
-# issue 19). Each run is a spawned process with the same config object, writing its
+# cores); two runs at once train 1.38x more steps per second there (docs/history.md,
+# "Fast feedback"). Each run is a spawned process with the same config object, writing its
 # console to WORKDIR/<name>/console.log; the results are the same as run one by one.
 
 _EXIT_PREEMPTED = 75   # a lane's run saved and stopped on SIGTERM / Ctrl-C

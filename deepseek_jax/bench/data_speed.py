@@ -6,7 +6,8 @@ memory-mapped prepared shards. Two rates, tokens per second as ready host batche
   part's train_tokens_per_s in the same run (goal: >= 20x, so input never stalls a step);
 - at one TPU v5p host's share of the 671B batch on v5p-512 (15,360 sequences of 4,096 over
   128 hosts: 120 rows a step), against what that host must deliver at the step time
-  experiments.compile estimates for v5p-512 (V5P_512_STEP_S, BUILD_NOTES.md).
+  experiments.compile estimates for v5p-512 (V5P_512_STEP_S; the margin: docs/design.md,
+  "Prepared data").
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 from deepseek_jax.train import data
 
 # experiments.compile --config=configs/deepseek_v3_671b.py --topology=v5p:8x8x8: the
-# compute-bound step time estimate of the largest stage (BUILD_NOTES.md, issue 20).
+# compute-bound step time estimate of the largest stage (docs/history.md, "Pod scale
+# before the ragged exchange", remat policy).
 V5P_512_STEP_S = 69.8
 V3_BATCH, V3_SEQ, V5P_512_HOSTS = 15_360, 4_096, 128
 

@@ -29,7 +29,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Every knob of a DeepSeek-V3-style model. Sizes use the shape letters of model.py."""
+  """Every knob of a DeepSeek-V3-style model. Sizes use the shape letters of layers.py."""
 
   vocab_size: int = 256                 # V
   d_model: int = 64                     # D
@@ -51,7 +51,7 @@ class ModelConfig:
   routed_scaling_factor: float = 1.0
   score_func: str = "sigmoid"
   norm_topk_prob: bool = True
-  # How the balancing bias b (model.py's "balance" collection) steers expert selection:
+  # How the balancing bias b (transformer.py's "balance" collection) steers expert selection:
   # "add" picks the top-K of s_i + b_i with b initialised to 0 (V3, LFB); "mul" picks
   # the top-K of s_i * b_i with b initialised to 1 (LFB's multiplicative variant).
   # Gates always use the unbiased s_i.
@@ -108,8 +108,8 @@ class ModelConfig:
   # "" saves none): "moe_gate", "moe_up" (the gate and up products: the backward then
   # recomputes no routed matmul of the first round) and "moe_recv" (the rows the
   # expert-parallel exchange received: no exchange is run again either). Overflow
-  # rounds recompute theirs. Costs their memory in every layer (BUILD_NOTES, "Pod
-  # efficiency").
+  # rounds recompute theirs. Costs their memory in every layer (docs/pod.md, "Saving the
+  # routed products").
   remat_save_experts: str = ""
   # The grouped matmul of moe_dispatch "ragged": "xla" (jax.lax.ragged_dot; XLA:GPU in
   # jaxlib 0.10 rewrites it into a dense product over every expert) or "tokamax"
@@ -118,7 +118,7 @@ class ModelConfig:
   # "megablox" (jax's Pallas grouped matmul for TPU: gmm, and tgmm for the weight
   # gradient, both over the tiles that hold rows; XLA's TPU lowering of ragged_dot
   # computes the weight gradient as a masked product over every group, E times the work;
-  # BUILD_NOTES "Pod efficiency"; jax.lax.ragged_dot off TPU).
+  # docs/pod.md, "Pod efficiency"; jax.lax.ragged_dot off TPU).
   grouped_matmul: str = "xla"
   rope_theta: float = 10000.0
   # YaRN (V3 4.3). rope_factor 1.0 switches it off.
@@ -135,7 +135,7 @@ class ModelConfig:
   # output) or after it (True: what HF transformers and vLLM feed the released MTP
   # weights, each module then passing on its normed output as HF's MtpModel does; vLLM
   # passes the un-normed output on, which differs only from depth 2, and V3 releases
-  # depth 1). Checkpoint import sets True. See BUILD_NOTES.md.
+  # depth 1). Checkpoint import sets True. See docs/design.md, "MTP".
   mtp_feed_normed: bool = False
   init_std: float = 0.006
   tie_embeddings: bool = False

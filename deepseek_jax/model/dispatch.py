@@ -157,9 +157,9 @@ def experts_reference(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD):
 # speculative round) when ALL routed weights are small: then the sort, the block
 # bookkeeping and the loop cost more than running every expert, while reading every
 # expert's weights (instead of K of them) costs little. Measured on XLA:CPU
-# (BUILD_NOTES.md, issue 14): the bench's drafter (8 experts of 64 x 32, 196 KiB) decodes
-# faster dense; config.small (16 experts of 128 x 64, 1.5 MiB) slower (each dense
-# projection ~60 us of weight reads per layer).
+# (docs/history.md, "reach XLA's ceiling", item 4): the bench's drafter (8 experts of
+# 64 x 32, 196 KiB) decodes faster dense; config.small (16 experts of 128 x 64, 1.5 MiB)
+# slower (each dense projection ~60 us of weight reads per layer).
 DENSE_MAX_TOKENS = 8
 DENSE_MAX_WEIGHT_BYTES = 2 ** 18
 
@@ -248,8 +248,8 @@ def dropless_block_size(n_assignments: int, n_experts: int) -> int:
   """Rows per block. About A/b + E blocks run, each costing a fixed overhead (a loop
   iteration that reads 3 D F weight values) plus b rows of compute, padding included:
   cost(b) ~ (A/b + E)(g + b), minimised at b = sqrt(g A / E); g ~ 40 row-equivalents
-  fits XLA:CPU (BUILD_NOTES.md, 2048 tokens top-2, fwd+bwd: E=8 best at b 128-256,
-  E=256 at 16-32), rounded to a power of two in [8, 256]."""
+  fits XLA:CPU (2048 tokens top-2, fwd+bwd: E=8 best at b 128-256, E=256 at 16-32;
+  docs/history.md, "reach XLA's ceiling", item 3), rounded to a power of two in [8, 256]."""
   b = math.sqrt(40.0 * max(n_assignments, 1) / n_experts)
   return int(min(256, max(8, 2 ** round(math.log2(b)))))
 

@@ -59,12 +59,13 @@ def linear(x, w, n_in: int = 1, preferred_element_type=None):
     XLA:CPU   ONE 2-D matmul [tokens, I] x [I, O], leading dims flattened into rows: the
               3-D einsum's weight gradient (a contraction over both B and T) goes through
               inserted transposes there; a SwiGLU of width 1024 on 8 x 256 tokens took
-              161 ms forward+backward as 3-D einsums and 83 ms flattened (BUILD_NOTES.md,
-              issue 14).
+              161 ms forward+backward as 3-D einsums and 83 ms flattened
+              (docs/history.md, "reach XLA's ceiling", item 1).
     TPU/GPU   an einsum over the original dims. Flattening [B, T] into rows merges a
-              sharded dim with an unsharded one, and the SPMD partitioner then lost the
-              batch sharding of the f32 logits: the 671B train step on v5p:8x8x8 went
-              from 64.8 GiB per chip to 227.1 GiB (BUILD_NOTES.md, issue 20).
+              sharded dim with an unsharded one, and the SPMD partitioner then loses the
+              batch sharding of the f32 logits: the 671B train step on v5p:8x8x8 needs
+              227.1 GiB per chip instead of 64.8 (docs/history.md, "the pod fit lost
+              and restored").
   """
   lead, inner = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
   if tuple(w.shape[:n_in]) != tuple(inner):

@@ -293,7 +293,7 @@ def _packed_rows(streams, weights, cfg, split: str):
 
 
 # Evaluation steps allowed in flight between host syncs: hundreds of queued cross-process
-# collectives deadlocked Gloo (BUILD_NOTES.md, "Multi-host"); a sync also asks whether to
+# collectives deadlocked Gloo (docs/design.md, "Multi-host"); a sync also asks whether to
 # stop for a preemption.
 EVAL_SYNC_EVERY = 8
 

@@ -5,7 +5,8 @@ with_mesh, so an MoE layer finds the mesh and goes expert-parallel when mesh.exp
 Axis types are Auto (GSPMD propagation), chosen deliberately over jax.make_mesh's new
 Explicit default: linen modules, optax and orbax restore all work on plain jnp code
 under Auto with shardings only at the jit boundary, while Explicit would make every
-einsum with an ambiguous output sharding an error. See BUILD_NOTES.md.
+einsum with an ambiguous output sharding an error. See docs/design.md, "Mesh and
+sharding".
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_the_gathered_operand_is_the_latent():
                                      *_batch()).compile().as_text()
   width = CFG.kv_lora_rank + CFG.qk_rope_head_dim
   # The forward's gathers. (The backward of the MTP block's W_O still gathers its
-  # [b, T, N, O] input: BUILD_NOTES, known limits.)
+  # [b, T, N, O] input: BUILD_NOTES.md, "Limits".)
   gathers = [line for line in hlo.splitlines()
              if " all-gather(" in line and "transpose(" not in line]
   latent = [g for g in gathers if f",{width}]" in g.split("all-gather(")[0]]

@@ -143,10 +143,10 @@ def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
 
 
 def test_pod_shaped_step_stays_within_a_budget_from_its_sizes(guard_report):
-  """The guard for the 671B's pod fit (issue 20): a change that makes the partitioner
-  keep more than a few [tokens, V] logits buffers per chip fails here, where the 671B
-  would fail on the pod. The 2-D (flattened) logits product of issue 14 took this step
-  from 547 to 941 MiB per chip against a 694 MiB budget (BUILD_NOTES.md)."""
+  """The guard for the 671B's pod fit: a change that makes the partitioner keep more
+  than a few [tokens, V] logits buffers per chip fails here, where the 671B would fail on
+  the pod. A 2-D (flattened) logits product takes this step from 547 to 941 MiB per chip
+  against a 694 MiB budget (docs/history.md, "the pod fit lost and restored")."""
   _, r, _ = guard_report
   c = tpu_smoke.get_config("guard")
   m = model_config_from(c.model)
