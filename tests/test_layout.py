@@ -2,10 +2,10 @@
 
 Layers, lowest first; a module may import its own layer and those below it, never above:
   model/      the architecture (config, layers, MLA, MoE and its dispatch, blocks, MTP)
-  data/       raw inputs, tokenizing into prepared shards, their reader (beside model/:
-              neither imports the other)
+  data/       raw inputs, tokenizing into prepared shards, their reader, tokenizers, a
+              run's corpus (beside model/: neither imports the other)
   balancing   the headline concept: bias update, balance losses, MaxVio (on MoEStats)
-  train/      data, sharding, losses, the pure step, the loop, checkpoints, metrics
+  train/      batches, sharding, losses, the pure step, the loop, checkpoints, metrics
   inference/  decode loops over the latent cache, speculative decoding, sampling (it
               loads trained runs through train/'s checkpoints)
   hf          Hugging Face import/export (beside inference/: neither imports the other)
