@@ -23,7 +23,7 @@ setup(
         "tokenizers>=0.20",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
-        # The loader's ordered, threaded prefetch (train/data.py Prefetcher).
+        # The loader's ordered, threaded prefetch (train/batches.py Prefetcher).
         "grain>=0.2.18",
     ],
     extras_require={

@@ -111,8 +111,8 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
       val_fraction=0.02,
       cache_dir=config_dict.placeholder(str),
       doc_attention_mask=True,  # attention (and MTP targets) stay inside a document
-      # Batches built ahead of the step (data.Prefetcher: Grain's read-ahead): how many,
-      # on how many threads.
+      # Batches built ahead of the step (train/batches.Prefetcher: Grain's read-ahead): how
+      # many, on how many threads.
       # Neither changes any batch (a batch is a function of (seed, step)).
       prefetch=2,
       loader_threads=1,

@@ -55,7 +55,7 @@ def main(argv):
     raise app.UsageError("--out must not be the run's own --workdir")
   from deepseek_jax import hf
   from deepseek_jax.inference import decoding
-  from deepseek_jax.train import data
+  from deepseek_jax.data import corpus as corpus_lib
   try:
     model, variables, run_cfg, step = decoding.load_workdir(_WORKDIR.value, _STEP.value)
   except FileNotFoundError as e:
@@ -64,7 +64,7 @@ def main(argv):
     hf.config_to_hf(model.cfg)   # refuses what HF cannot hold, before anything is written
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  tokenizer = data.load_tokenizer(run_cfg.data, model.cfg.vocab_size)
+  tokenizer = corpus_lib.load_tokenizer(run_cfg.data, model.cfg.vocab_size)
   hf.save_checkpoint(out, model.cfg, variables, max_shard_bytes=max_bytes)
   hf.save_tokenizer(out, tokenizer)
   # Generation stops at our end-of-document token; there is no begin token.

@@ -68,7 +68,7 @@ def enable_compilation_cache():
   """A persistent XLA cache (runs of the same shapes skip compilation), unless set."""
   import jax
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    from deepseek_jax.train.data import default_cache_dir
+    from deepseek_jax.data.corpus import default_cache_dir
     jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

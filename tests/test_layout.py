@@ -2,14 +2,19 @@
 
 Layers, lowest first; a module may import its own layer and those below it, never above:
   model/      the architecture (config, layers, MLA, MoE and its dispatch, blocks, MTP)
-  data/       raw inputs, tokenizing into prepared shards, their reader (beside model/:
-              neither imports the other)
+  data/       raw inputs, tokenizing into prepared shards, their reader, tokenizers, a
+              run's corpus (beside model/: neither imports the other)
   balancing   the headline concept: bias update, balance losses, MaxVio (on MoEStats)
-  train/      data, sharding, losses, the pure step, the loop, checkpoints, metrics
+  train/      batches, sharding, losses, the pure step, the loop, checkpoints, metrics
   inference/  decode loops over the latent cache, speculative decoding, sampling (it
               loads trained runs through train/'s checkpoints)
   hf          Hugging Face import/export (beside inference/: neither imports the other)
   ablation/, bench/   experiments built on everything above
+
+Two rules of the layering have their own test, for the message: measurement code (bench/)
+never reaches the model, the data or the training (a counter or timer in a program the
+training step runs would change it), and the entry points (experiments/*.py) stay thin:
+flags and a call into the library, no long functions.
 """
 
 import ast
@@ -18,6 +23,7 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "deepseek_jax"
+EXPERIMENTS = PKG.parent / "experiments"
 LAYERS = {"model": 0, "data": 0, "balancing": 1, "train": 2, "inference": 3, "hf": 3, "ablation": 4,
           "bench": 4}
 
@@ -74,6 +80,36 @@ def test_model_imports_only_model():
   outside = [(m, d) for m, deps in graph.items() if _layer(m) == "model"
              for d in deps if _layer(d) != "model"]
   assert not outside
+
+
+def test_model_data_and_train_never_import_bench():
+  """Also implied by the layer numbers (bench/ is the top layer); stated on its own so
+  that a benchmark helper moved into the model fails with this message."""
+  graph = _graph()
+  reach = [(m, d) for m, deps in graph.items() if _layer(m) in ("model", "data", "train")
+           for d in deps if _layer(d) == "bench"]
+  assert not reach, (f"benchmark code imported by the model, data or training: {reach}; "
+                     "keep counters and timers in deepseek_jax/bench/ and pass them what "
+                     "they measure")
+
+
+# Entry points hold flags and a call; logic longer than this lives in the library.
+MAX_ENTRY_FUNCTION_LINES = 40
+# Entry-point functions already longer, at their present length (they may only shrink).
+LONG_ENTRY_FUNCTIONS = {"compile.py:main": 42, "generate.py:main": 64, "serve.py:main": 63}
+
+
+def test_entry_points_stay_thin():
+  long = []
+  for path in sorted(EXPERIMENTS.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        name, lines = f"{path.name}:{node.name}", node.end_lineno - node.lineno + 1
+        if lines > LONG_ENTRY_FUNCTIONS.get(name, MAX_ENTRY_FUNCTION_LINES):
+          long.append(f"{name} ({lines} lines)")
+  assert not long, (f"entry-point functions over {MAX_ENTRY_FUNCTION_LINES} lines: {long}; "
+                    "move the logic into deepseek_jax/ (importable, testable) and leave "
+                    "flags and a call in experiments/")
 
 
 def test_no_import_cycle():

@@ -92,18 +92,19 @@ def evaluate_run(run_dir: str, n_batches: int) -> dict:
       cached = json.load(fh)
     if cached.get("eval_batches") == n_batches:
       return cached
-  from deepseek_jax.train import data
+  from deepseek_jax.data import corpus as corpus_lib
+  from deepseek_jax.train import batches as batches_lib
   from deepseek_jax.train.evaluation import restore_state
   from deepseek_jax.train.step import eval_step
   model, state, run_cfg, step, _ = restore_state(run_dir)
-  corpus = data.load_corpus(run_cfg.data, model.cfg.vocab_size)
+  corpus = corpus_lib.load_corpus(run_cfg.data, model.cfg.vocab_size)
   fn = jax.jit(lambda st, b: eval_step(st, b, model=model, cfg=run_cfg))
   loads, labels, by_domain = [], [], {}
   ce_all = n_all = 0.0
   for d, (name, stream) in enumerate(zip(corpus.names, corpus.val)):
-    rows = data.PackedRows(stream, seq_len=run_cfg.seq_len)
+    rows = batches_lib.PackedRows(stream, seq_len=run_cfg.seq_len)
     ce = n = 0.0
-    for batch in data.validation_batches(rows, run_cfg.batch_size, n_batches):
+    for batch in batches_lib.validation_batches(rows, run_cfg.batch_size, n_batches):
       out = jax.device_get(fn(state, {k: jnp.asarray(v) for k, v in batch.items()}))
       ce += float(np.sum(out["ce_sum"]))
       n += float(np.sum(out["n_tokens"]))

@@ -217,11 +217,11 @@ def _tail(path: str, n: int = 30) -> str:
 def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
   import multiprocessing
   import jax
-  from deepseek_jax.train import data
+  from deepseek_jax.data import corpus as corpus_lib
   # The tokenizer and token streams once, here: lanes starting together would each train
   # the same BPE.
   for cfg in {(repr(c.data.to_dict()), c.model.vocab_size): c for _, c in jobs}.values():
-    data.load_corpus(cfg.data, cfg.model.vocab_size)
+    corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   settings = {k: getattr(jax.config, k) for k in _JAX_SETTINGS}
   ctx = multiprocessing.get_context("spawn")
   pending, running, failed, interrupted = list(enumerate(jobs)), {}, [], []

@@ -115,8 +115,8 @@ def kv_bytes() -> list[dict]:
 
 def validation_prompts(run_cfg, vocab_size: int, n: int, length: int) -> list[list[int]]:
   """n evenly spaced slices of the run's validation stream (never trained on)."""
-  from deepseek_jax.train import data
-  corpus = data.load_corpus(run_cfg.data, vocab_size)
+  from deepseek_jax.data import corpus as corpus_lib
+  corpus = corpus_lib.load_corpus(run_cfg.data, vocab_size)
   val = corpus.val[0]
   starts = np.linspace(0, len(val) - length - 1, n).astype(int)
   return [val.read(s, s + length).astype(int).tolist() for s in starts]

@@ -7,24 +7,24 @@ import pathlib
 
 
 def save_tokenizer(path, tokenizer) -> None:
-  """Our tokenizer (data.BPETokenizer or data.ByteTokenizer) -> tokenizer.json and
+  """Our tokenizer (data/tokenizers.py: BPETokenizer or ByteTokenizer) -> tokenizer.json and
   tokenizer_config.json that `AutoTokenizer.from_pretrained` reads offline: the same ids
   (our byte tokenizer becomes a byte-level BPE without merges whose ids are the byte
   values), the end-of-document token the data was prepared with (<|eos|> for ours) and
   its begin token where it has one (a Hugging Face tokenizer's, e.g. DeepSeek-V3's)."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  from deepseek_jax.train import data
+  from deepseek_jax.data.tokenizers import EOS, ByteTokenizer
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  if isinstance(tokenizer, data.ByteTokenizer):
+  if isinstance(tokenizer, ByteTokenizer):
     byte_char = _bytes_to_unicode()
     vocab = {byte_char[b]: b for b in range(256)}
-    vocab[data.EOS] = tokenizer.eos_id
+    vocab[EOS] = tokenizer.eos_id
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([data.EOS])
-    eos, bos = data.EOS, None
+    tok.add_special_tokens([EOS])
+    eos, bos = EOS, None
   else:
     tok = tokenizer.tok
     eos = tok.id_to_token(tokenizer.eos_id)

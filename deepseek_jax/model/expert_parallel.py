@@ -341,8 +341,7 @@ def ragged_experts(x_XD, idx_XK, gates_XK, w_gate, w_up, w_down, cfg: ModelConfi
   """The ragged exchange on one shard (inside shard_map): one row per assignment, sorted
   by destination; the [Z, Z] send counts all-gathered over the expert axis; round 0
   outside any loop (its residuals are ordinary: remat_save_experts can keep them), the
-  rounds a destination's overflow needs in a loop named OVERFLOW_SCOPE. Returns (y_XD,
-  rounds run, rows this shard sent to other shards)."""
+  rounds a destination's overflow needs in a loop named OVERFLOW_SCOPE. Returns y_XD."""
   X, D = x_XD.shape
   K = idx_XK.shape[1]
   E, Z, E_l = cfg.n_routed_experts, jax.lax.axis_size(EXPERT), w_gate.shape[0]
@@ -362,10 +361,7 @@ def ragged_experts(x_XD, idx_XK, gates_XK, w_gate, w_up, w_down, cfg: ModelConfi
   back_AD = round_fn(0, x_send_AD, w_gate, w_up, w_down, *static)
   back_AD = back_AD + summed_rounds(round_fn, first=1, scope=OVERFLOW_SCOPE)(
       (x_send_AD, w_gate, w_up, w_down), static, n_rounds)
-  y_XD = dispatch.combine(back_AD, pos_A, gates_XK)
-  me = jax.lax.axis_index(EXPERT)
-  sent_away = jnp.sum(jnp.where(jnp.arange(Z) != me, counts_Z, 0))
-  return y_XD, n_rounds, sent_away
+  return dispatch.combine(back_AD, pos_A, gates_XK)
 
 
 def kernel_mesh():
@@ -436,11 +432,10 @@ def sequence_axes(mesh, seq_len: int) -> tuple:
 
 
 def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
-                   cfg: ModelConfig, mesh, traffic: bool = False):
+                   cfg: ModelConfig, mesh):
   """The expert-parallel routed-expert sum. Returns (y_BTD, load_E, dropped), the last
-  two summed over every shard (global, as the balancing bias update needs); with
-  traffic=True also a dict of all-to-all bytes summed over shards and the rounds run
-  (see the benchmark)."""
+  two summed over every shard (global, as the balancing bias update needs). What it
+  sends (rows, bytes, rounds): bench/expert_traffic.py."""
   check_mesh(cfg, mesh, x_BTD.shape[0])
   E, Z = cfg.n_routed_experts, mesh.shape[EXPERT]
   # Tokens are split over every batch axis and the sequence over "context"; under a
@@ -456,17 +451,10 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     x_XD, idx_XK = x_BTD.reshape(X, D), idx_BTK.reshape(X, K)
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
     if cfg.ep_exchange == "ragged":
-      y_XD, n_rounds, sent = ragged_experts(x_XD, idx_XK, gates_BTK.reshape(X, K), w_gate,
-                                            w_up, w_down, cfg, token_axes)
-      out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
-             jnp.zeros((), jnp.float32))
-      if not traffic:
-        return out
-      counts = {"payload_rows": sent.astype(jnp.float32),
-                # only live rows travel: each out and back, with its expert id
-                "wire_bytes": sent.astype(jnp.float32) * (2 * D * x_XD.dtype.itemsize + 4)}
-      counts = jax.tree.map(lambda v: jax.lax.psum(v, token_axes), counts)
-      return out + (dict(counts, rounds=n_rounds.astype(jnp.float32)),)
+      y_XD = ragged_experts(x_XD, idx_XK, gates_BTK.reshape(X, K), w_gate, w_up, w_down,
+                            cfg, token_axes)
+      return (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
+              jnp.zeros((), jnp.float32))
     C = shard_capacity(X, cfg, Z)
     rank_XZ, ids_XZJ, gates_XZJ, n_XZ = queue_pairs(idx_XK, gates_BTK.reshape(X, K), E, Z)
     J = ids_XZJ.shape[-1]
@@ -481,31 +469,15 @@ def routed_experts(x_BTD, idx_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
       y_XD = summed_rounds(lambda *a: one_round(*a)[0])(args[:5], args[5:], n_rounds)
       dropped = jnp.zeros((), jnp.float32)
     else:
-      n_rounds = jnp.ones((), jnp.int32)
       y_XD, local_dropped = one_round(0, *args)
       # Refused by a full destination here, or cut from this shard's local buffer.
       dropped = jnp.sum(jnp.where(rank_XZ >= C, n_XZ, 0)).astype(jnp.float32) + local_dropped
-    out = (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
-           jax.lax.psum(dropped, token_axes))
-    if not traffic:
-      return out
-    me = jax.lax.axis_index(EXPERT)
-    sent_XZ = (rank_XZ >= 0) & ((rank_XZ < C) | rounds)
-    leaving_Z = (jnp.arange(Z) != me)
-    counts = {
-        # occupied token rows that leave the shard, dispatch direction
-        "payload_rows": jnp.sum(sent_XZ & leaving_Z[None, :]).astype(jnp.float32),
-        # every buffer byte that leaves the shard, dispatch + combine, every round
-        "wire_bytes": n_rounds.astype(jnp.float32) * (Z - 1) * C * (
-            2 * D * x_XD.dtype.itemsize + J * (4 + gates_XZJ.dtype.itemsize)),
-    }
-    counts = jax.tree.map(lambda v: jax.lax.psum(v, token_axes), counts)
-    return out + (dict(counts, rounds=n_rounds.astype(jnp.float32)),)
+    return (y_XD.reshape(B, T, D), jax.lax.psum(load_E, token_axes),
+            jax.lax.psum(dropped, token_axes))
 
   tokens = PS(BATCH, seq_axes or None, None)
   experts = PS(EXPERT, None, None)
-  out_specs = (tokens, PS(), PS()) + (
-      ({"payload_rows": PS(), "wire_bytes": PS(), "rounds": PS()},) if traffic else ())
+  out_specs = (tokens, PS(), PS())
   # megablox's Pallas calls declare outputs without manual-axis types, which shard_map's
   # type check refuses: the check is off for them (as MaxText runs megablox). Without
   # it, shard_map's transpose sums a replicated weight's gradient over the token axes

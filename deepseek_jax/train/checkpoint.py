@@ -1,7 +1,7 @@
 """Checkpoints: orbax CheckpointManager holding the train state (params, optimizer, the
 balancing bias, the step) and a JSON record (the config and the data position).
 
-The data position is the step itself (data.BatchSchedule is a pure function of the step),
+The data position is the step itself (batches.BatchSchedule is a pure function of the step),
 so restoring the state restores the iterator exactly. Saves are asynchronous; orbax
 writes each step to a temporary directory and renames it when complete, so a killed save
 leaves no half-written "latest". A latest step that fails to restore anyway (a corrupt

@@ -15,8 +15,9 @@ import os
 import jax
 import numpy as np
 
+from deepseek_jax.data import corpus as corpus_lib
 from deepseek_jax.data import shards
-from deepseek_jax.train import data
+from deepseek_jax.train import batches as batches_lib
 
 
 def restore_state(workdir: str, step: int | None = None):
@@ -72,16 +73,16 @@ def evaluate_prepared(workdir: str, dirs: list[str], batches: int | None = None,
       raise ValueError(f"{directory} was prepared with another tokenizer ({tokenizer}) "
                        f"than the run trained with ({saved}); prepare it with the run's "
                        "tokenizer (its tokenizer.json, or bytes)")
-    manifest = data.open_prepared(directory, model.cfg.vocab_size)
+    manifest = corpus_lib.open_prepared(directory, model.cfg.vocab_size)
     stream = shards.TokenStream(directory, manifest, split)
-    rows = data.PackedRows(stream, seq_len=run_cfg.seq_len) if len(stream) else None
+    rows = batches_lib.PackedRows(stream, seq_len=run_cfg.seq_len) if len(stream) else None
     if rows is None or rows.n_rows < batch_size:
       raise ValueError(f"{directory}: the {split} split holds "
                        f"{0 if rows is None else rows.n_rows} rows of {run_cfg.seq_len + 1} "
                        f"tokens, fewer than one batch of {batch_size}; use --split=train "
                        "or --batch_size")
     ce, n = 0.0, 0.0
-    for local in data.validation_batches(rows, batch_size, batches):
+    for local in batches_lib.validation_batches(rows, batch_size, batches):
       out = jax.device_get(fn(state, {k: jax.numpy.asarray(v) for k, v in local.items()}))
       ce += float(np.sum(out["ce_sum"]))
       n += float(np.sum(out["n_tokens"]))

@@ -24,7 +24,9 @@ import flax.linen as nn
 from absl import logging
 
 from deepseek_jax import balancing
-from deepseek_jax.train import data, multihost, sharding
+from deepseek_jax.data import corpus as corpus_lib
+from deepseek_jax.train import batches as batches_lib
+from deepseek_jax.train import multihost, sharding
 from deepseek_jax.train.checkpoint import (Checkpointer, CheckpointNotSaved, WorkdirBusy,
                                            WorkdirConflict, WorkdirLock,
                                            check_workdir_config, read_config)
@@ -281,8 +283,8 @@ def _packed_rows(streams, weights, cfg, split: str):
     knob = f"{more} data.val_fraction (now {cfg.data.val_fraction})"
   fix = f"{knob}, or lower batch_size (now {cfg.batch_size}) or seq_len (now {cfg.seq_len})"
   try:
-    rows = data.packed_rows(streams, weights, cfg.seq_len, cfg.seed,
-                            shuffle=split == "training")
+    rows = batches_lib.packed_rows(streams, weights, cfg.seq_len, cfg.seed,
+                                   shuffle=split == "training")
   except ValueError as e:
     raise ValueError(f"the {split} split: {e}; {fix}") from None
   if rows.n_rows < cfg.batch_size:
@@ -317,7 +319,7 @@ def evaluate(eval_fn, state, rows, cfg, batch_sh, n_batches, n_moe_layers,
   costs no cross-process reduction. stop() is asked every EVAL_SYNC_EVERY batches (with
   every process's answer): True abandons the evaluation and returns None."""
   acc, t0 = None, time.perf_counter()
-  batches = data.validation_batches(rows, cfg.batch_size, n_batches, jax.process_index(),
+  batches = batches_lib.validation_batches(rows, cfg.batch_size, n_batches, jax.process_index(),
                                     jax.process_count())
   total = rows.n_rows // cfg.batch_size
   n = total if n_batches is None else min(n_batches, total)
@@ -349,7 +351,7 @@ def _compile_first_steps(train_fn, eval_fn, state, hparams, val_rows, cfg, batch
                          train_batch: int):
   """Compiles the first train step and the eval step ahead of their first call (which
   then reuses them), so that a barrier after this is passed by compiled processes only."""
-  local = next(data.validation_batches(val_rows, cfg.batch_size, 1, jax.process_index(),
+  local = next(batches_lib.validation_batches(val_rows, cfg.batch_size, 1, jax.process_index(),
                                        jax.process_count()))
   def spec(rows):
     return {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype, sharding=batch_sh)
@@ -378,7 +380,7 @@ def train(cfg, workdir: str, *, peak_flops: float | None = None, quiet: bool = F
     return _train(cfg, workdir, mesh, peak_flops, quiet, stages)
 
 
-def _load_corpus(data_cfg, vocab_size: int) -> data.Corpus:
+def _load_corpus(data_cfg, vocab_size: int) -> corpus_lib.Corpus:
   """The run's data. With several processes, a default built on first use (stdlib /
   files) is prepared by process 0 while the others wait; they then find it (a shared
   file system) or prepare their own copy (a disk per host), so a shared cache is
@@ -388,7 +390,7 @@ def _load_corpus(data_cfg, vocab_size: int) -> data.Corpus:
     failed = None
     if jax.process_index() == 0:
       try:
-        data.prepared_dirs(data_cfg, vocab_size)
+        corpus_lib.prepared_dirs(data_cfg, vocab_size)
       except Exception as e:  # noqa: BLE001 (re-raised below, after the barrier)
         failed = e
     else:
@@ -396,17 +398,17 @@ def _load_corpus(data_cfg, vocab_size: int) -> data.Corpus:
     multihost.barrier("deepseek_jax_data_prepared")
     if failed is not None:
       raise failed
-  return data.load_corpus(data_cfg, vocab_size)
+  return corpus_lib.load_corpus(data_cfg, vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Inputs:
   model_cfg: object
   saved_cfg: dict | None     # the config of the run resumed (None: a new run)
-  corpus: data.Corpus
+  corpus: corpus_lib.Corpus
   val_rows: object
   recipe: Recipe
-  schedule: data.BatchSchedule
+  schedule: batches_lib.BatchSchedule
   hparams: dict
 
 
@@ -420,10 +422,10 @@ def _inputs(cfg, workdir: str) -> _Inputs:
     train_rows = _packed_rows(corpus.train, corpus.weights, cfg, "training")
     val_rows = _packed_rows(corpus.val, corpus.weights, cfg, "validation")
     recipe = Recipe(cfg)
-    schedule = data.BatchSchedule(train_rows, cfg.batch_size, cfg.seed,
-                                  [(s.start_step, s.batch) for s in recipe.stages],
-                                  cfg.data.get("composition", "mixed"),
-                                  int(cfg.microbatches))
+    schedule = batches_lib.BatchSchedule(train_rows, cfg.batch_size, cfg.seed,
+                                         [(s.start_step, s.batch) for s in recipe.stages],
+                                         cfg.data.get("composition", "mixed"),
+                                         int(cfg.microbatches))
     hparams = jax.tree.map(jnp.float32, balance_hparams(cfg))
   return _Inputs(model_cfg, saved_cfg if resuming else None, corpus, val_rows, recipe,
                  schedule, hparams)
@@ -484,7 +486,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
   hparams = inputs.hparams
   is_main = jax.process_index() == 0
   logging.info("run: %s", describe_run(cfg, model_cfg, mesh))
-  logging.info("data: %s", data.describe(corpus))
+  logging.info("data: %s", corpus_lib.describe(corpus))
 
   # Model and shardings ------------------------------------------------------------------
   model, tx, state_sh, batch_sh, train_fn, eval_fn, init_fn = build_steps(cfg, model_cfg, mesh)
@@ -608,7 +610,7 @@ def _train(cfg, workdir: str, mesh, peak_flops, quiet: bool, stage_cfgs: dict):
                          hparams, val_rows, cfg, batch_sh, schedule.batch_size_at(step))
     multihost.barrier("deepseek_jax_steps_compiled")
 
-  loader = data.Prefetcher(
+  loader = batches_lib.Prefetcher(
       lambda s: schedule.batch(s, jax.process_index(), jax.process_count()),
       cfg.data.prefetch, cfg.data.loader_threads, stop=cfg.total_steps)
   try:

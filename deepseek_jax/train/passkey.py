@@ -83,11 +83,11 @@ def evaluate_passkey(workdir: str, lengths, n: int = 16, step: int | None = None
                      seed: int = 0) -> dict:
   """Passkey accuracy by length of a run's checkpoint (its model config as trained:
   an extension stage's YaRN included), on one device."""
-  from deepseek_jax.train import data
+  from deepseek_jax.data import corpus as corpus_lib
   from deepseek_jax.train.evaluation import restore_state
   from deepseek_jax.train.step import model_variables
   model, state, run_cfg, step, _ = restore_state(workdir, step)
-  tokenizer = data.load_tokenizer(run_cfg.data, model.cfg.vocab_size)
+  tokenizer = corpus_lib.load_tokenizer(run_cfg.data, model.cfg.vocab_size)
   variables = model_variables(state.params, state.expert_bias)
   forward = jax.jit(lambda v, ids: model.apply(v, ids, mtp=False).logits)
   return {"workdir": workdir, "step": step, "seq_len": int(run_cfg.seq_len),

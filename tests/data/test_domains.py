@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from configs import common
+from deepseek_jax.data import corpus as corpus_lib
 from deepseek_jax.data import domains
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.train import data
+from deepseek_jax.train import batches as batches_lib
 from deepseek_jax.train.step import split_microbatches
 
 
@@ -19,8 +20,8 @@ def _mixture(K=3, seq_len=7, seed=0):
   for k in range(K):
     n = 400 + 37 * k   # different lengths: each source wraps at its own pace
     tokens = 100 * k + rng.integers(0, 50, n)
-    sources.append(data.PackedRows(tokens, np.arange(0, n, 20), seq_len=seq_len))
-  return data.Mixture(sources, [1.0] * K, seed)
+    sources.append(batches_lib.PackedRows(tokens, np.arange(0, n, 20), seq_len=seq_len))
+  return batches_lib.Mixture(sources, [1.0] * K, seed)
 
 
 def test_single_domain_micro_batches_hold_one_domain_and_rotate():
@@ -29,7 +30,7 @@ def test_single_domain_micro_batches_hold_one_domain_and_rotate():
   serves the same number of micro-batches, and a source's rows do not repeat before it
   has run through its stream."""
   mix, B, M = _mixture(), 12, 4
-  schedule = data.BatchSchedule(mix, B, seed=0, composition="single_domain", microbatches=M)
+  schedule = batches_lib.BatchSchedule(mix, B, seed=0, composition="single_domain", microbatches=M)
   seen = {k: [] for k in range(3)}
   served = np.zeros(3, int)
   for step in range(7):
@@ -48,8 +49,8 @@ def test_single_domain_batches_are_a_pure_function_of_the_step():
   """A fresh schedule (a resumed run) gives the same batches, and 2 processes' slices
   (or 4) put together are the 1-process batch: resuming on another slice is exact."""
   B, M = 12, 4
-  one = data.BatchSchedule(_mixture(), B, 0, composition="single_domain", microbatches=M)
-  again = data.BatchSchedule(_mixture(), B, 0, composition="single_domain", microbatches=M)
+  one = batches_lib.BatchSchedule(_mixture(), B, 0, composition="single_domain", microbatches=M)
+  again = batches_lib.BatchSchedule(_mixture(), B, 0, composition="single_domain", microbatches=M)
   for step in (0, 5, 9):
     whole = one.batch(step)
     np.testing.assert_array_equal(again.batch(step)["tokens"], whole["tokens"])
@@ -57,20 +58,20 @@ def test_single_domain_batches_are_a_pure_function_of_the_step():
       parts = [one.batch(step, i, n) for i in range(n)]
       for key in whole:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
-  mixed = data.BatchSchedule(_mixture(), B, 0)
+  mixed = batches_lib.BatchSchedule(_mixture(), B, 0)
   kinds = {len(set((np.asarray(r) // 100).ravel().tolist())) for r in
            split_microbatches(mixed.batch(1), M)["tokens"]}
   assert max(kinds) > 1   # "mixed" micro-batches hold several domains
 
 
 def test_single_domain_refuses_what_cannot_compose():
-  one = data.PackedRows(np.arange(200), np.arange(0, 200, 20), seq_len=7)
+  one = batches_lib.PackedRows(np.arange(200), np.arange(0, 200, 20), seq_len=7)
   with pytest.raises(ValueError, match="needs several sources"):
-    data.BatchSchedule(one, 8, 0, composition="single_domain", microbatches=2)
+    batches_lib.BatchSchedule(one, 8, 0, composition="single_domain", microbatches=2)
   with pytest.raises(ValueError, match="divisible by an explicit microbatches"):
-    data.BatchSchedule(_mixture(), 10, 0, composition="single_domain", microbatches=4)
+    batches_lib.BatchSchedule(_mixture(), 10, 0, composition="single_domain", microbatches=4)
   with pytest.raises(ValueError, match="composition must be one of"):
-    data.BatchSchedule(_mixture(), 8, 0, composition="shuffled")
+    batches_lib.BatchSchedule(_mixture(), 8, 0, composition="shuffled")
 
 
 def test_embedded_domains_are_built_prepared_and_differ(tmp_path):
@@ -81,7 +82,7 @@ def test_embedded_domains_are_built_prepared_and_differ(tmp_path):
   cfg.data.source, cfg.data.tokenizer = "domains", "bytes"
   cfg.data.cache_dir = str(tmp_path)
   cfg.data.domain_bytes = 40_000
-  corpus = data.load_corpus(cfg.data, 257)
+  corpus = corpus_lib.load_corpus(cfg.data, 257)
   assert corpus.names == list(domains.DOMAINS) and len(corpus.train) == 3
   text = {}
   for name, stream in zip(corpus.names, corpus.train):
@@ -94,4 +95,4 @@ def test_embedded_domains_are_built_prepared_and_differ(tmp_path):
   assert text["prose"].count("\t") < text["structured"].count("\t") / 50
   cfg.data.tokenizer = "bpe"
   with pytest.raises(ValueError, match="needs data.tokenizer='bytes'"):
-    data.load_corpus(cfg.data, 257)
+    corpus_lib.load_corpus(cfg.data, 257)

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from deepseek_jax.data import corpus as corpus_lib
 from deepseek_jax.data import inputs, prepare, shards
-from deepseek_jax.train import data
+from deepseek_jax.train import batches as batches_lib
 from train_helpers import subprocess_env
 
 
@@ -70,7 +71,7 @@ def test_prepare_bytes_matches_a_hand_built_stream_and_workers_do_not_change_it(
     np.testing.assert_array_equal(stream.read(0, len(stream)), tokens)
     np.testing.assert_array_equal(stream[5:len(stream) - 3], tokens[5:-3])
     # Rows across shard boundaries: segments and positions as a per-token loop says.
-    rows = data.PackedRows(stream, seq_len=15)
+    rows = batches_lib.PackedRows(stream, seq_len=15)
     got = rows.rows(np.arange(rows.n_rows)[::-1])
     for k, r in enumerate(range(rows.n_rows)[::-1]):
       seg, pos, prev = [], [], None
@@ -96,7 +97,7 @@ def test_a_killed_preparation_keeps_its_finished_shards(tmp_path):
   os.remove(out / "manifest.json")
   (out / "train-00003.bin.tmp999").write_bytes(b"partial")
   with pytest.raises(ValueError, match="did not finish"):
-    data.open_prepared(str(out), 512)
+    corpus_lib.open_prepared(str(out), 512)
   prepare.prepare(str(root / "*"), "bpe:300", str(out), docs_per_shard=2)
   assert _digests(out) == want
   assert os.path.getmtime(out / "train-00001.bin") == kept
@@ -158,20 +159,20 @@ def test_training_refuses_a_bad_prepared_dataset_by_name(tmp_path):
   root, _ = _corpus(tmp_path)
   out = tmp_path / "out"
   prepare.prepare(str(root / "*"), "bpe:400", str(out), docs_per_shard=2)
-  corpus = data.load_corpus(_cfg(tmp_path, str(out)).data, 512)
+  corpus = corpus_lib.load_corpus(_cfg(tmp_path, str(out)).data, 512)
   assert corpus.train[0].n_docs + corpus.val[0].n_docs == 64    # 60 records, 4 text files
   with pytest.raises(ValueError, match=r"has 3\d\d tokens but model.vocab_size=300"):
-    data.load_corpus(_cfg(tmp_path, str(out)).data, 300)
+    corpus_lib.load_corpus(_cfg(tmp_path, str(out)).data, 300)
   with pytest.raises(ValueError, match="not a prepared dataset"):
-    data.load_corpus(_cfg(tmp_path, str(tmp_path)).data, 512)
+    corpus_lib.load_corpus(_cfg(tmp_path, str(tmp_path)).data, 512)
   good = (out / "train-00002.bin").read_bytes()
   (out / "train-00002.bin").write_bytes(good[::-1])
   with pytest.raises(ValueError, match="train-00002.bin is corrupt \\(checksum"):
-    data.load_corpus(_cfg(tmp_path, str(out)).data, 512)
+    corpus_lib.load_corpus(_cfg(tmp_path, str(out)).data, 512)
   (out / "train-00002.bin").write_bytes(good)
   os.remove(out / "val-00004.idx")
   with pytest.raises(ValueError, match="val-00004.idx is missing"):
-    data.load_corpus(_cfg(tmp_path, str(out)).data, 512)
+    corpus_lib.load_corpus(_cfg(tmp_path, str(out)).data, 512)
 
 
 def test_prepare_data_entry_point(tmp_path):
@@ -199,11 +200,11 @@ def test_a_mixture_keeps_its_weights_and_is_a_pure_function_of_the_step(tmp_path
     prepare.prepare(str(src), "bytes", str(tmp_path / name))
     dirs.append(str(tmp_path / name))
   cfg = _cfg(tmp_path, f"{dirs[0]}:0.7,{dirs[1]}:0.3").data
-  corpus = data.load_corpus(cfg, 512)
+  corpus = corpus_lib.load_corpus(cfg, 512)
   assert corpus.weights == [0.7, 0.3]
-  mix = data.packed_rows(corpus.train, corpus.weights, 15, seed=3)
-  assert isinstance(mix, data.Mixture) and mix.counts.tolist() == [717, 307]
-  schedule = data.BatchSchedule(mix, 32, 3)
+  mix = batches_lib.packed_rows(corpus.train, corpus.weights, 15, seed=3)
+  assert isinstance(mix, batches_lib.Mixture) and mix.counts.tolist() == [717, 307]
+  schedule = batches_lib.BatchSchedule(mix, 32, 3)
   batches = [schedule.batch(s)["tokens"] for s in range(64)]     # two blocks of 1024
   is_a = np.concatenate([np.isin(b, [97, 256]).all(1) for b in batches])
   is_b = np.concatenate([np.isin(b, [98, 256]).all(1) for b in batches])
@@ -211,7 +212,8 @@ def test_a_mixture_keeps_its_weights_and_is_a_pure_function_of_the_step(tmp_path
   assert is_a[:1024].sum() == 717 and is_a[1024:].sum() == 717   # exact per block
   assert abs(is_a[:96].mean() - 0.7) < 3 * np.sqrt(0.21 / 96)     # and close in a batch
   # Pure in (seed, step): any process split, a fresh schedule, the same rows.
-  again = data.BatchSchedule(data.packed_rows(corpus.train, corpus.weights, 15, seed=3), 32, 3)
+  again = batches_lib.BatchSchedule(
+      batches_lib.packed_rows(corpus.train, corpus.weights, 15, seed=3), 32, 3)
   for step in (0, 5, 63):
     parts = [again.batch(step, i, 4)["tokens"] for i in range(4)]
     np.testing.assert_array_equal(np.concatenate(parts), batches[step])
@@ -224,12 +226,12 @@ def test_a_mixture_keeps_its_weights_and_is_a_pure_function_of_the_step(tmp_path
   first_epoch = [mix._permutation(1, 0)[q] for q in range(b_rows)]
   assert sorted(first_epoch) == list(range(b_rows))
   # Validation: in order, no shuffle, sized so no source repeats.
-  val = data.packed_rows(corpus.train, corpus.weights, 15, seed=0, shuffle=False)
+  val = batches_lib.packed_rows(corpus.train, corpus.weights, 15, seed=0, shuffle=False)
   assert mix.n_rows == mix.sources[0].n_rows + b_rows
   assert val.n_rows == 0        # b's 24 rows cannot fill its 307 slots of one block
   with pytest.raises(ValueError, match="another tokenizer"):
     prepare.prepare(str(tmp_path / "b.jsonl"), "bpe:300", str(tmp_path / "c"))
-    data.load_corpus(_cfg(tmp_path, f"{dirs[0]}:1,{tmp_path / 'c'}:1").data, 512)
+    corpus_lib.load_corpus(_cfg(tmp_path, f"{dirs[0]}:1,{tmp_path / 'c'}:1").data, 512)
 
 
 def test_parquet_and_a_saved_dataset_are_read_row_by_row(tmp_path):
@@ -270,8 +272,8 @@ def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp
   del a, b
   streams = [shards.TokenStream(str(tmp_path / d), shards.read_manifest(str(tmp_path / d)),
                                 "train") for d in ("a", "b")]
-  rows = data.packed_rows(streams, [0.7, 0.3], 15, seed=3)
-  schedule = data.BatchSchedule(rows, 4, seed=3, stages=[(0, 4), (5, 8)])
+  rows = batches_lib.packed_rows(streams, [0.7, 0.3], 15, seed=3)
+  schedule = batches_lib.BatchSchedule(rows, 4, seed=3, stages=[(0, 4), (5, 8)])
   steps = list(range(0, 9)) + [3, 4] + list(range(12, 20))
   want = [schedule.batch(s, 1, 2) for s in steps]
   for depth, threads in ((0, 1), (1, 1), (3, 4)):
@@ -279,9 +281,9 @@ def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp
 
     def make(s):
       built_on.append(threading.current_thread().name)
-      return data.BatchSchedule(rows, 4, seed=3, stages=[(0, 4), (5, 8)]).batch(s, 1, 2) \
+      return batches_lib.BatchSchedule(rows, 4, seed=3, stages=[(0, 4), (5, 8)]).batch(s, 1, 2) \
           if s % 5 == 0 else schedule.batch(s, 1, 2)
-    loader = data.Prefetcher(make, depth, threads)
+    loader = batches_lib.Prefetcher(make, depth, threads)
     got = [loader.get(s) for s in steps]
     loader.close()
     for g, w in zip(got, want):
@@ -291,12 +293,12 @@ def test_prefetched_batches_equal_the_schedule_in_any_order_and_thread_count(tmp
     assert (len(background) == len(built_on)) if depth else not background
   # Nothing past the run's last step is built (stop = total steps).
   built = []
-  loader = data.Prefetcher(lambda s: built.append(s) or s, 3, 2, stop=6)
+  loader = batches_lib.Prefetcher(lambda s: built.append(s) or s, 3, 2, stop=6)
   assert [loader.get(s) for s in range(6)] == list(range(6))
   loader.close()
   assert sorted(built) == list(range(6))
   with pytest.raises(ValueError, match="threads >= 1"):
-    data.Prefetcher(lambda s: s, 2, 0)
+    batches_lib.Prefetcher(lambda s: s, 2, 0)
 
 
 def _two_documents_the_hash_keeps(root):

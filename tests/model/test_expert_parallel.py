@@ -17,6 +17,7 @@ import pytest
 
 import reference_numpy as ref
 from deepseek_jax import balancing
+from deepseek_jax.bench import expert_traffic
 from deepseek_jax.model import config, expert_parallel, moe
 from deepseek_jax.model import dispatch as dispatch_mod
 from deepseek_jax.train import sharding
@@ -276,7 +277,8 @@ def _exchange_vs_reference(cfg, data, expert, idx, gates, exact=True):
   """The expert-parallel layer's routed sum for fixed routing idx/gates on a data x
   expert mesh against experts_reference on one device. exact: y and the gradients wrt
   x, gates and the three weights must agree, nothing dropped, the loads a bincount;
-  returns the traffic dict (with exact=False: (y, reference y, dropped, traffic))."""
+  returns what the exchange sends (bench/expert_traffic.py: rows, bytes, rounds; with
+  exact=False: (y, reference y, dropped, traffic))."""
   D, X_all = cfg.d_model, idx.shape[0]
   Bt, Tt = 8, X_all // 8
   p = _params(cfg, seed=3)
@@ -295,14 +297,16 @@ def _exchange_vs_reference(cfg, data, expert, idx, gates, exact=True):
   shape = lambda a: a.reshape(Bt, Tt, *a.shape[1:])
 
   def loss(x, gates, *ws):
-    y, load, dropped, tr = expert_parallel.routed_experts(
-        shape(x), shape(idx), shape(gates), *ws, cfg, mesh, traffic=True)
+    y, load, dropped = expert_parallel.routed_experts(
+        shape(x), shape(idx), shape(gates), *ws, cfg, mesh)
     y = y.reshape(X_all, D)
-    return jnp.sum(y * ct), (y, load, dropped, tr)
+    return jnp.sum(y * ct), (y, load, dropped)
 
   with jax.set_mesh(mesh):
-    (_, (y1, load, dropped, tr)), g1 = jax.jit(jax.value_and_grad(
+    (_, (y1, load, dropped)), g1 = jax.jit(jax.value_and_grad(
         loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, gates, *ws)
+    tr = jax.jit(lambda x, i, g: expert_traffic.exchange_traffic(x, i, g, cfg, mesh))(
+        shape(x), shape(idx), shape(gates))
   if not exact:
     return y1, y0, dropped, tr
   np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from deepseek_jax.train import data, loop as trainer
+from deepseek_jax.train import batches as batches_lib
+from deepseek_jax.train import loop as trainer
 from train_helpers import subprocess_env, tiny_run_config, write_config_file
 
 PEAK = 1e11
@@ -101,7 +102,7 @@ def test_sigterm_to_one_process_mid_evaluation_stops_both_with_a_checkpoint(tmp_
 def test_sigterm_mid_evaluation_saves_and_exits(tmp_path, monkeypatch):
   """In one process, deterministically: the signal arrives after the 20th batch of the
   step-3 evaluation; the loop saves step 3 and returns, preempted, with no later step."""
-  batches = data.validation_batches
+  batches = batches_lib.validation_batches
 
   def signalling(*args, **kwargs):
     for i, b in enumerate(batches(*args, **kwargs)):
@@ -109,7 +110,7 @@ def test_sigterm_mid_evaluation_saves_and_exits(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
       yield b
 
-  monkeypatch.setattr(data, "validation_batches", signalling)
+  monkeypatch.setattr(batches_lib, "validation_batches", signalling)
   cfg = tiny_run_config(tmp_path, total_steps=8, eval_every=3, eval_batches=-1,
                         checkpoint_every=100)
   before = signal.getsignal(signal.SIGTERM)

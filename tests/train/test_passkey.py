@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.train import passkey
-from deepseek_jax.train.data import ByteTokenizer
+from deepseek_jax.data.tokenizers import ByteTokenizer
 
 
 def test_prompt_has_the_length_the_key_at_its_depth_and_the_answer_last():

@@ -13,7 +13,8 @@ import pytest
 
 from configs import common, deepseek_v3_671b
 from deepseek_jax.model import config as model_config
-from deepseek_jax.train import data, recipe
+from deepseek_jax.train import batches as batches_lib
+from deepseek_jax.train import recipe
 from deepseek_jax.train import step as train_step
 from train_helpers import subprocess_env
 
@@ -142,16 +143,16 @@ def test_batch_stages_read_the_stream_in_order():
   """Stage sizes 2 then 4 over 10 rows (gcd 2: epochs of 10 rows): step s reads stream
   positions [2s, 2s + 2) for s < 3, then 4 rows at a time from position 6, running from
   one epoch's permutation into the next; one stage reads as it always did."""
-  rows = data.PackedRows(np.arange(10 * 5, dtype=np.int32) % 7, np.arange(0, 50, 5), 4)
+  rows = batches_lib.PackedRows(np.arange(10 * 5, dtype=np.int32) % 7, np.arange(0, 50, 5), 4)
   assert rows.n_rows == 10
   perm = [np.random.default_rng([3, e]).permutation(10) for e in range(3)]
-  staged = data.BatchSchedule(rows, 4, 3, stages=[(0, 2), (3, 4)])
+  staged = batches_lib.BatchSchedule(rows, 4, 3, stages=[(0, 2), (3, 4)])
   stream = np.concatenate(perm)
   for s, (lo, hi) in enumerate([(0, 2), (2, 4), (4, 6), (6, 10), (10, 14), (14, 18)]):
     np.testing.assert_array_equal(staged.global_indices(s), stream[lo:hi], err_msg=str(s))
   assert [staged.batch_size_at(s) for s in range(5)] == [2, 2, 2, 4, 4]
   # One stage of 4: 2 batches an epoch (the 2 leftover rows of each epoch skipped).
-  plain = data.BatchSchedule(rows, 4, 3)
+  plain = batches_lib.BatchSchedule(rows, 4, 3)
   for s, (e, i) in enumerate([(0, 0), (0, 4), (1, 0), (1, 4)]):
     np.testing.assert_array_equal(plain.global_indices(s), perm[e][i:i + 4])
   # A process reads its contiguous half of the global batch.

@@ -201,7 +201,8 @@ def test_passkey_evaluation_of_a_run(reference_run, tmp_path):
   one line per length, the JSON's accuracies equal to scoring the same prompts with the
   restored model directly; a length too short for a prompt is one clear line."""
   import json
-  from deepseek_jax.train import data, passkey
+  from deepseek_jax.data import corpus as corpus_lib
+  from deepseek_jax.train import passkey
   from deepseek_jax.train.evaluation import restore_state
   from deepseek_jax.train.step import model_variables
   ref_tmp, _ = reference_run
@@ -214,7 +215,7 @@ def test_passkey_evaluation_of_a_run(reference_run, tmp_path):
   assert r.stdout.count("passkey at ") == 2 and "of 3 retrieved" in r.stdout
   out = json.loads((tmp_path / "pk.json").read_text())
   model, state, cfg, _, _ = restore_state(run)
-  tok = data.load_tokenizer(cfg.data, model.cfg.vocab_size)
+  tok = corpus_lib.load_tokenizer(cfg.data, model.cfg.vocab_size)
   v = model_variables(state.params, state.expert_bias)
   want = passkey.score(lambda ids: model.apply(v, ids, mtp=False).logits, tok, [48, 96], 3)
   assert out["lengths"] == {str(k): w for k, w in want.items()}
@@ -527,7 +528,7 @@ def test_batch_ramp_trains_each_stage_and_resumes_exactly_across_it(reference_ru
   step), then 8 (issue 20's ramp). Each stage runs at its own batch shape; a run stopped
   by SIGTERM inside the first stage and resumed crosses the stage boundary in the new
   process and gives the uninterrupted run's curve exactly."""
-  from deepseek_jax.train import data
+  from deepseek_jax.train import batches as batches_lib
   ref_tmp, _ = reference_run
   # Batches built in the loop (prefetch 0): the SIGTERM below is sent from the building
   # of step 1's batch, which the default prefetch would do during step 0.
@@ -540,7 +541,7 @@ def test_batch_ramp_trains_each_stage_and_resumes_exactly_across_it(reference_ru
   assert all(60 < n <= 4 * 32 for n in n_tokens[:3]), n_tokens   # 4 rows of 32 targets
   assert all(4 * 32 < n <= 8 * 32 for n in n_tokens[3:]), n_tokens
 
-  real_batch, fired = data.BatchSchedule.batch, []
+  real_batch, fired = batches_lib.BatchSchedule.batch, []
 
   def batch_then_preempt(self, step, *args):
     if step == 1 and not fired:
@@ -548,10 +549,10 @@ def test_batch_ramp_trains_each_stage_and_resumes_exactly_across_it(reference_ru
       os.kill(os.getpid(), signal.SIGTERM)   # the loop saves after this step and stops
     return real_batch(self, step, *args)
 
-  monkeypatch.setattr(data.BatchSchedule, "batch", batch_then_preempt)
+  monkeypatch.setattr(batches_lib.BatchSchedule, "batch", batch_then_preempt)
   last = _train(cfg, tmp_path / "split", devices=jax.devices()[:1])
   assert last["preempted"] and last["step"] == 2
-  monkeypatch.setattr(data.BatchSchedule, "batch", real_batch)
+  monkeypatch.setattr(batches_lib.BatchSchedule, "batch", real_batch)
   _train(cfg, tmp_path / "split", devices=jax.devices()[:1])
   got = losses(tmp_path / "split")
   want = {s: r["loss"] for s, r in full.items()}
