@@ -20,7 +20,6 @@ import optax
 from flax import struct
 
 from deepseek_jax import balancing
-from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.partitioning import constrain
 from deepseek_jax.train.losses import lm_losses, sequence_sums
 from deepseek_jax.model.transformer import BALANCE, Transformer
