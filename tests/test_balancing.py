@@ -215,7 +215,7 @@ def test_bias_update_uses_global_loads_on_8_devices(tmp_path):
   bias0 = jnp.asarray(np.random.default_rng(5).normal(0, 0.05, state.expert_bias.shape),
                       jnp.float32)
   state = state.replace(expert_bias=bias0)
-  from deepseek_jax.train.loop import state_shardings
+  from deepseek_jax.train.program import state_shardings
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))
   st_sh = state_shardings(model, tx, mesh)
   b_sh = sharding.batch_sharding(mesh)
@@ -609,11 +609,11 @@ def test_quantile_strategy_sets_the_bias_to_the_steps_target(tmp_path):
 
 
 def test_quantile_strategy_needs_the_model_stats(tmp_path):
-  from deepseek_jax.train import loop
+  from deepseek_jax.train import program
   cfg = tiny_run_config(tmp_path, **{"balance.bias_rule": "quantile"})
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   with pytest.raises(ValueError, match="quantile_stats"):
-    loop.validate_run_config(cfg, mesh)
+    program.validate_run_config(cfg, mesh)
 
 
 # Counting scope under gradient accumulation ---------------------------------------------

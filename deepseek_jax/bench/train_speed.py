@@ -7,7 +7,6 @@ see the same machine state (speed on a shared 2-core box drifts by tens of perce
 
 from __future__ import annotations
 
-import functools
 import math
 import resource
 import time
@@ -18,10 +17,9 @@ import ml_collections
 import numpy as np
 
 from deepseek_jax.model import dispatch
-from deepseek_jax.train import step as ts
+from deepseek_jax.train import program as program_lib, sharding, step as ts
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.train.metrics import measure_matmul_peak, train_flops_per_token
-from deepseek_jax.model.transformer import Transformer
 
 
 def bench_model_config(**overrides) -> ModelConfig:
@@ -70,16 +68,16 @@ class OurTrainer:
     run_cfg = _run_config() if run_cfg is None else run_cfg
     run_cfg.model = ml_collections.ConfigDict(mcfg.to_dict())
     self.cfg = run_cfg
-    model = Transformer(mcfg)
-    tx = ts.make_optimizer(run_cfg.optimizer, run_cfg.total_steps,
-                           ts.run_lr_schedule(run_cfg))
+    # The program experiments.train builds (train/program.py), on one device.
+    mesh = sharding.make_mesh({a: 1 for a in sharding.MESH_AXES}, jax.devices()[:1])
+    program = program_lib.build(run_cfg, mcfg, mesh)
     self.batch = _batch(mcfg, batch, seq)
     self.hparams = jax.tree.map(jnp.float32, ts.balance_hparams(run_cfg))
-    self.state = ts.init_state(model, tx, jax.random.PRNGKey(0))
-    step = functools.partial(ts.train_step, model=model, tx=tx, cfg=run_cfg)
+    self.state = program.init_fn(jax.random.PRNGKey(0))
     t = time.perf_counter()
-    self.fn = jax.jit(step, donate_argnums=0).lower(
-        self.state, self.batch, self.hparams).compile()
+    with jax.set_mesh(mesh):
+      self.fn = program.train_fn.__wrapped__.lower(self.state, self.batch,
+                                                   self.hparams).compile()
     self.compile_s = time.perf_counter() - t
     self.metrics = None
 

@@ -2,7 +2,7 @@
 
 libtpu (the `tpu` extra) describes a TPU slice without one: `get_topology_desc` gives its
 abstract devices, a Mesh over them takes the config's mesh (one axis may be -1), and
-the train step that experiments.train runs (loop.build_steps: same function, shardings,
+the train step that experiments.train runs (program.build: same function, shardings,
 donation, microbatches) is lowered with ShapeDtypeStructs and compiled by the TPU
 compiler. What comes back is the compiler's word, not an estimate:
 
@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.partitioning import BATCH
-from deepseek_jax.train import hlo, loop, sharding
+from deepseek_jax.train import hlo, program as program_lib, sharding
 from deepseek_jax.train.metrics import train_flops_per_token, useful_flops_by_class
 
 GIB = 2 ** 30
@@ -129,12 +129,11 @@ def abstract_inputs(cfg, mesh, state_sh, batch_sh, init_fn):
 def compile_train_step(cfg, mesh):
   """(compiled, abstract train state, compile seconds) of cfg's train step on `mesh`
   (cfg's microbatches resolved for it); raises the compiler's RESOURCE_EXHAUSTED as is."""
-  loop.validate_run_config(cfg, mesh)
-  model_cfg = model_config_from(cfg.model)
-  _, _, state_sh, batch_sh, train_fn, _, init_fn = loop.build_steps(cfg, model_cfg, mesh)
-  args = abstract_inputs(cfg, mesh, state_sh, batch_sh, init_fn)
+  program_lib.validate_run_config(cfg, mesh)
+  program = program_lib.build(cfg, model_config_from(cfg.model), mesh)
+  args = abstract_inputs(cfg, mesh, program.state_sh, program.batch_sh, program.init_fn)
   t0 = time.perf_counter()
-  jitted = train_fn.__wrapped__   # loop.build_steps wraps the jitted step in with_mesh
+  jitted = program.train_fn.__wrapped__   # build wraps the jitted step in with_mesh
   with jax.set_mesh(mesh):
     compiled = jitted.lower(*args).compile()
   return compiled, args[0], time.perf_counter() - t0
@@ -342,7 +341,7 @@ def report(cfg, topology: str, routing_counts=None, dump_hlo: str | None = None)
   devices = topology_devices(topology)
   model_cfg = model_config_from(cfg.model)
   mesh = sharding.make_mesh(cfg.mesh, devices, model_cfg.d_model)
-  cfg = loop.resolve_microbatches(cfg, mesh)
+  cfg = program_lib.resolve_microbatches(cfg, mesh)
   model_flops = train_flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
   out = {"topology": topology, "n_chips": len(devices), "mesh": dict(mesh.shape),
          "batch": [cfg.batch_size, cfg.seq_len], "microbatches": int(cfg.microbatches),

@@ -20,7 +20,6 @@ import optax
 from flax import struct
 
 from deepseek_jax import balancing
-from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.partitioning import constrain
 from deepseek_jax.train.losses import lm_losses, sequence_sums
 from deepseek_jax.model.transformer import BALANCE, Transformer
@@ -300,7 +299,7 @@ def eval_step(state: TrainState, batch, *, model: Transformer, cfg):
   of the main head and each MTP depth (losses.sequence_sums) and, with MoE, each routed
   layer's expert loads "load" [B, L, E]. Nothing is summed over the batch, so on a
   data-parallel mesh the step runs without a collective; the caller accumulates batches
-  on device and reduces once (loop.evaluate). No state change (in particular no bias
+  on device and reduces once (validation.evaluate). No state change (in particular no bias
   update: evaluation never balances)."""
   out = _apply(model, state.params, state.expert_bias, batch, cfg)
   sums = sequence_sums(out, batch["tokens"], batch["segments"],

@@ -17,7 +17,7 @@ from configs import tpu_smoke
 from deepseek_jax.model import layers
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
-from deepseek_jax.train import aot, hlo, loop, sharding
+from deepseek_jax.train import aot, hlo, program, sharding
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu: pip install -e '.[tpu]'")
 
@@ -195,7 +195,7 @@ def test_routing_counts_cost_rounds_and_the_hot_shards_work(guard_report, tmp_pa
   c = tpu_smoke.get_config("guard")
   m = model_config_from(c.model)
   mesh = sharding.make_mesh(c.mesh, aot.topology_devices(GUARD_TOPOLOGY), m.d_model)
-  c = loop.resolve_microbatches(c, mesh)
+  c = program.resolve_microbatches(c, mesh)
   path = tmp_path / "metrics.jsonl"
   skew = [30, 30, 30, 30, 1, 1, 1, 1]
   path.write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n"

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepseek_jax.train import checkpoint, loop as trainer, step as train_step
+from deepseek_jax.train import checkpoint, loop as trainer, program, step as train_step, step_log
 from train_helpers import losses, subprocess_env, tiny_run_config, write_config_file
 
 PEAK = 1e11  # a declared peak: skips the matmul measurement in tests
@@ -413,7 +413,7 @@ def test_bad_run_numbers_are_refused_by_name(tmp_path, field, value, rule):
   cfg = tiny_run_config(tmp_path, **{field: value})
   with pytest.raises(ValueError, match=f"config.{field} " + rule.replace("[", r"\[")
                      .replace("(", r"\(").replace(")", r"\)")):
-    trainer.validate_run_config(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    program.validate_run_config(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
 
 
 def test_a_second_training_of_a_busy_workdir_is_refused(reference_run, tmp_path):
@@ -516,7 +516,7 @@ def test_first_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once():
 def test_a_gradient_norm_stuck_at_zero_is_flagged_once_per_stall():
   """peak_lr=1e4 once gave a constant loss with a gradient norm of exactly 0 for steps,
   unflagged: three zero norms in a row are named, once; a non-zero norm resets."""
-  watch = trainer.ZeroGradWatch(3)
+  watch = step_log.ZeroGradWatch(3)
   said = [watch(s, 2.5, g) for s, g in enumerate([1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0])]
   assert [s for s, w in enumerate(said) if w] == [3]
   assert "steps 1-3" in said[3] and "loss 2.5000" in said[3]
