@@ -1,5 +1,6 @@
-"""The executed-work table of any compiled train step's HLO text (train/hlo.py): FLOPs by
-class, HBM traffic and collectives per chip per step, against a config's useful FLOPs.
+"""The executed-work table of any compiled train step's HLO text (train/hlo_work.py):
+FLOPs by class, HBM traffic and collectives per chip per step, against a config's useful
+FLOPs.
 For programs compiled elsewhere (scripts/maxtext_anchor.sh runs it on MaxText's step).
 
   python -m experiments.hlo_report --hlo=step.after_optimizations.txt \

@@ -36,7 +36,8 @@ from jax.sharding import NamedSharding
 
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.partitioning import BATCH
-from deepseek_jax.train import hlo, program as program_lib, sharding
+from deepseek_jax.train import hlo, hlo_collectives, hlo_work, sharding
+from deepseek_jax.train import program as program_lib
 from deepseek_jax.train.metrics import train_flops_per_token, useful_flops_by_class
 
 GIB = 2 ** 30
@@ -69,7 +70,7 @@ CHIPS = {
                "ICI per chip taken as the pod's 1.1 PB/s all-reduce bandwidth / 4096 chips"),
 }
 _DIMS = {"v5p": 3, "v4": 3, "v6e": 2, "v5e": 2}
-COLLECTIVES = hlo.COLLECTIVES
+COLLECTIVES = hlo_collectives.COLLECTIVES
 
 
 class TopologyError(ValueError):
@@ -297,15 +298,16 @@ def work_report(hlo_text: str, cfg, model_cfg, chip: Chip, n_chips: int,
   extra_rounds = 0.0
   if routing is not None:
     live, extra_rounds = routing["mean_first_round_rows"], routing["mean_extra_rounds"]
-  coll = hlo.collective_bytes(h, overflow_rounds=extra_rounds)
-  work = hlo.executed_work(h, live_rows=live, overflow_rounds=extra_rounds,
-                           attention_live=causal_live_fraction(model_cfg, cfg.seq_len))
+  coll = hlo_collectives.collective_bytes(h, overflow_rounds=extra_rounds)
+  work = hlo_work.executed_work(
+      h, live_rows=live, overflow_rounds=extra_rounds,
+      attention_live=causal_live_fraction(model_cfg, cfg.seq_len))
   tokens_per_chip = cfg.batch_size * cfg.seq_len / n_chips
   useful = {k: v * tokens_per_chip
             for k, v in useful_flops_by_class(model_cfg, cfg.seq_len).items()}
   by_class = {k: {"executed": float(work.flops.get(k, 0.0)),
                   "recomputed": float(work.flops.get(k + "/recompute", 0.0)),
-                  "useful": useful[k]} for k in hlo.CLASSES}
+                  "useful": useful[k]} for k in hlo_work.CLASSES}
   by_class["remat_recompute"] = {
       "executed": sum(v["recomputed"] for v in by_class.values()), "useful": 0.0}
   executed, useful_total = work.total_flops, sum(useful.values())

@@ -17,7 +17,7 @@ from configs import tpu_smoke
 from deepseek_jax.model import layers
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
-from deepseek_jax.train import aot, hlo, program, sharding
+from deepseek_jax.train import aot, hlo, hlo_collectives, hlo_work, program, sharding
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu: pip install -e '.[tpu]'")
 
@@ -69,7 +69,7 @@ def test_collectives_count_loop_trips():
   ws = jax.ShapeDtypeStruct((8, 512, 512), jnp.float32, sharding=NamedSharding(mesh, PS()))
   h = hlo.read_hlo(jax.jit(f).lower(x, ws).compile().as_text())
   assert 8 in h.trips
-  got = hlo.collective_bytes(h)["all-reduce"]
+  got = hlo_collectives.collective_bytes(h)["all-reduce"]
   assert got == 8 * 64 * 512 * 4, got   # each step all-reduces one [64, 512] f32 shard
 
 
@@ -114,7 +114,7 @@ def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
   assert b["optimizer"] == pytest.approx(2 * b["params"], rel=0.01)
   assert b["params"] + b["optimizer"] <= b["arguments"]
   assert 0 < b["total"] < r["hbm_bytes_per_chip"]
-  assert set(r["collective_bytes"]) == set(hlo.COLLECTIVES)
+  assert set(r["collective_bytes"]) == set(hlo_collectives.COLLECTIVES)
   # fsdp gathers weights.
   assert r["collective_bytes"]["all-gather"] > 0
   # Executed work: the useful FLOPs are the analytic count's share of a chip, split by
@@ -123,16 +123,16 @@ def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
   # with megablox over the live rows of the ragged exchange, little more.
   assert r["useful_flops_per_chip"] == pytest.approx(r["model_flops_per_step"] / 8)
   by = r["flops_by_class"]
-  assert set(by) == set(hlo.CLASSES) | {"remat_recompute"}
+  assert set(by) == set(hlo_work.CLASSES) | {"remat_recompute"}
   assert sum(v["useful"] for v in by.values()) == pytest.approx(r["useful_flops_per_chip"])
-  for k in hlo.CLASSES:
+  for k in hlo_work.CLASSES:
     assert by[k]["useful"] > 0 and 0.99 <= by[k]["executed"] / by[k]["useful"] < 1.15, k
   # The guard rematerialises with dots_no_batch: the routed experts' products are not
   # saved, so (some of) their forward runs again: at most the forward's third of the work.
   assert 0 < by["routed_experts"]["recomputed"] <= by["routed_experts"]["useful"] / 3
   assert by["remat_recompute"]["useful"] == 0
   assert by["remat_recompute"]["executed"] == pytest.approx(
-      sum(by[k]["recomputed"] for k in hlo.CLASSES))
+      sum(by[k]["recomputed"] for k in hlo_work.CLASSES))
   assert r["executed_flops_per_chip"] == pytest.approx(
       sum(v["executed"] for v in by.values()))
   rf = r["roofline"]
