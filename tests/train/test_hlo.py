@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from deepseek_jax.model.expert_parallel import OVERFLOW_SCOPE
-from deepseek_jax.train import aot, hlo, hlo_work
+from deepseek_jax.train import hlo, hlo_work, tpu
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu: pip install -e '.[tpu]'")
 
@@ -24,7 +24,7 @@ M, K, N, G = 2048, 256, 512, 4
 
 @pytest.fixture(scope="module")
 def one_chip():
-  devices = aot.topology_devices("v5p:2x2x1")[:1]
+  devices = tpu.topology_devices("v5p:2x2x1")[:1]
   return NamedSharding(Mesh(np.array(devices), ("d",)), PS())
 
 
@@ -114,7 +114,7 @@ def test_megablox_counts_live_tiles_forward_and_backward(one_chip):
   def loss(x, w, gs):
     return jnp.sum(dispatch.grouped_matmul(x, w, gs, "megablox").astype(jnp.float32) ** 2)
 
-  mesh = Mesh(np.array(aot.topology_devices("v5p:2x2x1")[:1]), ("d",))
+  mesh = Mesh(np.array(tpu.topology_devices("v5p:2x2x1")[:1]), ("d",))
   args = [jax.ShapeDtypeStruct(s, dt, sharding=NamedSharding(mesh, PS()))
           for s, dt in (((M, K), jnp.bfloat16), ((G, K, N), jnp.bfloat16),
                         ((G,), jnp.int32))]
