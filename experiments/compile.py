@@ -19,7 +19,7 @@ on this host, and say whether it fits.
       --mode=prefill --batch=128 --context=32768  # one prefill of 128 prompts
 
 Prints the per-chip memory, the executed work against the useful work by class, HBM and
-collective bytes and a roofline step (deepseek_jax/train/aot.py, train/hlo.py), writes
+collective bytes and a roofline step (deepseek_jax/train/aot.py, aot_work.py), writes
 them as JSON with --out (--dump_hlo=FILE: the optimised HLO text too), and exits with
 status 1 when the program does not fit the chips' HBM. No TPU is needed: libtpu
 compiles for the topology's abstract devices.
@@ -101,14 +101,14 @@ def serve(cfg):
 def main(argv):
   del argv
   launch.quiet_console()
-  from deepseek_jax.train import aot
+  from deepseek_jax.train import aot, aot_routing, aot_text, tpu
   from deepseek_jax.train.recipe import Recipe
   from configs import common
   cfg = _CONFIG.value
   if _MODE.value != "train":
     try:
       r, text, ok = serve(cfg)
-    except (aot.TopologyError, ValueError) as e:
+    except (tpu.TopologyError, ValueError) as e:
       sys.exit(f"experiments.compile: {e}")
     print(text)
     if _OUT.value:
@@ -126,15 +126,15 @@ def main(argv):
     if stage.batch != cfg.batch_size:
       cfg = cfg.copy_and_resolve_references()
       cfg.batch_size = stage.batch
-    counts = aot.read_routing_counts(_ROUTING.value) if _ROUTING.value else None
+    counts = aot_routing.read_routing_counts(_ROUTING.value) if _ROUTING.value else None
     r = aot.report(cfg, _TOPOLOGY.value, routing_counts=counts, dump_hlo=_DUMP_HLO.value)
     r["stage"] = {"batch": stage.batch, "start_step": stage.start_step,
                   "start_tokens": stage.start_tokens}
-  except (aot.TopologyError, ValueError) as e:
+  except (tpu.TopologyError, ValueError) as e:
     sys.exit(f"experiments.compile: {e}")
   except OSError as e:
     sys.exit(f"experiments.compile: cannot read {e.filename}: {e.strerror}")
-  print(aot.format_report(r))
+  print(aot_text.format_report(r))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(r, f, indent=1)

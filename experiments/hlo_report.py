@@ -1,5 +1,6 @@
-"""The executed-work table of any compiled train step's HLO text (train/hlo.py): FLOPs by
-class, HBM traffic and collectives per chip per step, against a config's useful FLOPs.
+"""The executed-work table of any compiled train step's HLO text (train/aot_work.py):
+FLOPs by class, HBM traffic and collectives per chip per step, against a config's useful
+FLOPs.
 For programs compiled elsewhere (scripts/maxtext_anchor.sh runs it on MaxText's step).
 
   python -m experiments.hlo_report --hlo=step.after_optimizations.txt \
@@ -36,20 +37,20 @@ def main(argv):
   del argv
   launch.quiet_console()
   from deepseek_jax.model.config import model_config_from
-  from deepseek_jax.train import aot
+  from deepseek_jax.train import aot_text, aot_work, tpu
   cfg = _CONFIG.value
   try:
-    kind, _ = aot.parse_topology(_TOPOLOGY.value)
-    n_chips = len(aot.topology_devices(_TOPOLOGY.value))
+    kind, _ = tpu.parse_topology(_TOPOLOGY.value)
+    n_chips = len(tpu.topology_devices(_TOPOLOGY.value))
     with open(_HLO.value) as fh:
       text = fh.read()
-  except aot.TopologyError as e:
+  except tpu.TopologyError as e:
     sys.exit(f"experiments.hlo_report: {e}")
   except OSError as e:
     sys.exit(f"experiments.hlo_report: cannot read {e.filename}: {e.strerror}")
-  r = aot.work_report(text, cfg, model_config_from(cfg.model), aot.CHIPS[kind], n_chips,
-                      _LIVE.value)
-  print("\n".join(aot.format_work(r)))
+  r = aot_work.work_report(text, cfg, model_config_from(cfg.model), tpu.CHIPS[kind],
+                           n_chips, _LIVE.value)
+  print("\n".join(aot_text.format_work(r)))
   if _OUT.value:
     with open(_OUT.value, "w") as fh:
       json.dump(r, fh, indent=1)

@@ -40,7 +40,7 @@ from deepseek_jax.model import kv_cache
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.partitioning import BATCH
 from deepseek_jax.model.transformer import Transformer
-from deepseek_jax.train import aot, sharding
+from deepseek_jax.train import aot_memory, sharding, tpu
 
 WEIGHTS = ("bf16", "int8")
 
@@ -143,7 +143,7 @@ def compiled_arg_bytes(compiled, argnum: int, arg, parts) -> int:
   program lays them out (its input shardings' shard shapes); the abstract shardings
   when nothing compiled."""
   if compiled is None:
-    return aot.per_chip_bytes(parts)
+    return aot_memory.per_chip_bytes(parts)
   shardings = compiled.input_shardings[0][argnum]
   by_id = dict(zip(map(id, jax.tree.leaves(arg)), jax.tree.leaves(shardings)))
   return sum(math.prod(by_id[id(x)].shard_shape(x.shape)) * x.dtype.itemsize
@@ -180,7 +180,7 @@ def decode_program(cfg: ModelConfig, mesh, chip, batch: int, context: int,
   n_chips = mesh.devices.size
   # The weights as given (the MTP modules' included, though this step prunes them),
   # the cache as the compiled program lays out its cache argument.
-  weights_b = aot.per_chip_bytes(params)
+  weights_b = aot_memory.per_chip_bytes(params)
   cache_b = compiled_arg_bytes(compiled, 3, c, cache_arrays(c))
   out.update(cache_bytes_per_token=cache_b * n_chips / (batch * context),
              cache_bytes_from=("the compiled program's cache argument" if compiled else
@@ -226,9 +226,9 @@ def decode_report(cfg: ModelConfig, topology: str, batch: int, context: int,
   that fits ("max_batch" = {context: n}); mha: the MHA program at that batch beside it
   (and, with find_max_batch, the MHA's own largest batch)."""
   cfg = cfg.replace(scan_layers=False)
-  kind, _ = aot.parse_topology(topology)
-  chip = aot.CHIPS[kind]
-  mesh = sharding.make_mesh(mesh_cfg, aot.topology_devices(topology), cfg.d_model)
+  kind, _ = tpu.parse_topology(topology)
+  chip = tpu.CHIPS[kind]
+  mesh = sharding.make_mesh(mesh_cfg, tpu.topology_devices(topology), cfg.d_model)
   head = {"mode": "decode", "topology": topology, "n_chips": mesh.devices.size,
           "mesh": dict(mesh.shape), "n_layers": cfg.n_layers,
           "hbm_bytes_per_chip": chip.hbm_bytes,
@@ -264,7 +264,7 @@ def _program_lines(r: dict, label: str) -> list[str]:
            f"  cache bytes a token the slice stores (all layers, from "
            f"{r['cache_bytes_from']}): {r['cache_bytes_per_token']:,.0f}"]
   for k, v in r.get("per_chip_bytes", {}).items():
-    lines.append(f"  per-chip {k:<12}{aot.gib(v)}")
+    lines.append(f"  per-chip {k:<12}{aot_memory.gib(v)}")
   lines.append(f"  fits_hbm: {'true' if r['fits_hbm'] else 'false'}")
   if not r["fits_hbm"]:
     lines.append(f"  compiler: {r.get('error', '')[:400]}")
@@ -282,7 +282,8 @@ def _program_lines(r: dict, label: str) -> list[str]:
 def format_decode_report(r: dict) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   lines = [f"decode on {r['topology']} ({r['n_chips']} chips) | mesh {mesh} | "
-           f"{r['n_layers']} layers | HBM per chip {aot.gib(r['hbm_bytes_per_chip'])}",
+           f"{r['n_layers']} layers | HBM per chip "
+           f"{aot_memory.gib(r['hbm_bytes_per_chip'])}",
            f"  analytic latent cache bytes a token (one copy): "
            f"{r['analytic_cache_bytes_per_token']:,}"]
   lines += _program_lines(r, "MLA (latent cache)")

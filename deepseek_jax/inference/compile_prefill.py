@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 from deepseek_jax.inference import compile_decode as cd
 from deepseek_jax.inference import prefill, quantize
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.train import aot, sharding
+from deepseek_jax.train import aot_memory, sharding, tpu
 from deepseek_jax.train.metrics import train_flops_per_token
 
 
@@ -45,9 +45,9 @@ def prefill_report(cfg: ModelConfig, topology: str, batch: int, context: int,
   module docstring describes, fits_hbm False with the compiler's message when it does
   not fit."""
   cfg = cfg.replace(scan_layers=False, mtp_depth=0)
-  kind, _ = aot.parse_topology(topology)
-  chip = aot.CHIPS[kind]
-  mesh = sharding.make_mesh(mesh_cfg, aot.topology_devices(topology), cfg.d_model)
+  kind, _ = tpu.parse_topology(topology)
+  chip = tpu.CHIPS[kind]
+  mesh = sharding.make_mesh(mesh_cfg, tpu.topology_devices(topology), cfg.d_model)
   n_chips, shards = mesh.devices.size, cd.request_shards(mesh)
   model, params, bias = cd.abstract_params(cfg, mesh, weights)
   cache = cd.abstract_cache(cfg, mesh, batch, context)
@@ -72,7 +72,7 @@ def prefill_report(cfg: ModelConfig, topology: str, batch: int, context: int,
 
   res = cd.compile_program(step, (params, bias, tokens, cache), (3,), mesh, chip)
   compiled = res.pop("compiled")
-  weights_b = aot.per_chip_bytes(params)
+  weights_b = aot_memory.per_chip_bytes(params)
   cache_b = cd.compiled_arg_bytes(compiled, 3, cache, cd.cache_arrays(cache))
   out.update(fits_hbm=res["fits_hbm"], compile_s=res["compile_s"])
   if compiled is None:
@@ -101,8 +101,8 @@ def format_prefill_report(r: dict) -> str:
            f"weights {r['weights']} | attention {r['attention_impl']}",
            f"compile_s: {r['compile_s']:.1f}"]
   for k, v in r.get("per_chip_bytes", {}).items():
-    lines.append(f"  per-chip {k:<12}{aot.gib(v)}")
-  lines.append(f"  HBM per chip          {aot.gib(r['hbm_bytes_per_chip'])}")
+    lines.append(f"  per-chip {k:<12}{aot_memory.gib(v)}")
+  lines.append(f"  HBM per chip          {aot_memory.gib(r['hbm_bytes_per_chip'])}")
   lines.append(f"fits_hbm: {'true' if r['fits_hbm'] else 'false'}")
   if not r["fits_hbm"]:
     lines.append(f"  compiler: {r.get('error', '')[:400]}")

@@ -83,8 +83,8 @@ from deepseek_jax.model.partitioning import BATCH, CONTEXT, TOKENS
 
 EXPERT = "expert"
 TENSOR = "tensor"
-# The scope of the overflow-rounds loops of the ragged exchange (train/hlo.py counts
-# them at the extra rounds a routing needs: none at balanced routing).
+# The scope of the overflow-rounds loops of the ragged exchange (train/hlo.py and
+# hlo_work.py count them at the extra rounds a routing needs: none at balanced routing).
 OVERFLOW_SCOPE = "overflow_rounds"
 
 

@@ -43,7 +43,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def useful_flops_by_class(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   """train_flops_per_token split as the compile report classes executed work
-  (train/hlo.py): routed experts (3 projections of D x F for each of the K chosen
+  (train/hlo_work.py): routed experts (3 projections of D x F for each of the K chosen
   experts, in every MoE block, main and MTP), attention (MLA's projections and the
   causal QK^T and PV) and other (the rest: dense FFNs, shared experts, routers, MTP
   projections, the head). Per token; they sum to train_flops_per_token."""

@@ -12,7 +12,7 @@ import pytest
 from configs import tpu_smoke
 from deepseek_jax.inference import compile_decode, max_batch
 from deepseek_jax.model.config import model_config_from
-from deepseek_jax.train import aot, sharding
+from deepseek_jax.train import aot_memory, sharding, tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = model_config_from(tpu_smoke.get_config().model).replace(
@@ -67,9 +67,9 @@ def test_int8_weights_report_the_int8_programs_bytes():
   """weights="int8": a chip holds int8 matmul weights and their scales, a little over
   half the bf16 bytes (the scales and the float norms and router on top)."""
   r = compile_decode.decode_report(SMOKE, "v5p:2x2x2", 16, 1024, MESH, weights="int8")
-  mesh = sharding.make_mesh(MESH, aot.topology_devices("v5p:2x2x2"), SMOKE.d_model)
+  mesh = sharding.make_mesh(MESH, tpu.topology_devices("v5p:2x2x2"), SMOKE.d_model)
   _, bf16, _ = compile_decode.abstract_params(SMOKE.replace(scan_layers=False), mesh)
-  ratio = r["per_chip_bytes"]["weights"] / aot.per_chip_bytes(bf16)
+  ratio = r["per_chip_bytes"]["weights"] / aot_memory.per_chip_bytes(bf16)
   assert r["fits_hbm"] and r["weights"] == "int8"
   assert 0.5 < ratio < 0.65, ratio
 

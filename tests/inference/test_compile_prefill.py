@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 from deepseek_jax.inference import compile_prefill
-from deepseek_jax.train import aot
+from deepseek_jax.train import tpu
 from deepseek_jax.train.metrics import train_flops_per_token
 from tests.inference.test_compile_decode import MESH, SMOKE
 
@@ -28,7 +28,7 @@ def test_prefill_report_for_a_v5p_host():
   assert per_token == pytest.approx(train_flops_per_token(m.replace(mtp_depth=0), S) / 3
                                     - 2 * m.d_model * m.vocab_size * (1 - 1 / S))
   assert r["flops"]["analytic_total"] == pytest.approx(per_token * B * S)
-  rf, chip = r["roofline"], aot.CHIPS["v5p"]
+  rf, chip = r["roofline"], tpu.CHIPS["v5p"]
   assert rf["compute_s"] == pytest.approx(per_token * B * S / (r["n_chips"] * chip.peak_flops))
   assert rf["step_s"] == max(rf["compute_s"], rf["hbm_s"])
   assert rf["tokens_per_s_per_chip"] == pytest.approx(B * S / rf["step_s"] / r["n_chips"])

@@ -17,7 +17,8 @@ from configs import tpu_smoke
 from deepseek_jax.model import layers
 from deepseek_jax.model.config import model_config_from
 from deepseek_jax.model.param_count import count_params
-from deepseek_jax.train import aot, hlo, program, sharding
+from deepseek_jax.train import (aot, aot_routing, aot_work, hlo, hlo_collectives,
+                                hlo_work, program, sharding, tpu)
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu: pip install -e '.[tpu]'")
 
@@ -29,11 +30,11 @@ def v3_shaped_config():
 
 
 def test_topology_names():
-  assert aot.parse_topology("v5p:8x16x16") == ("v5p", (8, 16, 16))
-  assert aot.parse_topology("v6e:16x16") == ("v6e", (16, 16))
+  assert tpu.parse_topology("v5p:8x16x16") == ("v5p", (8, 16, 16))
+  assert tpu.parse_topology("v6e:16x16") == ("v6e", (16, 16))
   for bad in ("v5p:8x16", "v7:2x2", "tpu", "v6e:4x4x4"):
-    with pytest.raises(aot.TopologyError, match="topology"):
-      aot.parse_topology(bad)
+    with pytest.raises(tpu.TopologyError, match="topology"):
+      tpu.parse_topology(bad)
 
 
 def test_mesh_that_does_not_match_the_chips_is_an_error():
@@ -46,7 +47,7 @@ def test_mesh_that_does_not_match_the_chips_is_an_error():
 def test_pod_programs_take_the_einsum_layout():
   """Traced under a mesh of TPU devices on this CPU host, layers.linear builds the
   einsum, not XLA:CPU's flat 2-D product (which cost the 671B its pod fit)."""
-  mesh = Mesh(np.array(aot.topology_devices("v5p:2x2x1")), ("d",))
+  mesh = Mesh(np.array(tpu.topology_devices("v5p:2x2x1")), ("d",))
   with jax.set_mesh(mesh):
     assert layers.target_platform() == "tpu" and not layers.flat_matmuls()
 
@@ -54,7 +55,7 @@ def test_pod_programs_take_the_einsum_layout():
 def test_collectives_count_loop_trips():
   """A psum inside an 8-step scan moves 8 x its buffer: the count multiplies by the
   loop's trip count, where XLA's cost analysis counts the body once."""
-  devices = aot.topology_devices("v5p:2x2x1")
+  devices = tpu.topology_devices("v5p:2x2x1")
   mesh = Mesh(np.array(devices), ("d",))
 
   def body(x, w):
@@ -69,7 +70,7 @@ def test_collectives_count_loop_trips():
   ws = jax.ShapeDtypeStruct((8, 512, 512), jnp.float32, sharding=NamedSharding(mesh, PS()))
   h = hlo.read_hlo(jax.jit(f).lower(x, ws).compile().as_text())
   assert 8 in h.trips
-  got = hlo.collective_bytes(h)["all-reduce"]
+  got = hlo_collectives.collective_bytes(h)["all-reduce"]
   assert got == 8 * 64 * 512 * 4, got   # each step all-reduces one [64, 512] f32 shard
 
 
@@ -114,7 +115,7 @@ def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
   assert b["optimizer"] == pytest.approx(2 * b["params"], rel=0.01)
   assert b["params"] + b["optimizer"] <= b["arguments"]
   assert 0 < b["total"] < r["hbm_bytes_per_chip"]
-  assert set(r["collective_bytes"]) == set(hlo.COLLECTIVES)
+  assert set(r["collective_bytes"]) == set(hlo_collectives.COLLECTIVES)
   # fsdp gathers weights.
   assert r["collective_bytes"]["all-gather"] > 0
   # Executed work: the useful FLOPs are the analytic count's share of a chip, split by
@@ -123,21 +124,22 @@ def test_compile_v3_shaped_model_for_a_v5p_host(guard_report):
   # with megablox over the live rows of the ragged exchange, little more.
   assert r["useful_flops_per_chip"] == pytest.approx(r["model_flops_per_step"] / 8)
   by = r["flops_by_class"]
-  assert set(by) == set(hlo.CLASSES) | {"remat_recompute"}
+  assert set(by) == set(hlo_work.CLASSES) | {"remat_recompute"}
   assert sum(v["useful"] for v in by.values()) == pytest.approx(r["useful_flops_per_chip"])
-  for k in hlo.CLASSES:
+  for k in hlo_work.CLASSES:
     assert by[k]["useful"] > 0 and 0.99 <= by[k]["executed"] / by[k]["useful"] < 1.15, k
   # The guard rematerialises with dots_no_batch: the routed experts' products are not
   # saved, so (some of) their forward runs again: at most the forward's third of the work.
   assert 0 < by["routed_experts"]["recomputed"] <= by["routed_experts"]["useful"] / 3
   assert by["remat_recompute"]["useful"] == 0
   assert by["remat_recompute"]["executed"] == pytest.approx(
-      sum(by[k]["recomputed"] for k in hlo.CLASSES))
+      sum(by[k]["recomputed"] for k in hlo_work.CLASSES))
   assert r["executed_flops_per_chip"] == pytest.approx(
       sum(v["executed"] for v in by.values()))
   rf = r["roofline"]
   assert rf["step_s"] == max(rf["compute_s"], rf["hbm_s"], rf["ici_s"]) > 0
-  assert rf["compute_s"] == pytest.approx(r["executed_flops_per_chip"] / aot.CHIPS["v5p"].peak_flops)
+  assert rf["compute_s"] == pytest.approx(
+      r["executed_flops_per_chip"] / tpu.CHIPS["v5p"].peak_flops)
   assert 0 < rf["mfu"] < 1
   assert r["collective_bytes"]["ragged-all-to-all"] > 0     # the ragged exchange
 
@@ -194,30 +196,30 @@ def test_routing_counts_cost_rounds_and_the_hot_shards_work(guard_report, tmp_pa
   _, r, text = guard_report
   c = tpu_smoke.get_config("guard")
   m = model_config_from(c.model)
-  mesh = sharding.make_mesh(c.mesh, aot.topology_devices(GUARD_TOPOLOGY), m.d_model)
+  mesh = sharding.make_mesh(c.mesh, tpu.topology_devices(GUARD_TOPOLOGY), m.d_model)
   c = program.resolve_microbatches(c, mesh)
   path = tmp_path / "metrics.jsonl"
   skew = [30, 30, 30, 30, 1, 1, 1, 1]
   path.write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n"
                   + json.dumps({"step": 2, "val_load": [skew, skew]}) + "\n")
-  counts = aot.read_routing_counts(str(path))
-  g = aot.routing_rounds(counts, c, m, mesh)
+  counts = aot_routing.read_routing_counts(str(path))
+  g = aot_routing.routing_rounds(counts, c, m, mesh)
   assert g["balanced_rows"] == 1024 and g["buffer_rows"] == 1280
   assert g["hot_shard_load"] == [pytest.approx(2 * 120 / 124, abs=1e-4)] * 2
   assert g["rounds"] == [2, 2] and g["mean_extra_rounds"] == 1
   assert g["mean_first_round_rows"] == 1280
-  chip = aot.CHIPS["v5p"]
-  live = aot.routed_rows_per_buffer(c, m, mesh)
-  skewed = aot.work_report(text, c, m, chip, 8, live, g)
-  balanced = aot.work_report(text, c, m, chip, 8, live)
+  chip = tpu.CHIPS["v5p"]
+  live = aot_routing.routed_rows_per_buffer(c, m, mesh)
+  skewed = aot_work.work_report(text, c, m, chip, 8, live, g)
+  balanced = aot_work.work_report(text, c, m, chip, 8, live)
   assert balanced["executed_flops_per_chip"] == pytest.approx(r["executed_flops_per_chip"])
   routed = lambda w: w["flops_by_class"]["routed_experts"]["executed"]
   assert routed(skewed) > 2 * routed(balanced)
   with pytest.raises(ValueError, match="4 experts per layer, but the model has 8"):
-    aot.routing_rounds(counts[:, :4], c, m, mesh)
+    aot_routing.routing_rounds(counts[:, :4], c, m, mesh)
   # Without live rows (experiments.hlo_report on another program): each kernel's whole
   # grid, at least the live rows' work.
-  whole = aot.work_report(text, c, m, chip, 8, None)
+  whole = aot_work.work_report(text, c, m, chip, 8, None)
   assert routed(whole) >= routed(balanced)
 
 
@@ -271,6 +273,7 @@ def test_decode_step_report_for_a_v5p_host(tmp_path):
   assert 2 * n_params / r["n_chips"] <= b["weights"] < 2 * n_params
   assert r["fits_hbm"] and b["total"] >= b["weights"] + b["cache"]
   rf = r["roofline"]
-  assert rf["step_s"] == pytest.approx((b["weights"] + b["cache"]) / aot.CHIPS["v5p"].hbm_bw)
+  assert rf["step_s"] == pytest.approx(
+      (b["weights"] + b["cache"]) / tpu.CHIPS["v5p"].hbm_bw)
   assert rf["tokens_per_s_per_chip"] == pytest.approx(16 / rf["step_s"] / r["n_chips"])
   assert "decode on v5p:2x2x2" in proc.stdout

@@ -1,8 +1,8 @@
-"""The compiled program's executed work (train/hlo.py) on programs compiled here for a v5p
-chip, against counts made by hand: matmul FLOPs by valid window positions, loop trips,
-the overflow-rounds loop at the rounds it is given, grouped-matmul kernels at the tiles
-their live rows touch (XLA's ragged-dot kernel and megablox's gmm / tgmm, decoded from
-their Mosaic bodies), and XLA's ragged-dot weight gradient as the per-group masked
+"""The compiled program's executed work (train/hlo_work.py) on programs compiled here for
+a v5p chip, against counts made by hand: matmul FLOPs by valid window positions, loop
+trips, the overflow-rounds loop at the rounds it is given, grouped-matmul kernels at the
+tiles their live rows touch (XLA's ragged-dot kernel and megablox's gmm / tgmm, decoded
+from their Mosaic bodies), and XLA's ragged-dot weight gradient as the per-group masked
 product it is. Needs libtpu (the `tpu` extra)."""
 
 import math
@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from deepseek_jax.model.expert_parallel import OVERFLOW_SCOPE
-from deepseek_jax.train import aot, hlo
+from deepseek_jax.train import hlo, hlo_work, tpu
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu: pip install -e '.[tpu]'")
 
@@ -24,7 +24,8 @@ M, K, N, G = 2048, 256, 512, 4
 
 @pytest.fixture(scope="module")
 def one_chip():
-  return NamedSharding(Mesh(np.array(aot.topology_devices("v5p:2x2x1")[:1]), ("d",)), PS())
+  devices = tpu.topology_devices("v5p:2x2x1")[:1]
+  return NamedSharding(Mesh(np.array(devices), ("d",)), PS())
 
 
 def _compile(fn, sharding, *shapes):
@@ -39,7 +40,7 @@ def test_matmul_flops_and_loop_trips(one_chip):
     return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, ws)[0]
   h = _compile(f, one_chip, ((64, 512), jnp.float32), ((8, 512, 512), jnp.float32))
   assert 8 in h.trips
-  w = hlo.executed_work(h)
+  w = hlo_work.executed_work(h)
   assert w.total_flops == pytest.approx(8 * 2 * 64 * 512 * 512, rel=1e-6)
   # HBM: at least each step's weight slice and the activations it reads and writes.
   assert w.hbm_bytes >= 8 * (512 * 512 * 4 + 2 * 64 * 512 * 4)
@@ -53,13 +54,14 @@ def test_overflow_rounds_loop_counts_the_rounds_it_is_given(one_chip):
   h = _compile(f, one_chip, ((64, 512), jnp.float32), ((512, 512), jnp.float32),
                ((), jnp.int32))
   one = 2 * 64 * 512 * 512
-  assert hlo.executed_work(h, overflow_rounds=0).total_flops == 0
-  assert hlo.executed_work(h, overflow_rounds=3).total_flops == pytest.approx(3 * one)
+  assert hlo_work.executed_work(h, overflow_rounds=0).total_flops == 0
+  assert (hlo_work.executed_work(h, overflow_rounds=3).total_flops
+          == pytest.approx(3 * one))
   # The same loop unnamed: a data-dependent trip count, counted once and said so.
   def g(x, w, n):
     return jax.lax.fori_loop(0, n, lambda i, y: y + jnp.tanh((x + y) @ w),
                              jnp.zeros_like(x))
-  w = hlo.executed_work(_compile(g, one_chip, ((64, 512), jnp.float32),
+  w = hlo_work.executed_work(_compile(g, one_chip, ((64, 512), jnp.float32),
                                  ((512, 512), jnp.float32), ((), jnp.int32)))
   assert w.total_flops == pytest.approx(one)
   assert any("data-dependent" in n for n in w.notes)
@@ -86,18 +88,18 @@ def test_xla_ragged_dot_kernel_counts_live_tiles_and_its_weight_gradient_every_g
 
   shapes = (((M, K), jnp.bfloat16), ((G, K, N), jnp.bfloat16), ((G,), jnp.int32))
   h = _compile(fwd, one_chip, *shapes)
-  (name, cls, executed, at_most), = hlo.executed_work(h, live_rows=M).kernels
+  (name, cls, executed, at_most), = hlo_work.executed_work(h, live_rows=M).kernels
   assert cls == "routed_experts"
   kernel, = [i for instrs in h.comps.values() for i in instrs if i.name == name]
   tm, tk, tn = (int(v) for v in re.search(r'ragged_dot_tiling="([\d,]+)"', kernel.line)
                 .group(1).split(","))
   padded_n = math.ceil(N / tn) * tn   # the kernel's n tiles cover N
   for live in (M, M // 2, 300):
-    w = hlo.executed_work(h, live_rows=live)
+    w = hlo_work.executed_work(h, live_rows=live)
     want = _tiles(live, G, tm) * tm * padded_n * K * 2
     assert w.flops["routed_experts"] == pytest.approx(want), live
   assert at_most == (M // tm + G - 1) * tm * padded_n * K * 2
-  g = hlo.executed_work(_compile(wgrad, one_chip, *shapes, ((M, N), jnp.bfloat16)),
+  g = hlo_work.executed_work(_compile(wgrad, one_chip, *shapes, ((M, N), jnp.bfloat16)),
                         live_rows=M // 4)
   assert g.flops["routed_experts"] == pytest.approx(G * 2 * M * K * N)
 
@@ -112,7 +114,7 @@ def test_megablox_counts_live_tiles_forward_and_backward(one_chip):
   def loss(x, w, gs):
     return jnp.sum(dispatch.grouped_matmul(x, w, gs, "megablox").astype(jnp.float32) ** 2)
 
-  mesh = Mesh(np.array(aot.topology_devices("v5p:2x2x1")[:1]), ("d",))
+  mesh = Mesh(np.array(tpu.topology_devices("v5p:2x2x1")[:1]), ("d",))
   args = [jax.ShapeDtypeStruct(s, dt, sharding=NamedSharding(mesh, PS()))
           for s, dt in (((M, K), jnp.bfloat16), ((G, K, N), jnp.bfloat16),
                         ((G,), jnp.int32))]
@@ -124,7 +126,7 @@ def test_megablox_counts_live_tiles_forward_and_backward(one_chip):
   assert tm == 512
   for live, tiles in ((M, 4), (M // 2, 4), (1536, 6)):
     assert _tiles(live, G, tm) == tiles
-    w = hlo.executed_work(h, live_rows=live)
+    w = hlo_work.executed_work(h, live_rows=live)
     # forward, input gradient, weight gradient
     assert len(w.kernels) == 3
     assert w.flops["routed_experts"] == pytest.approx(3 * tiles * 2 * tm * K * N), live
@@ -141,17 +143,18 @@ ENTRY %main (a: bf16[4,512,64], b: bf16[4,512,128]) -> bf16[4,64,128] {
   ROOT %c = bf16[4,64,128]{2,1,0} convolution(%a, %b), window={size=4 stride=3 lhs_dilate=4}, dim_labels=0fb_0io->0bf
 }
 """
-  w = hlo.executed_work(hlo.read_hlo(text))
+  w = hlo_work.executed_work(hlo.read_hlo(text))
   assert w.total_flops == 2 * 4 * 512 * 64 * 128
 
 
 def test_classes_follow_op_names():
-  assert hlo.flop_class("jit(s)/jvp(T)/moe_layers/block/block._ffn/moe/shard_map/"
-                        "ragged_dot_general/ragged-dot-none", kernel=True) == "routed_experts"
-  assert hlo.flop_class("ragged-dot-none", kernel=True) == "routed_experts"
-  assert hlo.flop_class("jit(s)/jvp(T)/moe_layers/block/block._ffn/moe/dot_general") == "other"
-  assert hlo.flop_class("jit(s)/jvp(T)/layer/block._ffn/moe/shared/abc,cd->abd/dot_general") \
+  flop_class = hlo_work.flop_class
+  assert flop_class("jit(s)/jvp(T)/moe_layers/block/block._ffn/moe/shard_map/"
+                    "ragged_dot_general/ragged-dot-none", kernel=True) == "routed_experts"
+  assert flop_class("ragged-dot-none", kernel=True) == "routed_experts"
+  assert flop_class("jit(s)/jvp(T)/moe_layers/block/block._ffn/moe/dot_general") == "other"
+  assert flop_class("jit(s)/jvp(T)/layer/block._ffn/moe/shared/abc,cd->abd/dot_general") \
       == "other"
-  assert hlo.flop_class("jit(s)/jvp(T)/dense_layers/block/attn/attn.queries/x") == "attention"
-  assert hlo.flop_class("jit(s)/transpose(jvp(T))/moe_layers/checkpoint/"
-                        "rematted_computation/block/attn/x") == "attention/recompute"
+  assert flop_class("jit(s)/jvp(T)/dense_layers/block/attn/attn.queries/x") == "attention"
+  assert flop_class("jit(s)/transpose(jvp(T))/moe_layers/checkpoint/"
+                    "rematted_computation/block/attn/x") == "attention/recompute"
