@@ -13,20 +13,65 @@ from deepseek_jax.train.metrics import train_flops_per_token
 from train_helpers import subprocess_env
 
 
-def test_flop_formula_matches_hand_count():
-  c = config.tiny().replace(mtp_depth=1)
+def _train_flops_per_token_by_hand(c, T):
+  """3 x forward: 2 FLOPs a weight a token multiplies (routed experts K of E, router, head;
+  one MTP module of projection, block and shared head), plus the causal attention."""
+  assert c.mtp_depth in (0, 1)
   D, N, H, P, O, R, Q, V = (c.d_model, c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
                             c.v_head_dim, c.kv_lora_rank, c.q_lora_rank, c.vocab_size)
-  T = 16
   attn_w = D * Q + Q * N * (H + P) + D * (R + P) + R * N * (H + O) + N * O * D
   moe_w = 3 * D * c.moe_ffn_dim * (c.n_shared_experts + c.top_k) + D * c.n_routed_experts
   dense_w = 3 * D * c.ffn_dim
   n_moe = c.n_layers - c.first_k_dense
   main = c.n_layers * attn_w + c.first_k_dense * dense_w + n_moe * moe_w + D * V
-  mtp = 2 * D * D + attn_w + moe_w + D * V          # projection, block, shared head
+  mtp = (2 * D * D + attn_w + moe_w + D * V) * c.mtp_depth   # projection, block, head
   attn_scores = 2 * N * (H + P + O) * T / 2          # QK^T and PV over T/2 causal keys
-  forward = 2 * (main + mtp) + (c.n_layers + 1) * attn_scores
-  assert train_flops_per_token(c, T) == pytest.approx(3 * forward, rel=1e-12)
+  forward = 2 * (main + mtp) + (c.n_layers + c.mtp_depth) * attn_scores
+  return 3 * forward
+
+
+def test_flop_formula_matches_hand_count():
+  c = config.tiny().replace(mtp_depth=1)
+  assert train_flops_per_token(c, 16) == pytest.approx(
+      _train_flops_per_token_by_hand(c, 16), rel=1e-12)
+
+
+def _assert_bench_relations(res):
+  """What the smoke run's numbers must satisfy whatever the machine's speed: each rate
+  and ratio is the one its measured times give (run_all's tiny sizes: train batch 2 x
+  32 tokens on the tiny bench model, the SwiGLU chain of 2 layers, 64 tokens, D 32, F 64)."""
+  from deepseek_jax.bench import data_speed, train_speed
+  tokens, step_s, peak = 2 * 32, res["train_step_s"], res["matmul_peak_flops"]
+  flops = _train_flops_per_token_by_hand(train_speed._bench_or_tiny_config(True), 32) * tokens
+  assert res["model_flops_per_step"] == pytest.approx(flops, rel=1e-9)
+  assert res["train_tokens_per_s"] == pytest.approx(tokens / step_s, rel=1e-9)
+  assert res["mfu"] == pytest.approx(flops / step_s / peak, rel=1e-9)
+  chain_flops = (9 * 2 - 2) * 2 * 64 * 32 * 64
+  assert res["xla_ceiling_mfu"] == pytest.approx(
+      chain_flops / res["xla_ceiling_step_s"] / peak, rel=1e-9)
+  assert res["mfu_vs_xla_ceiling"] == pytest.approx(res["mfu"] / res["xla_ceiling_mfu"],
+                                                    rel=1e-9)
+  for path in ("dropless", "capacity"):
+    assert res[f"moe_{path}_ratio_256_vs_8"] == pytest.approx(
+        res[f"moe_{path}_E256_s"] / res[f"moe_{path}_E8_s"], rel=1e-9)
+  assert res["moe_time_ratio_256_vs_8"] == res["moe_dropless_ratio_256_vs_8"]
+  # Decode times are reported to 1 us and the speedup to 2 decimals.
+  naive, absorbed = res["decode_naive_ms_4k"], res["decode_absorbed_ms_4k"]
+  assert res["decode_speedup_absorbed_vs_naive_4k"] == pytest.approx(
+      naive / absorbed, abs=0.006 + (naive + absorbed) / absorbed ** 2 * 5e-4)
+  assert res["speculative_speedup"] == pytest.approx(
+      res["speculative_tokens_per_s"] / res["plain_decode_tokens_per_s"], rel=1e-9)
+  assert res["data_vs_train_tokens_ratio"] == pytest.approx(
+      res["data_tokens_per_s"] / res["train_tokens_per_s"], rel=1e-9)
+  need = 15_360 * 4_096 / 128 / data_speed.V5P_512_STEP_S   # V3's batch, 128 v5p hosts
+  assert res["data_v5p_host_needed_tokens_per_s"] == pytest.approx(need, rel=1e-9)
+  assert res["data_v5p_host_margin"] == pytest.approx(
+      res["data_v5p_host_tokens_per_s"] / need, rel=1e-9)
+  if "hf_train_step_s" in res:
+    assert res["hf_train_tokens_per_s"] == pytest.approx(tokens / res["hf_train_step_s"])
+    assert res["train_speedup_vs_hf"] == pytest.approx(
+        res["hf_train_step_s"] / step_s, rel=1e-9)
+    assert res["hf_mfu"] == pytest.approx(flops / res["hf_train_step_s"] / peak, rel=1e-9)
 
 
 def test_bench_smoke_run(tmp_path):
@@ -56,6 +101,7 @@ def test_bench_smoke_run(tmp_path):
       assert res[f"profile_{part}/{direction}_ms"] > 0, (part, direction)
   assert res["profile_total_op_ms"] >= res["profile_attention/fwd_ms"]
   assert 0.0 <= res["speculative_acceptance"] <= 1.0
+  _assert_bench_relations(res)
   try:
     import transformers  # noqa: F401
     for key in ("hf_train_tokens_per_s", "train_speedup_vs_hf"):

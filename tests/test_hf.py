@@ -4,7 +4,9 @@ Random tiny HF models (weights re-drawn with a large std so that routing and mix
 far from trivial) are saved in the three file layouts (per-expert tensors as
 save_pretrained writes them, fused experts, sharded with an index), loaded with
 hf.load_checkpoint and run next to the PyTorch model on the same tokens. The config
-mapping, which needs no torch, is tests/test_hf_config.py.
+mapping, which needs no torch, is tests/test_hf_config.py. Only the tests that run
+torch or transformers skip without them (_parity); our own export's round trips and the
+loader's errors need safetensors alone.
 """
 
 import functools
@@ -14,8 +16,6 @@ import numpy as np
 import pytest
 
 _WHY = "HF parity tests need the parity extra: pip install -e '.[parity]'"
-torch = pytest.importorskip("torch", reason=_WHY)
-transformers = pytest.importorskip("transformers", reason=_WHY)
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=_WHY)
 
 import jax  # noqa: E402
@@ -27,6 +27,12 @@ from deepseek_jax.model.transformer import Transformer  # noqa: E402
 from test_hf_config import BASE  # noqa: E402  (the tiny HF config both files use)
 
 B, T = 2, 16
+
+
+def _parity():
+  """(torch, transformers), or the calling test skipped when they are not installed."""
+  return (pytest.importorskip("torch", reason=_WHY),
+          pytest.importorskip("transformers", reason=_WHY))
 
 # name -> (HF config changes, file layout). Yarn cases use original lengths below T.
 CASES = {
@@ -50,6 +56,7 @@ CASES = {
 
 
 def _hf_model(changes, seed=0):
+  torch, transformers = _parity()
   kw = {**BASE, **changes}
   kw["num_key_value_heads"] = kw["num_attention_heads"]  # MLA: no kv-head groups
   cfg = transformers.DeepseekV3Config(**kw)
@@ -94,6 +101,7 @@ def saved(tmp_path_factory):
   cache = {}
 
   def get(name):
+    torch, _ = _parity()
     if name not in cache:
       changes, layout = CASES[name]
       model = _hf_model(changes)
@@ -137,6 +145,7 @@ def test_logits_match_hf(saved, name, dispatch):
 
 
 def test_save_load_roundtrip_and_hf_reads_our_export(saved, tmp_path):
+  torch, transformers = _parity()
   folder, tokens, theirs = saved("nolora-yarn_mscales-halfsplit")
   model, variables = hf.load_checkpoint(folder)
   for fused in (True, False):
@@ -152,9 +161,19 @@ def test_save_load_roundtrip_and_hf_reads_our_export(saved, tmp_path):
     _close(hf_model(torch.tensor(tokens)).logits.numpy(), theirs)
 
 
-def test_bf16_tensors_are_cast(saved, tmp_path):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """Our own export of a random tiny model (no MTP, per-expert tensors as save_pretrained
+  writes them): what the loader's casts and errors are checked on, with no torch."""
+  cfg = _mtp_cfg().replace(mtp_depth=0)
+  folder = tmp_path_factory.mktemp("ours")
+  hf.save_checkpoint(folder, cfg, _random_variables(cfg), fused_experts=False)
+  return folder
+
+
+def test_bf16_tensors_are_cast(exported, tmp_path):
   import ml_dtypes
-  folder, _, _ = saved("lora-default-interleave")
+  folder = exported
   shutil.copy(folder / "config.json", tmp_path / "config.json")
   tensors = safetensors_numpy.load_file(folder / "model.safetensors")
   half = {n: x.astype(ml_dtypes.bfloat16 if i % 2 else np.float16)
@@ -182,16 +201,16 @@ def _edit_tensors(src, dst, edit):
   return dst
 
 
-def test_missing_tensor_is_named(saved, tmp_path):
-  folder, _, _ = saved("lora-default-interleave")
+def test_missing_tensor_is_named(exported, tmp_path):
+  folder = exported
   name = "model.layers.1.self_attn.kv_b_proj.weight"
   bad = _edit_tensors(folder, tmp_path / "bad", lambda t: t.pop(name))
   with pytest.raises(ValueError, match=f"missing tensor.*{name}"):
     hf.load_checkpoint(bad)
 
 
-def test_unknown_tensor_is_named(saved, tmp_path):
-  folder, _, _ = saved("lora-default-interleave")
+def test_unknown_tensor_is_named(exported, tmp_path):
+  folder = exported
   name = "model.layers.1.mlp.mystery.weight"
   bad = _edit_tensors(folder, tmp_path / "bad",
                       lambda t: t.update({name: np.zeros((4, 4), np.float32)}))
@@ -199,8 +218,8 @@ def test_unknown_tensor_is_named(saved, tmp_path):
     hf.load_checkpoint(bad)
 
 
-def test_wrong_shape_is_named(saved, tmp_path):
-  folder, _, _ = saved("lora-default-interleave")
+def test_wrong_shape_is_named(exported, tmp_path):
+  folder = exported
   name = "model.layers.0.self_attn.o_proj.weight"
   bad = _edit_tensors(folder, tmp_path / "bad", lambda t: t.update({name: t[name].T.copy()}))
   with pytest.raises(ValueError, match=f"wrong shape.*{name}"):
@@ -258,6 +277,7 @@ def test_mtp_copies_must_equal_the_main_arrays(tmp_path):
 
 def _hf_mtp(folder, cfg):
   """HF's own MTP module (transformers >= 5) on our released-layout export."""
+  _, transformers = _parity()
   from transformers.modeling_layers import MtpModel
   main = transformers.DeepseekV3ForCausalLM.from_pretrained(
       folder, attn_implementation="eager").eval()
@@ -268,6 +288,7 @@ def _hf_mtp(folder, cfg):
 
 def _hf_mtp_logits(mtp, h_BTD, tokens):
   """Depth-1 logits of HF's MTP layer from hidden states h (position i reads token i+1)."""
+  torch, _ = _parity()
   pos = torch.arange(1, T)[None].expand(B, -1)
   with torch.no_grad():
     h = mtp.forward_layer(0, torch.tensor(np.asarray(h_BTD))[:, :-1], pos, None,
@@ -277,6 +298,7 @@ def _hf_mtp_logits(mtp, h_BTD, tokens):
 
 @pytest.fixture(scope="module")
 def mtp_pair(tmp_path_factory):
+  _parity()
   cfg = _mtp_cfg()
   folder = tmp_path_factory.mktemp("mtp")
   variables = _random_variables(cfg, seed=3)
@@ -291,6 +313,7 @@ def test_mtp_layout_matches_hf(mtp_pair):
   """The released MTP layout, as HF's MtpModel reads it, computes our MTP module: the
   main logits and the depth-1 logits, HF's MTP layer fed HF's own last hidden state."""
   cfg, variables, tokens, out, main, mtp = mtp_pair
+  torch, _ = _parity()
   with torch.no_grad():
     hf_out = main(torch.tensor(tokens), output_hidden_states=True)
   _close(out.logits, hf_out.logits.numpy())
@@ -331,6 +354,7 @@ def test_export_of_a_trained_scanned_run_loads_in_transformers(tmp_path):
   its logits equal ours, its greedy generate equals our greedy decoding
   (experiments.generate --temperature=0's path), and export -> hf.load_checkpoint ->
   export gives identical tensors."""
+  torch, transformers = _parity()
   import json
   import subprocess
   import sys

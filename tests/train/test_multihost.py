@@ -1,8 +1,10 @@
 """Several processes (jax.distributed on localhost, Gloo) against one: evaluation's cost
-per batch, and a preemption signal during evaluation (issue 38)."""
+per batch, a 2 x 4-device run resumed as 1 x 8, and a preemption signal during
+evaluation (issue 38)."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,26 +57,70 @@ def _last_eval(workdir):
     return [r for r in map(json.loads, fh) if "val_loss" in r][-1]
 
 
-def test_two_processes_evaluate_a_batch_as_fast_as_one(tmp_path):
+# One run config, trained as 1 process x 8 devices and as 2 x 4 (mesh data=8): 4 steps,
+# checkpoints at 2 and 4, the final evaluation over the whole validation split.
+_ONE_AND_TWO = {"mesh.data": 8, "total_steps": 4, "eval_every": 100, "checkpoint_every": 2,
+                "data.prefetch": 0}
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+  """{"one" | "two": workdir}, the runs of _ONE_AND_TWO, and the folder of their config."""
+  tmp = tmp_path_factory.mktemp("one_and_two")
+  cfg_file = write_config_file(tmp, **_ONE_AND_TWO)
+  runs = {}
+  for name, n, each in (("one", 1, 8), ("two", 2, 4)):
+    logs = tmp / f"logs_{name}"
+    logs.mkdir()
+    _finish(_start(cfg_file, tmp / name, n, each, logs), logs)
+    runs[name] = tmp / name
+  return tmp, runs
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+    return [json.loads(line) for line in fh]
+
+
+def test_two_processes_evaluate_a_batch_as_fast_as_one(one_and_two):
   """The final evaluation over the whole validation split (the default) as 2 processes x
   4 devices and as 1 x 8: the same loss, and a batch costs at most 1.5x as much in two
   processes. It cost ~7x (90 ms against 13 ms a batch): the step all-reduced its sums
   and the MoE's all-gathered every token over Gloo; its sums now stay per data shard."""
-  overrides = {"mesh.data": 8, "total_steps": 2, "eval_every": 100, "checkpoint_every": 100,
-               "data.prefetch": 0}
-  cfg_file = write_config_file(tmp_path, **overrides)
-  results = {}
-  for name, n, each in (("one", 1, 8), ("two", 2, 4)):
-    logs = tmp_path / f"logs_{name}"
-    logs.mkdir()
-    _finish(_start(cfg_file, tmp_path / name, n, each, logs), logs)
-    results[name] = _last_eval(tmp_path / name)
+  _, runs = one_and_two
+  results = {name: _last_eval(work) for name, work in runs.items()}
   one, two = results["one"], results["two"]
   assert one["eval_batches"] == two["eval_batches"] > 100
   np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-5)
   np.testing.assert_allclose(two["val_load"], one["val_load"])
   per_batch = {k: r["eval_seconds"] / r["eval_batches"] for k, r in results.items()}
   assert per_batch["two"] <= 1.5 * per_batch["one"], per_batch
+
+
+def test_two_processes_of_4_devices_resume_as_one_of_8(one_and_two, tmp_path):
+  """Elastic resume (issue 24): the 2 x 4 run, as if killed after its step-2 checkpoint,
+  goes on as ONE process of 8 devices, with other loader settings, from the two
+  processes' checkpoint and data position: steps 3-4 and the final evaluation are the
+  uninterrupted run's (which are the 1 x 8 run's)."""
+  base, runs = one_and_two
+  work = tmp_path / "two"
+  shutil.copytree(runs["two"], work)
+  shutil.rmtree(work / "checkpoints" / "4")
+  cfg_file = write_config_file(tmp_path, **{
+      **_ONE_AND_TWO, "data.prefetch": 3, "data.loader_threads": 2,
+      "data.cache_dir": str(base / "cache")})
+  _finish(_start(cfg_file, work, 1, 8, tmp_path), tmp_path)
+  log = (tmp_path / "0.log").read_text()
+  assert "resumed from step 2" in log, log[-3000:]
+  want, got, one = (_records(w) for w in (runs["two"], work, runs["one"]))
+  curve = lambda records: {r["step"]: r["loss"] for r in records if "loss" in r}
+  assert sorted(curve(got)) == [0, 1, 2, 3]
+  np.testing.assert_allclose([curve(got)[s] for s in range(4)],
+                             [curve(want)[s] for s in range(4)], rtol=2e-5)
+  np.testing.assert_allclose([curve(got)[s] for s in range(4)],
+                             [curve(one)[s] for s in range(4)], rtol=2e-5)
+  np.testing.assert_allclose(_last_eval(work)["val_loss"], _last_eval(runs["two"])["val_loss"],
+                             rtol=2e-5)
 
 
 def test_sigterm_to_one_process_mid_evaluation_stops_both_with_a_checkpoint(tmp_path):

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -96,13 +97,25 @@ def test_jitted_lr_equals_the_step_based_schedule_it_generalises():
   per_step = c.batch_size * c.seq_len
   c.schedule.lr = (f"linear 0 -> 1e-3 for 10 steps; constant 1e-3 until {30 * per_step}; "
                    f"cosine 1e-3 -> 1e-4 for {20 * per_step}")
-  old = train_step.lr_schedule(c.optimizer, c.total_steps)
-  new = recipe.Recipe(c).lr_schedule()
+  old = jax.jit(train_step.lr_schedule(c.optimizer, c.total_steps))
+  new = jax.jit(recipe.Recipe(c).lr_schedule())
   steps = np.arange(55)
   np.testing.assert_allclose([float(new(s)) for s in steps],
                              [float(old(s if s < 30 else s + 1)) for s in steps],
                              rtol=2e-6, atol=1e-12)
-  assert float(new(49)) == pytest.approx(1e-4) and float(old(49)) > 1e-4
+  # Both against values worked by hand (neither schedule's code): warmup 1e-3 (s + 1) / 10,
+  # the peak, then 1e-4 + 9e-4 (1 + cos(pi f)) / 2 with f the decay's fraction: the
+  # recipe's f = (s + 1 - 30) / 20 (tokens at the step's end), the step-based one's
+  # f = (s - 30) / 20; both hold the floor past the end.
+  cos = lambda f: 1e-4 + 4.5e-4 * (1 + math.cos(math.pi * f))
+  by_hand_new = {0: 1e-4, 4: 5e-4, 8: 9e-4, 9: 1e-3, 20: 1e-3, 28: 1e-3, 29: 1e-3,
+                 30: cos(0.05), 34: 1e-4 + 4.5e-4 * (1 + 0.5 ** 0.5), 39: 5.5e-4,
+                 44: cos(0.75), 48: cos(0.95), 49: 1e-4, 54: 1e-4}
+  by_hand_old = {0: 1e-4, 4: 5e-4, 9: 1e-3, 29: 1e-3, 30: 1e-3, 35: cos(0.25),
+                 40: 5.5e-4, 49: cos(0.95), 50: 1e-4, 54: 1e-4}
+  for f, by_hand in ((new, by_hand_new), (old, by_hand_old)):
+    got = {s: float(f(s)) for s in by_hand}
+    assert got == pytest.approx(by_hand, rel=2e-6, abs=1e-12)
 
 
 def _v3_lr_by_hand(s: int) -> float:
