@@ -64,13 +64,13 @@ STRATEGIES = {s.name: s for s in (
              "Switch/GShard; LFB's baseline"),
     Strategy("seq_aux", {"balance.seq_aux_alpha": 1e-3},
              "the sequence-wise loss: f_i and P_i per sequence on the normalised "
-             "affinities, averaged over sequences (alpha 1e-3)", "DeepSeek-V3 eqs 17-20"),
+             "affinities, averaged over sequences, alpha 1e-3", "DeepSeek-V3 eqs 17-20"),
     Strategy("batch_aux", {"balance.batch_aux_alpha": 1e-3},
-             "the sequence-wise loss's statistics over the whole batch (alpha 1e-3)",
+             "the sequence-wise loss's statistics over the whole batch, alpha 1e-3",
              "DeepSeek-V3 4.5.3; Qwen's global-batch loss"),
     Strategy("bias", {"balance.bias_rate": 1e-3},
              "a per-expert bias added to the scores for choosing experts only, moved by "
-             "u * sign(mean load - load) after every step (u 1e-3)",
+             "u * sign(mean load - load) after every step, u = 1e-3",
              "Loss-Free Balancing, LFB: Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3's "
              "method"),
     Strategy("bias_seq_aux", {"balance.bias_rate": 1e-3, "balance.seq_aux_alpha": 1e-4},

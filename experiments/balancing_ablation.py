@@ -14,10 +14,7 @@ Writes DIR/results.json, DIR/report.md and PNG plots; each strategy's run (check
 metrics.jsonl, TensorBoard) is in DIR/<strategy>.
 """
 
-import sys
-
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from configs import small
@@ -92,9 +89,8 @@ def main(argv):
                  steps=_STEPS.value, seeds=seeds, peak_flops=_PEAK.value,
                  overrides=config_flags.get_override_values(flags.FLAGS["config"]),
                  parallel=parallel, reuse=_REUSE.value, gate=_GATE.value)
-  except ablation.trainer.ConfigError as e:   # the runs' config: the line alone, status 2
-    logging.error("%s", e)
-    sys.exit(launch.USAGE_EXIT)
+  except ablation.trainer.ConfigError as e:   # the runs' config (--config.*): one line
+    launch.fail(str(e))
   except ValueError as e:
     if not str(e).startswith(("--reuse", "--config.")):
       raise

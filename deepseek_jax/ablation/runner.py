@@ -134,7 +134,6 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
   trains that many runs at once, each in its own process (see _run_in_lanes); `reuse`
   folders lend finished runs of the same config (copy_reusable); `gate` is the router's
   affinity function for every run (sigmoid or softmax)."""
-  os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   jobs = []
   for seed in seeds:
