@@ -3,7 +3,8 @@
   python -m experiments.train --config=configs/balance_scope.py:strategy=bias,scope=micro,composition=single_domain --workdir=DIR
 
 Arguments (comma-separated key=value after the colon):
-  strategy     bias | batch_aux | seq_aux | quantile | ... (configs/small.py STRATEGIES)
+  strategy     bias | batch_aux | seq_aux | quantile | ... (deepseek_jax/balancing.py
+               STRATEGIES)
   scope        micro | global: balance.count_scope, where the batch-level losses count
                f_i and the bias counts loads (seq_aux counts per sequence whatever this
                says: its cells are labelled "sequence")

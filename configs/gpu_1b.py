@@ -14,11 +14,10 @@ Arguments (comma-separated key=value after the colon):
   attention  cudnn (default; jax's cuDNN flash attention) | tokamax | plain | blockwise
   experts    tokamax (default; tokamax's grouped GEMM) | xla (jax.lax.ragged_dot, dense
              over experts on XLA:GPU 0.10) | dropless (the block loop, the CPU path)
-  strategy   a key of configs/small.py's STRATEGIES (default bias)
+  strategy   a name of deepseek_jax/balancing.py STRATEGIES (default bias)
 """
 
-from configs import common
-from configs.small import STRATEGIES
+from configs import common, small
 from deepseek_jax.model.config import ModelConfig
 
 EXPERTS = {
@@ -46,9 +45,6 @@ def get_config(arg=None):
   if unknown:
     raise ValueError(f"unknown argument(s) {sorted(unknown)} for configs/gpu_1b.py; known: "
                      "attention, experts, strategy")
-  strategy = args.get("strategy", "bias")
-  if strategy not in STRATEGIES:
-    raise ValueError(f"unknown strategy {strategy!r}; known: {sorted(STRATEGIES)}")
   c = common.base_config(model_config(args.get("attention", "cudnn"),
                                       args.get("experts", "tokamax")))
   c.batch_size = 16
@@ -60,6 +56,4 @@ def get_config(arg=None):
   c.optimizer.peak_lr = 4.2e-4       # V3's small MoE ablations' order of magnitude
   c.optimizer.warmup_steps = 500
   c.data.doc_attention_mask = False  # V3: documents packed without cross-sample masks
-  for path, value in STRATEGIES[strategy].items():
-    common.set_path(c, path, value)
-  return c
+  return small.apply_strategy(c, args.get("strategy", "bias"))

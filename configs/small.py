@@ -4,7 +4,7 @@
   python -m experiments.train --config=configs/small.py:strategy=aux,size=medium --workdir=DIR
 
 Arguments (comma-separated key=value after the colon):
-  strategy  a key of STRATEGIES (default bias)
+  strategy  a name of deepseek_jax/balancing.py STRATEGIES (default bias)
   size      tiny (tests), small (default; the main job of README.md, "Quickstart"), medium
   rate      overrides the bias update rate u (the --sweep=rate and pareto runs)
   alpha     overrides the alpha of the strategy's own loss: aux_alpha for aux,
@@ -14,31 +14,8 @@ Arguments (comma-separated key=value after the colon):
 """
 
 from configs import common
+from deepseek_jax import balancing
 from deepseek_jax.model.config import ModelConfig
-
-# name -> config overrides (configs/common.py; "model." fields are ModelConfig's).
-# LFB's alphas and rate: 1e-3; V3's combination adds the sequence-wise loss at 1e-4 to
-# the bias. bias_magnitude and bias_mult are LFB's variants of the update rule and of
-# the bias's use (s_i * b_i); bias_freeze is V3's schedule (u = 0 for the last 3% of
-# training: 14.3T of 14.8T tokens at 1e-3, then 0).
-STRATEGIES = {
-    "none": {},
-    "aux": {"balance.aux_alpha": 1e-3},
-    "seq_aux": {"balance.seq_aux_alpha": 1e-3},
-    "batch_aux": {"balance.batch_aux_alpha": 1e-3},
-    "bias": {"balance.bias_rate": 1e-3},
-    "bias_seq_aux": {"balance.bias_rate": 1e-3, "balance.seq_aux_alpha": 1e-4},
-    "bias_magnitude": {"balance.bias_rate": 1e-3, "balance.bias_rule": "magnitude"},
-    "bias_mult": {"balance.bias_rate": 1e-3, "model.bias_mode": "mul"},
-    "bias_freeze": {"balance.bias_rate": 1e-3, "balance.bias_freeze_frac": 0.97},
-    # Quantile Balancing: the bias set each step (u = 1: replace) from batch quantiles.
-    "quantile": {"balance.bias_rule": "quantile", "balance.bias_rate": 1.0,
-                 "model.quantile_stats": True},
-    # Micro-batch counting (differs from the default global counting only with
-    # microbatches > 1, e.g. --override=microbatches=4).
-    "batch_aux_micro": {"balance.batch_aux_alpha": 1e-3, "balance.count_scope": "micro"},
-    "bias_micro": {"balance.bias_rate": 1e-3, "balance.count_scope": "micro"},
-}
 
 # LFB's 1B model: 9 MoE layers, 2 shared + 64 routed top-6, sigmoid gate, no group limit.
 # size small has LFB's expert layout (2 shared + 64 routed, top-6) with experts of width
@@ -109,8 +86,7 @@ GATES = ("sigmoid", "softmax")
 
 
 def apply_strategy(c, name: str):
-  if name not in STRATEGIES:
-    raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-  for k, v in STRATEGIES[name].items():
+  """The strategy's settings (deepseek_jax/balancing.py STRATEGIES) on config c."""
+  for k, v in balancing.strategy(name).settings.items():
     common.set_path(c, k, v)
   return c

@@ -4,22 +4,9 @@ auxiliary losses it replaces, and MaxVio.
 Everything here is a pure function of the MoEStats the model returns (leading dim L =
 routed layers) and of the bias array [L, E]; the train step calls them explicitly.
 
-Strategy names (configs/ and experiments/balancing_ablation.py):
-  none          nothing
-  aux           classic Switch/GShard loss over the batch: alpha * sum_i f_i P_i with
-                P_i the mean raw affinity s_i (LFB's baseline, alpha 1e-3)
-  seq_aux       V3 sequence-wise loss (eqs 17-20): f_i, P_i per sequence with the
-                normalised affinity s_i / sum_j s_j, averaged over sequences
-  batch_aux     the same statistics over the whole batch (V3 4.5.3)
-  bias          b_i += u * sign(mean_load - load_i) after each step (u 1e-3)
-  bias_seq_aux  V3's combination: bias + seq_aux at alpha 1e-4
-  bias_magnitude  LFB's variant rule: b_i += u * (mean_load - load_i) / mean_load
-  bias_mult     LFB's multiplicative use: top-K of s_i * b_i, b starting at 1
-                (ModelConfig.bias_mode="mul"), updated by the same sign rule
-  bias_freeze   V3's schedule: the sign rule, u = 0 for the last 3% of training
-  quantile      Quantile Balancing (Su; Megatron PR #5349): the bias is SET each step to
-                the per-expert quantile at which every expert would get its share
-                (moe.quantile_bias_target), b <- b + u (target - b), u = 1: replace
+The strategies (STRATEGIES below: each one's config settings, what it is in a line,
+and its source) are the one list that configs/, the ablation's flags and its report read.
+
 For every loss f_i = E / (K T) * (tokens routed to i by plain top-K of the UNBIASED
 scores), so the losses see the router itself, not the bias's correction of it. Every
 loss is summed over the routed layers (MTP blocks included): each layer adds its own
@@ -40,6 +27,8 @@ over the batch shards, so every scope above already spans them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -47,6 +36,73 @@ from deepseek_jax.model.moe import MoEStats
 
 BIAS_RULES = ("sign", "magnitude", "quantile")
 COUNT_SCOPES = ("global", "micro")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A balancing strategy: the run-config fields it sets (dotted paths; "model." fields
+  are ModelConfig's), what it is in one line, and where it comes from."""
+  name: str
+  settings: dict
+  description: str
+  source: str = ""
+
+  @property
+  def definition(self) -> str:
+    """The line the README and the report print for it."""
+    return f"{self.description} ({self.source})" if self.source else self.description
+
+
+# LFB's alphas and rate: 1e-3; V3's combination adds the sequence-wise loss at 1e-4 to
+# the bias. The *_micro pair differs from its global-counting twin only with
+# microbatches > 1 (the Balance scope paragraph above).
+STRATEGIES = {s.name: s for s in (
+    Strategy("none", {}, "no load balancing"),
+    Strategy("aux", {"balance.aux_alpha": 1e-3},
+             "the classic auxiliary loss alpha * sum_i f_i P_i over the batch (P_i the mean "
+             "raw affinity), summed over MoE layers; alpha (1e-3) is its weight",
+             "Switch/GShard; LFB's baseline"),
+    Strategy("seq_aux", {"balance.seq_aux_alpha": 1e-3},
+             "the sequence-wise loss: f_i and P_i per sequence on the normalised "
+             "affinities, averaged over sequences, alpha 1e-3", "DeepSeek-V3 eqs 17-20"),
+    Strategy("batch_aux", {"balance.batch_aux_alpha": 1e-3},
+             "the sequence-wise loss's statistics over the whole batch, alpha 1e-3",
+             "DeepSeek-V3 4.5.3; Qwen's global-batch loss"),
+    Strategy("bias", {"balance.bias_rate": 1e-3},
+             "a per-expert bias added to the scores for choosing experts only, moved by "
+             "u * sign(mean load - load) after every step, u = 1e-3",
+             "Loss-Free Balancing, LFB: Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3's "
+             "method"),
+    Strategy("bias_seq_aux", {"balance.bias_rate": 1e-3, "balance.seq_aux_alpha": 1e-4},
+             "the bias plus the sequence-wise loss at alpha 1e-4", "DeepSeek-V3 2.1.2"),
+    Strategy("bias_magnitude", {"balance.bias_rate": 1e-3, "balance.bias_rule": "magnitude"},
+             "the bias moved by u * (mean load - load) / mean load instead of the sign",
+             "LFB's update-rule variant"),
+    Strategy("bias_mult", {"balance.bias_rate": 1e-3, "model.bias_mode": "mul"},
+             "the bias used multiplicatively: top-K of s_i * b_i, b starting at 1, moved by "
+             "the sign rule", "LFB's bias-use variant"),
+    Strategy("bias_freeze", {"balance.bias_rate": 1e-3, "balance.bias_freeze_frac": 0.97},
+             "the sign-rule bias, frozen (u = 0) for the last 3% of training",
+             "DeepSeek-V3 4.2: u 1e-3 for 14.3T of 14.8T tokens, then 0"),
+    # u = 1: the bias is replaced by each step's target.
+    Strategy("quantile", {"balance.bias_rule": "quantile", "balance.bias_rate": 1.0,
+                          "model.quantile_stats": True},
+             "the bias set each step to the per-expert score quantile at which every "
+             "expert gets its share", "Quantile Balancing, QB: Su; Megatron PR #5349, Marin"),
+    Strategy("batch_aux_micro", {"balance.batch_aux_alpha": 1e-3,
+                                 "balance.count_scope": "micro"},
+             "batch_aux with f_i counted per micro-batch", "Qwen, arXiv 2501.11873"),
+    Strategy("bias_micro", {"balance.bias_rate": 1e-3, "balance.count_scope": "micro"},
+             "the bias moved after every micro-batch from its own loads",
+             "Qwen, arXiv 2501.11873"),
+)}
+
+
+def strategy(name: str) -> Strategy:
+  """STRATEGIES[name], or a ValueError naming the known ones."""
+  if name not in STRATEGIES:
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+  return STRATEGIES[name]
 
 
 def term_scopes(balance, microbatches: int) -> dict:

@@ -1,4 +1,4 @@
-"""The headline experiment: auxiliary-loss vs auxiliary-loss-free (bias) balancing.
+r"""The headline experiment: auxiliary-loss vs auxiliary-loss-free (bias) balancing.
 
   python -m experiments.balancing_ablation --workdir=/tmp/ablation
   python -m experiments.balancing_ablation --workdir=DIR --strategies=aux,bias --steps=1000
@@ -8,23 +8,25 @@
   python -m experiments.balancing_ablation --workdir=DIR --sweep=pareto --gate=softmax
   python -m experiments.balancing_ablation --workdir=DIR --seeds=0,1,2   # intervals
   python -m experiments.balancing_ablation --workdir=DIR --size=medium --cpu_devices=8 \
-      --override=mesh.data=8
+      --config.mesh.data=8
 
 Writes DIR/results.json, DIR/report.md and PNG plots; each strategy's run (checkpoints,
 metrics.jsonl, TensorBoard) is in DIR/<strategy>.
 """
 
-from absl import app, flags
+from absl import flags
+from ml_collections import config_flags
 
+from configs import small
+from deepseek_jax import balancing
+from deepseek_jax.ablation import runner as ablation
 from experiments import launch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-# The default four fit the 15-minute budget on 2 CPU cores (BUILD_NOTES.md, "Balancing
-# ablation (the main job)"): no balancing, the aux loss, the aux-loss-free bias and
-# Quantile Balancing; add bias_seq_aux, seq_aux, batch_aux, bias_magnitude, bias_mult,
-# bias_freeze, ... (configs/small.py STRATEGIES) as needed.
-_STRATEGIES = flags.DEFINE_list("strategies", ["none", "aux", "bias", "quantile"],
-                                "Strategies to compare (configs/small.py STRATEGIES).")
+_STRATEGIES = flags.DEFINE_list(
+    "strategies", list(ablation.DEFAULT_STRATEGIES), "Strategies to compare, from "
+    "deepseek_jax/balancing.py STRATEGIES: " + "; ".join(
+        f"{s.name}: {s.description}" for s in balancing.STRATEGIES.values()) + ".")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps per strategy (default: the "
                               "size's own).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed (same for every strategy).")
@@ -44,8 +46,17 @@ _GATE = flags.DEFINE_enum("gate", "sigmoid", ["sigmoid", "softmax"], "The router
                           "(V2; LFB's softmax comparison).")
 _REUSE = flags.DEFINE_list("reuse", [], "Folders of earlier ablations whose finished runs "
                            "with the same config are copied in instead of retrained.")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "Config overrides key=value "
-                                      "(e.g. mesh.data=8), applied to every run.")
+_CONFIG = launch.define_config_overrides(
+    small.get_config(), "configs/small.py", "Overrides of run-config fields for every run, "
+    "as experiments.train takes them: --config.PATH=VALUE (e.g. --config.mesh.data=8 "
+    "--config.total_steps=100), typed and checked against configs/small.py. They apply "
+    "after each run's own settings (--size, its strategy or sweep point, --steps, --gate, "
+    "the seed) and win over them, except a field the runs set differently from one "
+    "another (a strategy's knob among several strategies, the seed under --seeds): that "
+    "one is refused; choose it with --strategies, --sweep or --seeds. --steps also scales "
+    "eval_every, checkpoint_every and the warmup; --config.total_steps sets that field "
+    "alone.")
+flags.declare_key_flag("config")
 _PEAK = flags.DEFINE_float("peak_flops", None, "Declared peak FLOP/s for MFU.")
 _PARALLEL = flags.DEFINE_integer(
     "parallel", 2, "Runs trained at once, each in its own process (console in "
@@ -54,36 +65,21 @@ _PARALLEL = flags.DEFINE_integer(
 flags.mark_flag_as_required("workdir")
 
 
-def _parse(kv):
-  k, v = kv.split("=", 1)
-  for cast in (int, float):
-    try:
-      return k, cast(v)
-    except ValueError:
-      pass
-  return k, {"true": True, "false": False}.get(v.lower(), v)
-
-
 def main(argv):
   del argv
   launch.init_distributed()
-  from configs import small
-  from deepseek_jax.ablation import runner as ablation
+  runs = None
   try:
     runs = ablation.plan(_STRATEGIES.value, _SWEEP.value)
     seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else [_SEED.value]
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    launch.fail(str(e) if runs is None else f"--seeds takes integers; got {_SEEDS.value}")
   if len(set(seeds)) != len(seeds):
-    raise app.UsageError(f"--seeds has a repeated seed: {seeds}")
-  for name, _ in runs:
-    if not _SWEEP.value and name not in small.STRATEGIES:
-      raise app.UsageError(f"unknown strategy {name!r}; known: {sorted(small.STRATEGIES)}")
+    launch.fail(f"--seeds has a repeated seed: {seeds}")
   if _SWEEP.value == "lfb_softmax" and _GATE.value != "softmax":
-    raise app.UsageError("--sweep=lfb_softmax is LFB's softmax-gate setting: add "
-                         "--gate=softmax")
+    launch.fail("--sweep=lfb_softmax is LFB's softmax-gate setting: add --gate=softmax")
   if _PARALLEL.value < 1:
-    raise app.UsageError(f"--parallel must be >= 1; got {_PARALLEL.value}")
+    launch.fail(f"--parallel must be >= 1; got {_PARALLEL.value}")
   import jax
   # Lanes are separate processes: a multi-process (multi-host) job trains one run at a
   # time across all its processes instead.
@@ -91,12 +87,14 @@ def main(argv):
   try:
     ablation.run(small.get_config, runs, _WORKDIR.value, size=_SIZE.value,
                  steps=_STEPS.value, seeds=seeds, peak_flops=_PEAK.value,
-                 overrides=dict(_parse(kv) for kv in _OVERRIDE.value), parallel=parallel,
-                 reuse=_REUSE.value, gate=_GATE.value)
+                 overrides=config_flags.get_override_values(flags.FLAGS["config"]),
+                 parallel=parallel, reuse=_REUSE.value, gate=_GATE.value)
+  except ablation.trainer.ConfigError as e:   # the runs' config (--config.*): one line
+    launch.fail(str(e))
   except ValueError as e:
-    if "--reuse" not in str(e):
+    if not str(e).startswith(("--reuse", "--config.")):
       raise
-    raise app.UsageError(str(e)) from None
+    launch.fail(str(e))
   except ablation.Interrupted as e:
     print(f"=== interrupted: {e}")
     return 1
@@ -104,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

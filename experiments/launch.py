@@ -76,23 +76,52 @@ def enable_compilation_cache():
 USAGE_EXIT = 2   # a user's mistake (flags, config values, paths): one line, this status
 
 
+def fail(message):
+  """A user's mistake with the flags: the line, a pointer to the help, USAGE_EXIT."""
+  import sys
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                   "Pass --helpfull to see help on flags.\n")
+  sys.exit(USAGE_EXIT)
+
+
+def define_config_overrides(config, source: str, help_string: str):
+  """--config.PATH=VALUE overrides of `config` (a ConfigDict an experiment builds its
+  runs from, made by `source`), typed by it, as experiments.train takes them: config_flags'
+  DEFINE_config_dict, whose overrides the experiment reads with
+  config_flags.get_override_values(flags.FLAGS["config"]). ml_collections reads the
+  command line for them while defining the flag, so a field the config lacks fails here,
+  at import: in one line naming it and the nearest real fields, as in run()."""
+  import sys
+  from ml_collections import config_flags
+  known = _config_paths(config.to_dict())
+  try:
+    holder = config_flags.DEFINE_config_dict("config", config, help_string,
+                                             lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(_unknown_path(_override_paths(sys.argv), known, source)
+         or f"--config: {type(e).__name__}: {e}")
+  flags.FLAGS["config"].default_as_str = repr(source)   # not the whole config in --help
+  _BUILT_IN_CONFIG.append(source)
+  return holder
+
+
+_BUILT_IN_CONFIG = []   # define_config_overrides's source: --config=FILE is refused
+
+
 def run(main):
   """absl's app.run(main), where a bad flag exits with USAGE_EXIT after one line, and a
   `--config.PATH=VALUE` override naming no field of the config gives a line naming it
   and the nearest real fields (ml_collections raises an AttributeError or KeyError under
   three tracebacks instead)."""
-  import sys
   from absl import app
-
-  def fail(message):
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                     "Pass --helpfull to see help on flags.\n")
-    sys.exit(USAGE_EXIT)
 
   def parse(argv):
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
+      if _BUILT_IN_CONFIG and "Overriding config is not allowed" in str(e):
+        fail(f"--config=...: this experiment builds its runs from {_BUILT_IN_CONFIG[0]}; "
+             "give fields to change as --config.PATH=VALUE")
       fail(unknown_config_override(argv) or str(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       message = unknown_config_override(argv)
@@ -113,20 +142,23 @@ def _config_paths(node, prefix=""):
   return out
 
 
+def _override_paths(argv) -> list[str]:
+  return [a[len("--config."):].split("=", 1)[0] for a in argv[1:]
+          if a.startswith("--config.")]
+
+
 def unknown_config_override(argv) -> str | None:
   """The message for the first --config.PATH override of argv that names no field of
   the --config file's config, or None (then the failure is something else)."""
-  import difflib
   import importlib.util
-  spec, overrides = None, []
+  spec = None
   args = list(argv[1:])
   for i, a in enumerate(args):
     if a.startswith("--config="):
       spec = a.split("=", 1)[1]
     elif a == "--config" and i + 1 < len(args):
       spec = args[i + 1]
-    elif a.startswith("--config."):
-      overrides.append(a[len("--config."):].split("=", 1)[0])
+  overrides = _override_paths(argv)
   if spec is None or not overrides:
     return None
   path, _, arg = spec.partition(":")
@@ -138,7 +170,12 @@ def unknown_config_override(argv) -> str | None:
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   except Exception:   # the config itself is what fails: absl's own message says so
     return None
-  known = _config_paths(config)
+  return _unknown_path(overrides, _config_paths(config), path)
+
+
+def _unknown_path(overrides, known, source: str) -> str | None:
+  """The message for the first of `overrides` (dotted paths) not in `known`, or None."""
+  import difflib
   for override in overrides:
     if override in known:
       continue
@@ -150,6 +187,6 @@ def unknown_config_override(argv) -> str | None:
     siblings = [k for k in known if k.rpartition(".")[0] == parent]
     near = difflib.get_close_matches(override, known, n=3, cutoff=0.6) or siblings[:8]
     where = f"section '{parent}'" if parent else "the config"
-    return (f"--config.{override}: {where} has no {what} '{name}' ({path}); nearest: "
+    return (f"--config.{override}: {where} has no {what} '{name}' ({source}); nearest: "
             + ", ".join(f"--config.{n}" for n in near))
   return None

@@ -310,6 +310,8 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
     assert os.path.getsize(tmp_path / "abl" / f) > 0, f
   report_md = (tmp_path / "abl" / "report.md").read_text()
   assert "| bias |" in report_md
+  from deepseek_jax import balancing
+  assert f"- **bias**: {balancing.STRATEGIES['bias'].definition}." in report_md
   assert "Pareto" not in report_md    # one alpha and one rate make no sweep
   assert results["bias"]["steps"] == 6
   # The report rebuilds from the saved runs alone.
@@ -317,6 +319,47 @@ def test_ablation_end_to_end_at_tiny_size(tmp_path):
   again = report.write_report({n: saved_runs.load_run(str(tmp_path / "abl" / n))
                                for n in ("aux", "bias")}, str(tmp_path / "again"))
   assert again["aux"]["val_loss"] == pytest.approx(saved["aux"]["val_loss"])
+
+
+def test_overrides_win_over_a_runs_settings_except_what_the_sweep_varies():
+  """--config.PATH=VALUE on every run, after its strategy: a field the runs share is the
+  user's (even a strategy's knob, with one strategy); one they differ in is refused."""
+  from configs import small
+  from deepseek_jax.ablation import runner
+  jobs = [(n, small.get_config(a + ",size=tiny")) for n, a in runner.plan(["aux", "bias"], None)]
+  runner.apply_overrides(jobs, {"total_steps": 5, "mesh.data": 2,
+                                "balance.seq_aux_alpha": 1e-4})
+  for _, cfg in jobs:
+    assert (cfg.total_steps, cfg.mesh.data, cfg.balance.seq_aux_alpha) == (5, 2, 1e-4)
+  with pytest.raises(ValueError, match=r"^--config\.balance\.aux_alpha: the runs of this "
+                     r"sweep set it to different values \(0\.0, 0\.001"):
+    runner.apply_overrides(jobs, {"balance.aux_alpha": 0.01})
+  one = runner.apply_overrides([("bias", small.get_config("strategy=bias,size=tiny"))],
+                               {"balance.bias_rate": 1e-2})
+  assert one[0][1].balance.bias_rate == 1e-2
+  with pytest.raises(ValueError, match="unknown strategy 'nope'; known: none, aux"):
+    runner.plan(["aux", "nope"], None)
+
+
+def test_readme_defines_the_default_strategies_in_the_registrys_words():
+  """The headline table's definitions (README.md) are the registry's, for every strategy
+  the default ablation runs; docs/results.md's strategy table names every strategy."""
+  import re
+  from deepseek_jax import balancing
+  from deepseek_jax.ablation import report, runner
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  readme = open(os.path.join(root, "README.md")).read().splitlines()
+  for name in runner.DEFAULT_STRATEGIES:
+    bullets = [l for l in readme if re.match(rf"- \*\*{name}( \([^)]*\))?\*\*: ", l)]
+    assert len(bullets) == 1, f"README.md: no single definition bullet for {name}"
+    assert bullets[0].split("**: ", 1)[1] == balancing.STRATEGIES[name].definition + ".", (
+        f"README.md's {name} bullet differs from deepseek_jax/balancing.py STRATEGIES")
+  results = open(os.path.join(root, "docs", "results.md")).read()
+  assert not [n for n in balancing.STRATEGIES if f"`{n}`" not in results]
+  # The report names a sweep's runs by the strategy they are.
+  assert [report.strategy_of(g) for g in ("bias_magnitude_u0.01", "aux_a0.1", "bias_u0.01",
+                                          "batch_aux_micro", "elsewhere")] == [
+      "bias_magnitude", "aux", "bias", "batch_aux_micro", None]
 
 
 def test_an_interrupted_run_stops_the_ablation(tmp_path, monkeypatch):

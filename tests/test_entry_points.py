@@ -91,3 +91,22 @@ def test_a_users_mistake_is_one_line_and_status_2(tmp_path, override, message):
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert message in r.stderr
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.mesh.dta=8"], "--config.mesh.dta: section 'mesh' has no field 'dta' "
+     "(configs/small.py); nearest: --config.mesh.data"),
+    (["--config.total_steps=abc"], "--config.total_steps=abc: invalid literal for int()"),
+    (["--config.balance.aux_alpha=0.01"], "--config.balance.aux_alpha: the runs of this sweep "
+     "set it to different values (0.0, 0.001"),
+    (["--config=configs/gpu_1b.py"], "builds its runs from configs/small.py; give fields to "
+     "change as --config.PATH=VALUE"),
+    (["--strategies=aux,nope"], "unknown strategy 'nope'; known: none, aux"),
+])
+def test_an_ablation_mistake_is_one_line_and_status_2(tmp_path, args, message):
+  """The ablation's --config.PATH=VALUE overrides (as experiments.train takes them) and
+  its strategies: a mistake is one line, status 2, nothing written."""
+  r = _run("experiments.balancing_ablation", f"--workdir={tmp_path / 'w'}", *args)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert message in r.stderr
+  assert not os.path.exists(tmp_path / "w")

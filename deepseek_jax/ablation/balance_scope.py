@@ -39,6 +39,24 @@ FULL = dict(strategies=STRATEGIES, seeds=(0, 1, 2), steps=scope_config.STEPS,
             eval_batches=16)
 
 
+def preset(quick: bool, strategies=None, seeds=None, steps: int | None = None) -> dict:
+  """QUICK or FULL with the command line's strategies, seeds and steps put in; a
+  ValueError names a bad one."""
+  out = dict(QUICK if quick else FULL)
+  if strategies:
+    out["strategies"] = tuple(strategies)
+  if seeds:
+    try:
+      out["seeds"] = tuple(int(s) for s in seeds)
+    except ValueError:
+      raise ValueError(f"--seeds takes integers; got {list(seeds)}") from None
+  if steps is not None:
+    if steps < 1:
+      raise ValueError(f"--steps must be >= 1; got {steps}")
+    out["steps"] = steps
+  return out
+
+
 def plan(strategies) -> list[dict]:
   """The cells: {"name", "strategy", "scope", "composition"}."""
   unknown = sorted(set(strategies) - set(STRATEGIES))

@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+from deepseek_jax import balancing
 from deepseek_jax.ablation import saved_runs
 from deepseek_jax.ablation.pareto import (FAMILIES, LOSS_FAMILIES, matched_comparisons,
                                           pareto_points)
@@ -47,7 +48,7 @@ def write_report(runs: dict, out_dir: str, title: str = "Balancing ablation") ->
     any_gate = next(iter(runs.values()))["config"]["model"].get("score_func", "")
     plot_pareto(points, os.path.join(out_dir, "pareto.png"), title=f"{any_gate} gate")
 
-  lines = [f"# {title}", "", *_run_table(runs, groups, results)]
+  lines = [f"# {title}", "", *_run_table(runs, groups, results), *_strategy_section(groups)]
   if multi_seed:
     lines += _seed_section(groups, extra["seeds"])
   if sweep:
@@ -140,6 +141,20 @@ def _run_table(runs: dict, groups: dict, results: dict) -> list[str]:
         f"{_format_value(r['tokens_per_s'], ',.0f')} | "
         f"{'%g / %g' % paper if paper else ''} |")
   return lines
+
+
+def strategy_of(group: str) -> str | None:
+  """The registry's strategy a run group is (a sweep's `bias_u0.01` is `bias`,
+  `bias_magnitude_u0.01` is `bias_magnitude`), or None."""
+  names = [s for s in balancing.STRATEGIES if group == s or group.startswith(s + "_")]
+  return max(names, key=len, default=None)
+
+
+def _strategy_section(groups: dict) -> list[str]:
+  """What each strategy in the table is (deepseek_jax/balancing.py STRATEGIES)."""
+  found = dict.fromkeys(s for s in map(strategy_of, groups) if s)
+  return ["", "Strategies:", "", *(f"- **{s}**: {balancing.STRATEGIES[s].definition}."
+                                   for s in found)] if found else []
 
 
 def _seed_section(groups: dict, table: dict) -> list[str]:

@@ -32,10 +32,15 @@ import time
 from absl import logging
 
 from configs import common
+from deepseek_jax import balancing
 from deepseek_jax.ablation import report, saved_runs
 from deepseek_jax.train import checkpoint
 from deepseek_jax.train import loop as trainer
 
+# The main job: no balancing, the aux loss, the aux-loss-free bias and Quantile Balancing,
+# which fit the 15-minute budget on 2 CPU cores (BUILD_NOTES.md, "Balancing ablation (the
+# main job)"); README.md's headline table and its definitions (tests/test_balancing.py).
+DEFAULT_STRATEGIES = ("none", "aux", "bias", "quantile")
 RATE_SWEEP = (1e-4, 1e-3, 1e-2)          # LFB Fig. 4
 PARETO_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)  # every loss's alpha, LFB's 1e-3 in the middle
 # The balance losses that can trade balance for loss (configs/small.py ALPHA_OF).
@@ -67,6 +72,8 @@ def plan(strategies, sweep: str | None):
             + rate + [("quantile", "strategy=quantile")])
   if sweep:
     raise ValueError(f"--sweep must be one of {SWEEPS} or empty; got {sweep!r}")
+  for s in strategies:
+    balancing.strategy(s)      # an unknown name: a ValueError naming the known ones
   return [(s, f"strategy={s}") for s in strategies]
 
 
@@ -127,7 +134,6 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
   trains that many runs at once, each in its own process (see _run_in_lanes); `reuse`
   folders lend finished runs of the same config (copy_reusable); `gate` is the router's
   affinity function for every run (sigmoid or softmax)."""
-  os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   jobs = []
   for seed in seeds:
@@ -139,14 +145,41 @@ def run(get_config, runs, workdir: str, *, size: str, steps: int | None, seeds=(
         cfg.checkpoint_every = steps
         cfg.optimizer.warmup_steps = max(steps // 20, 1)
       cfg.seed = int(seed)
-      for k, v in (overrides or {}).items():
-        common.set_path(cfg, k, v)
       jobs.append((run_name(name, seed, seeds), cfg))
+  apply_overrides(jobs, overrides or {})
   train_jobs(jobs, workdir, peak_flops=peak_flops, parallel=parallel, reuse=reuse)
   runs_data = {name: saved_runs.load_run(os.path.join(workdir, name)) for name, _ in jobs}
   results = report.write_report(runs_data, workdir)
   logging.info("ablation done in %.0fs", time.perf_counter() - t0)
   return results
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def apply_overrides(jobs, overrides: dict):
+  """The user's overrides ({dotted path: value}, e.g. --config.PATH=VALUE) on every job's
+  config, after the job's own settings (strategy, seed, steps, ...), which they win
+  over; except a field the jobs set differently from one another (what the sweep
+  compares: a strategy's knob, the seed under several seeds, a scope), which would make
+  the runs the same: a ValueError naming it."""
+  leaves = [_leaves(cfg.to_dict()) for _, cfg in jobs]
+  for path in overrides:
+    values = sorted({repr(l[path]) for l in leaves if path in l})
+    if len(values) > 1:
+      raise ValueError(
+          f"--config.{path}: the runs of this sweep set it to different values "
+          f"({', '.join(values)}: their strategy, seed or sweep point); choose those with "
+          "the experiment's own flags (--strategies, --sweep, --seeds), or override it "
+          "with a single strategy and seed")
+  for _, cfg in jobs:
+    for path, value in overrides.items():
+      common.set_path(cfg, path, value)
+  return jobs
 
 
 def train_jobs(jobs, workdir: str, *, peak_flops: float | None = None, parallel: int = 1,
@@ -177,6 +210,7 @@ def train_jobs(jobs, workdir: str, *, peak_flops: float | None = None, parallel:
 # console to WORKDIR/<name>/console.log; the results are the same as run one by one.
 
 _EXIT_PREEMPTED = 75   # a lane's run saved and stopped on SIGTERM / Ctrl-C
+_EXIT_CONFIG = 76      # a lane's config cannot start a run (trainer.ConfigError)
 _JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 _POLL_S = 30.0
 
@@ -189,7 +223,12 @@ def _train_in_lane(cfg, workdir: str, peak_flops, log_path: str, jax_settings: d
   import jax
   for k, v in jax_settings.items():
     jax.config.update(k, v)
-  if trainer.train(cfg, workdir, peak_flops=peak_flops).get("preempted"):
+  try:
+    last = trainer.train(cfg, workdir, peak_flops=peak_flops)
+  except trainer.ConfigError as e:
+    print(f"ConfigError: {e}", flush=True)   # the console's last line: the parent reads it
+    os._exit(_EXIT_CONFIG)
+  if last.get("preempted"):
     os._exit(_EXIT_PREEMPTED)
 
 
@@ -225,6 +264,7 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
   settings = {k: getattr(jax.config, k) for k in _JAX_SETTINGS}
   ctx = multiprocessing.get_context("spawn")
   pending, running, failed, interrupted = list(enumerate(jobs)), {}, [], []
+  bad_config = None
   last_report = time.perf_counter()
   try:
     while pending or running:
@@ -247,7 +287,11 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
         proc.join()
         del running[name]
         took = time.perf_counter() - start
-        if proc.exitcode == _EXIT_PREEMPTED:
+        if proc.exitcode == _EXIT_CONFIG:
+          pending.clear()      # the same config mistake would stop every run
+          bad_config = bad_config or f"{name}: " + _tail(log_path, 1).strip().removeprefix(
+              "ConfigError: ")
+        elif proc.exitcode == _EXIT_PREEMPTED:
           interrupted.append(name)
           pending.clear()      # start nothing new; the other lanes stop on their own
           print(f"=== {name} stopped after {took:.0f}s (saved)", flush=True)
@@ -268,6 +312,8 @@ def _run_in_lanes(jobs, workdir: str, peak_flops, lanes: int, t0: float):
     for proc, _, _ in running.values():
       proc.terminate()
       proc.join()
+  if bad_config:
+    raise trainer.ConfigError(bad_config)
   if failed:
     raise RuntimeError("ablation runs failed: " + ", ".join(
         f"{n} (exit {code}, console {lp})" for n, code, lp in failed))
