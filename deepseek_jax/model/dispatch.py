@@ -12,9 +12,9 @@ their gates [X, K] and the stacked expert weights, and returns (y [X, D], droppe
                      padded within its expert; a loop over the live blocks runs each
                      through its expert's weights in place (swiglu_blocks). Never drops;
                      at most (A/b + E) blocks for A = tokens*K assignments.
-  experts_ragged     assignments sorted by expert into one buffer of R rows (R = A unless
+  experts_ragged     assignments sorted by expert into one buffer of M rows (M = A unless
                      capped); three grouped matmuls (jax.lax.ragged_dot) read each
-                     expert's weights once. Assignments past row R are dropped and counted.
+                     expert's weights once. Assignments past row M are dropped and counted.
 
 Rows move by gathers (whose gradient is a scatter-add), never by scattering activations.
 """
@@ -198,11 +198,11 @@ def rank_in_expert(e_A, n_experts):
   return rank_A, counts_E[:n_experts]
 
 
-def take_rows(x_ND, idx_M):
-  """x[idx] for indices known to be in [0, N): a plain row gather. (A zero row padded on
+def take_rows(x, idx):
+  """x[idx] for indices known to be in [0, len(x)): a plain row gather. (A zero row padded on
   for out-of-range indices fused into the gather as a per-element pad and made it ~50x
   slower on XLA:CPU; callers clamp and mask instead.)"""
-  return jnp.asarray(x_ND).at[idx_M].get(mode="promise_in_bounds")
+  return jnp.asarray(x).at[idx].get(mode="promise_in_bounds")
 
 
 def gather_rows(x_XD, row_A, n_rows, K):
@@ -216,12 +216,12 @@ def gather_rows(x_XD, row_A, n_rows, K):
   return jnp.where((src < A)[:, None], rows, jnp.zeros((), x_XD.dtype))
 
 
-def combine(out_RD, row_A, gates_XK):
+def combine(out_MD, row_A, gates_XK):
   """y_X = sum_k gate_k * out[row of assignment (x, k)]; rows out of range give 0."""
   X, K = gates_XK.shape
-  R = out_RD.shape[0]
-  y_XKD = take_rows(out_RD, jnp.minimum(row_A, R - 1)).reshape(X, K, -1)
-  gates_XK = jnp.where((row_A < R).reshape(X, K), gates_XK, 0.0)
+  M = out_MD.shape[0]
+  y_XKD = take_rows(out_MD, jnp.minimum(row_A, M - 1)).reshape(X, K, -1)
+  gates_XK = jnp.where((row_A < M).reshape(X, K), gates_XK, 0.0)
   return jnp.einsum("XKD,XK->XD", y_XKD, gates_XK.astype(y_XKD.dtype))
 
 
@@ -307,8 +307,8 @@ def grouped_rows(n_rows: int, impl: str, groups: int) -> int:
 _logged_megablox_fallback = []
 
 
-def grouped_matmul(x_RD, w_EDF, size_E, impl: str = "xla", interpret: bool = False):
-  """[R, D] x [E, D, F] -> [R, F]: rows [start_e, start_e + size_e) times expert e's
+def grouped_matmul(x_MD, w_EDF, size_E, impl: str = "xla", interpret: bool = False):
+  """[M, D] x [E, D, F] -> [M, F]: rows [start_e, start_e + size_e) times expert e's
   weights; rows past sum(size_E) are left out of every group (0 here or undefined,
   by implementation: callers mask them). "xla": jax.lax.ragged_dot; "tokamax":
   tokamax.ragged_dot (a grouped-GEMM kernel on GPU, its XLA path on CPU; imported only
@@ -316,10 +316,10 @@ def grouped_matmul(x_RD, w_EDF, size_E, impl: str = "xla", interpret: bool = Fal
   the weight gradient over the tiles that hold rows), jax.lax.ragged_dot on other
   backends unless interpret=True (the kernels in Pallas' interpreter: the tests)."""
   if impl == "xla":
-    return jax.lax.ragged_dot(x_RD, w_EDF, size_E)
+    return jax.lax.ragged_dot(x_MD, w_EDF, size_E)
   if impl == "tokamax":
     from deepseek_jax.model.fused_attention import import_tokamax
-    return import_tokamax().ragged_dot(x_RD, w_EDF, size_E)
+    return import_tokamax().ragged_dot(x_MD, w_EDF, size_E)
   if impl == "megablox":
     from deepseek_jax.model.layers import target_platform
     if target_platform() != "tpu" and not interpret:
@@ -327,11 +327,11 @@ def grouped_matmul(x_RD, w_EDF, size_E, impl: str = "xla", interpret: bool = Fal
         _logged_megablox_fallback.append(True)
         logging.info("grouped_matmul='megablox' off TPU: jax.lax.ragged_dot instead "
                      "(same result, no Pallas kernel)")
-      return jax.lax.ragged_dot(x_RD, w_EDF, size_E)
+      return jax.lax.ragged_dot(x_MD, w_EDF, size_E)
     from jax.experimental.pallas.ops.tpu import megablox
     E, D, F = w_EDF.shape
-    tiling = megablox_tiling(x_RD.shape[0], D, F, E)
-    return megablox.gmm(x_RD, w_EDF, size_E.astype(jnp.int32), x_RD.dtype, tiling,
+    tiling = megablox_tiling(x_MD.shape[0], D, F, E)
+    return megablox.gmm(x_MD, w_EDF, size_E.astype(jnp.int32), x_MD.dtype, tiling,
                         interpret=interpret)
   raise ValueError(f"unknown grouped matmul {impl!r}; known: 'xla', 'tokamax', 'megablox'")
 
@@ -341,41 +341,42 @@ def experts_ragged(x_XD, idx_XK, gates_XK, w_gate_EDF, w_up_EDF, w_down_EFD, n_r
   """Grouped-matmul dispatch: assignments in expert order, one grouped matmul per weight
   (`grouped_matmul` with `impl`).
 
-  n_rows (static) caps the sorted buffer at R rows; None: R = A = X*K, never drops.
+  n_rows (static) caps the sorted buffer at n_cap rows; None: n_cap = A = X*K, never drops.
   Past the cap the END of the expert order is dropped: the highest expert ids lose
-  first, and the expert straddling row R loses its latest tokens. One global cap cannot
+  first, and the expert straddling row n_cap loses its latest tokens. One global cap cannot
   give every expert its earliest tokens; this rule is deterministic and counted.
 
-  XLA:CPU has no grouped matmul: jax lowers ragged_dot there as a dense [E, R, D]
+  XLA:CPU has no grouped matmul: jax lowers ragged_dot there as a dense [E, M, D]
   masked product (E times the work), so on CPU this path is for testing."""
   X, K = idx_XK.shape
   E = w_gate_EDF.shape[0]
   A = X * K
-  R = A if n_rows is None else min(n_rows, A)
+  n_cap = A if n_rows is None else min(n_rows, A)
   e_A = idx_XK.reshape(-1)
   order_A = jnp.argsort(e_A, stable=True)  # sorted position -> assignment; sentinel E last
   pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
   counts_E = jnp.zeros((E + 1,), jnp.int32).at[e_A].add(1)[:E]
   n_real = jnp.sum(counts_E)
-  n_kept = jnp.minimum(n_real, R)
-  # Rows [start_e, start_e + size_e) hold expert e; sizes sum to n_kept <= R. The buffer
-  # is R rows, padded to what the kernel tiles (grouped_rows): the padding is dead.
+  n_kept = jnp.minimum(n_real, n_cap)
+  # Rows [start_e, start_e + size_e) hold expert e; sizes sum to n_kept <= n_cap. The
+  # buffer is M rows (n_cap, padded to what the kernel tiles (grouped_rows): the padding is dead.
   start_E = jnp.cumsum(counts_E) - counts_E
-  size_E = jnp.clip(R - start_E, 0, counts_E).astype(jnp.int32)
-  P = grouped_rows(R, impl, E)
-  live_P = jnp.arange(P) < n_kept
-  row_A = jnp.where(pos_A < n_kept, pos_A, P)  # P: dropped or no expert
-  src_P = jnp.concatenate([order_A[:R], jnp.full((P - R,), A - 1, order_A.dtype)])
-  buf_PD = take_rows(x_XD, src_P // K)
-  buf_PD = jnp.where(live_P[:, None], buf_PD, jnp.zeros((), x_XD.dtype))
+  size_E = jnp.clip(n_cap - start_E, 0, counts_E).astype(jnp.int32)
+  M = grouped_rows(n_cap, impl, E)
+  live_M = jnp.arange(M) < n_kept
+  row_A = jnp.where(pos_A < n_kept, pos_A, M)  # M: dropped or no expert
+  src_M = jnp.concatenate([order_A[:n_cap],
+                           jnp.full((M - n_cap,), A - 1, order_A.dtype)])
+  buf_MD = take_rows(x_XD, src_M // K)
+  buf_MD = jnp.where(live_M[:, None], buf_MD, jnp.zeros((), x_XD.dtype))
   dot = lambda a, w: grouped_matmul(a, w, size_E, impl)
   # Named for remat_save_experts: saved, the backward needs no routed matmul again.
-  g_PF = checkpoint_name(dot(buf_PD, w_gate_EDF), "moe_gate")
-  u_PF = checkpoint_name(dot(buf_PD, w_up_EDF), "moe_up")
-  h_PF = nn.silu(g_PF) * u_PF
+  g_MF = checkpoint_name(dot(buf_MD, w_gate_EDF), "moe_gate")
+  u_MF = checkpoint_name(dot(buf_MD, w_up_EDF), "moe_up")
+  h_MF = nn.silu(g_MF) * u_MF
   # ragged_dot leaves rows past sum(size_E) out of every group: jax's CPU lowering gives
   # them 0, a TPU/GPU kernel need not write them at all. Masking here (and the buffer
   # above) keeps whatever they hold out of y and, via `where`'s select, out of dx.
-  out_PD = jnp.where(live_P[:, None], dot(h_PF, w_down_EFD), jnp.zeros((), x_XD.dtype))
+  out_MD = jnp.where(live_M[:, None], dot(h_MF, w_down_EFD), jnp.zeros((), x_XD.dtype))
   dropped = (n_real - n_kept).astype(jnp.float32)
-  return combine(out_PD, row_A, gates_XK), dropped
+  return combine(out_MD, row_A, gates_XK), dropped

@@ -4,10 +4,11 @@ Shape letters used across the library (one alphabet, in names and einsums):
   B batch, T query length, S key length, X flattened tokens (B*T), D d_model,
   N heads, H qk nope head dim, P qk rope head dim, O v head dim, Q q-latent rank,
   R kv-latent rank, F ffn width, E routed experts, K top-k, G expert groups,
-  C slots per expert, V vocab, L routed layers.
+  C slots per expert, V vocab, L routed layers; in the routed-expert dispatch
+  (dispatch.py) A assignments (X*K) and M rows of a sorted dispatch buffer.
 
 Every weight is created by `param` with a tuple of logical axis names, one per dim;
-sharding.py maps those names to mesh axes.
+model/partitioning.py maps those names to mesh axes.
 """
 
 from __future__ import annotations
