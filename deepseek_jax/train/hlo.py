@@ -41,7 +41,7 @@ import functools
 import math
 import re
 
-from deepseek_jax.model.expert_parallel import OVERFLOW_SCOPE
+from deepseek_jax.model.ragged_exchange import OVERFLOW_SCOPE
 
 # FLOP classes; each also counts, apart, what the remat recomputes of it.
 CLASSES = ("routed_experts", "attention", "other")
