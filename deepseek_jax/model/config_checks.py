@@ -73,9 +73,8 @@ def _check_routing(c) -> None:
     _bad(c, "score_func", f"must be one of {_SCORE_FUNCS}")
   if c.bias_mode not in _BIAS_MODES:
     _bad(c, "bias_mode", f"must be one of {_BIAS_MODES}")
-  for f in ("aux_group_limited", "quantile_stats"):
-    if not isinstance(getattr(c, f), bool):
-      _bad(c, f, "must be True or False")
+  if not isinstance(c.quantile_stats, bool):
+    _bad(c, "quantile_stats", "must be True or False")
   if c.quantile_stats and c.bias_mode != "add":
     _bad(c, "quantile_stats", "Quantile Balancing sets an additive bias: needs bias_mode='add'")
   if c.quantile_stats and c.topk_group < c.n_group:

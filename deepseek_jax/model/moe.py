@@ -41,8 +41,8 @@ class MoEStats:
   load_BE       the same per sequence (evaluation sums it per data shard, with no
                 collective).
   aux_count_BE  per sequence, tokens sent to each expert by PLAIN top-k of the unbiased
-                scores (no bias) over all experts (cfg.aux_group_limited: inside the
-                kept groups): the routing map f_i of the balance losses.
+                scores (no bias) over all experts, the group limit ignored too (V3
+                eq. 18): the routing map f_i of the balance losses.
   aux_prob_BE   per sequence, sum over tokens of the normalised unbiased scores
                 s_i / sum_j s_j: the P_i of the balance losses (carries gradient).
   aux_score_BE  per sequence, sum over tokens of the raw affinities s_i (the classic
@@ -253,8 +253,7 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
   if load_E is None:
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
   shards_X = shards_visited(idx_XK, E, n_shards).astype(jnp.float32)
-  map_cfg = cfg if cfg.aux_group_limited else cfg.replace(n_group=1, topk_group=1,
-                                                          route_limit_by_shard=False)
+  map_cfg = cfg.replace(n_group=1, topk_group=1, route_limit_by_shard=False)
   plain_XK = _by_token(lambda s: select_experts(s, None, map_cfg), (scores_XE,))
   plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
   prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]
