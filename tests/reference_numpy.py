@@ -240,9 +240,8 @@ def moe(p, u_BTD, bias_E, cfg, valid_BT=None, capacity=None):
   scores_XE = affinities(u_XD @ f64(p["w_router"]), cfg.score_func)
   chosen, gate = route(scores_XE, f64(bias_E), cfg)
   # The balance losses' routing map (V3 eq. 18): plain top-K of the unbiased scores over
-  # all experts, or inside the kept groups with cfg.aux_group_limited.
-  groups = (cfg.n_group, cfg.topk_group) if cfg.aux_group_limited else (1, 1)
-  plain = [select(scores_XE[x], np.zeros(E), *groups, cfg.top_k)
+  # all experts.
+  plain = [select(scores_XE[x], np.zeros(E), 1, 1, cfg.top_k)
            for x in range(len(scores_XE))]
 
   y = np.zeros((B * T, D))

@@ -780,6 +780,7 @@ def test_a_run_is_reused_by_its_numbers_not_its_logging_or_loader():
   assert ablation.config_key(a) == ablation.config_key(b)
   b["log_every"], b["data"]["prefetch"] = 1, 0
   del b["data"]["loader_threads"]          # a run recorded before the field existed
+  b["model"]["aux_group_limited"] = False   # or while a removed one did
   assert ablation.config_key(a) == ablation.config_key(b)
   for path, value in (("seed", 1), ("model.score_func", "softmax"),
                       ("balance.aux_alpha", 0.01)):

@@ -15,8 +15,8 @@ overflow dropped) a row holds:
     shows the dispatch overhead, not a speed-up.
 
 The counts are recounted from the routing with the layer's own plan
-(model/expert_parallel.py: queue_pairs, shard_capacity, rounds_needed, receive_rows), so
-the model's program carries no counters.
+(model/padded_exchange.py: queue_pairs, shard_capacity, rounds_needed; model/
+ragged_exchange.py: receive_rows), so the model's program carries no counters.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as PS
 
 from deepseek_jax.model import config, expert_parallel as ep, moe, ragged_a2a
-from deepseek_jax.model.partitioning import BATCH
+from deepseek_jax.model import padded_exchange as padded, ragged_exchange as ragged
+from deepseek_jax.model.partitioning import BATCH, EXPERT
 from deepseek_jax.train import sharding
 
 
@@ -43,12 +44,12 @@ def _ragged_counts(idx_XK, cfg, n_shards: int, D: int, itemsize: int, token_axes
   X = idx_XK.shape[0]
   E, Z = cfg.n_routed_experts, n_shards
   e_A = idx_XK.reshape(-1)
-  dest_A = jnp.where(e_A < E, e_A // (E // Z), Z)  # as expert_parallel.ragged_experts
+  dest_A = jnp.where(e_A < E, e_A // (E // Z), Z)  # as ragged_exchange.ragged_experts
   counts_Z = jnp.zeros((Z + 1,), jnp.int32).at[dest_A].add(1)[:Z]
-  counts_SD = jax.lax.all_gather(counts_Z, ep.EXPERT)
-  cap = ep.receive_rows(X, cfg, Z)
+  counts_SD = jax.lax.all_gather(counts_Z, EXPERT)
+  cap = ragged.receive_rows(X, cfg, Z)
   n_rounds = jax.lax.pmax(ragged_a2a.rounds_needed(counts_SD, cap), token_axes)
-  me = jax.lax.axis_index(ep.EXPERT)
+  me = jax.lax.axis_index(EXPERT)
   sent = jnp.sum(jnp.where(jnp.arange(Z) != me, counts_Z, 0)).astype(jnp.float32)
   return {"payload_rows": sent, "wire_bytes": sent * (2 * D * itemsize + 4)}, n_rounds
 
@@ -58,13 +59,14 @@ def _padded_counts(idx_XK, gates_XK, cfg, n_shards: int, D: int, itemsize: int,
   """(counts, rounds) of one shard of the padded exchange: [Z, C] buffers every round."""
   X = idx_XK.shape[0]
   Z = n_shards
-  C = ep.shard_capacity(X, cfg, Z)
-  rank_XZ, ids_XZJ, gates_XZJ, _ = ep.queue_pairs(idx_XK, gates_XK, cfg.n_routed_experts, Z)
+  C = padded.shard_capacity(X, cfg, Z)
+  E = cfg.n_routed_experts
+  rank_XZ, ids_XZJ, gates_XZJ, _ = padded.queue_pairs(idx_XK, gates_XK, E, Z)
   J = ids_XZJ.shape[-1]
-  rounds = ep.uses_rounds(cfg, X, Z)
-  n_rounds = (jax.lax.pmax(ep.rounds_needed(rank_XZ, C), token_axes) if rounds
+  rounds = padded.uses_rounds(cfg, X, Z)
+  n_rounds = (jax.lax.pmax(padded.rounds_needed(rank_XZ, C), token_axes) if rounds
               else jnp.ones((), jnp.int32))
-  me = jax.lax.axis_index(ep.EXPERT)
+  me = jax.lax.axis_index(EXPERT)
   sent_XZ = (rank_XZ >= 0) & ((rank_XZ < C) | rounds)
   leaving_Z = jnp.arange(Z) != me
   counts = {
@@ -84,7 +86,7 @@ def exchange_traffic(x_BTD, idx_BTK, gates_BTK, cfg, mesh) -> dict:
   combine, every round) and rounds (the rounds run). Call it under jit; x_BTD gives the
   row width and dtype only."""
   ep.check_mesh(cfg, mesh, x_BTD.shape[0])
-  Z = mesh.shape[ep.EXPERT]
+  Z = mesh.shape[EXPERT]
   seq_axes = ep.sequence_axes(mesh, x_BTD.shape[1])
   token_axes = BATCH + seq_axes
   D, itemsize = x_BTD.shape[-1], x_BTD.dtype.itemsize
@@ -191,7 +193,7 @@ def mesh_row(pb: Problem, mesh_name: str, setting: str, over: dict, single: tupl
     t_fwd_bwd = median_time(fwd_bwd, (params, x_BTD), repeats)
   return {
       "mesh": mesh_name, "setting": setting,
-      "capacity_rows": ep.shard_capacity(X // (data * S), cfg, S),
+      "capacity_rows": padded.shard_capacity(X // (data * S), cfg, S),
       "dropped_frac": float(dropped) / (K * X),
       "payload_bytes_per_token": float(traffic["payload_rows"]) * D * itemsize / X,
       "analytic_bytes_per_token": K * D * itemsize * (S - 1) / S,

@@ -293,10 +293,45 @@ def prepare(inputs: str | list[str], tokenizer: str, out: str, *, workers: int =
   root = inputs_lib.common_root(files) if root is None else root
   rel = (lambda f: os.path.relpath(f, root)) if root else (lambda f: f)
   os.makedirs(out, exist_ok=True)
-  plan = {"inputs": [rel(f) for f in files], "root": root,
-          "tokenizer": tokenizer, "val_fraction": val_fraction, "text_field": text_field,
-          "docs_per_shard": docs_per_shard, "bpe_sample_bytes": bpe_sample_bytes,
-          "bos_token": bos_token, "eos_token": eos_token}
+  _record_plan(out, {"inputs": [rel(f) for f in files], "root": root,
+                     "tokenizer": tokenizer, "val_fraction": val_fraction,
+                     "text_field": text_field, "docs_per_shard": docs_per_shard,
+                     "bpe_sample_bytes": bpe_sample_bytes, "bos_token": bos_token,
+                     "eos_token": eos_token})
+  opts = {"val_fraction": val_fraction, "text_field": text_field,
+          "on_malformed": on_malformed}
+  framing = make_framing(tokenizer, out,
+                         lambda: _bpe_texts(files, root, opts, bpe_sample_bytes),
+                         bos_token, eos_token)
+  identity = framing.identity(out)
+  groups = plan_shards(files, docs_per_shard)
+  entries, todo = _finished_shards(out, len(groups))
+  t0 = time.perf_counter()
+  desc = {k: identity[k] for k in ("kind", "vocab_size", "eos_id", "bos_id")}
+  jobs = [(out, i, groups[i], root, framing if workers <= 1 else desc, opts) for i in todo]
+  entries.update((e["index"], e) for e in _run_shards(jobs, workers))
+  ordered = [entries[i] for i in range(len(groups))]
+  fallback = _fallback_shard(ordered, val_fraction)
+  if fallback is not None:   # tokenized again, its first document held out
+    logging.info("prepare_data: the hash split held out no document; holding out the "
+                 "first document of shard %d", fallback)
+    entries[fallback] = prepare_shard((out, fallback, groups[fallback], root, framing,
+                                       {**opts, "hold_out_first": True}))
+    ordered[fallback] = entries[fallback]
+  seconds = time.perf_counter() - t0
+  manifest = _manifest(ordered, identity, framing, val_fraction, text_field, len(files))
+  if manifest["totals"]["train"]["docs"] == 0:
+    raise inputs_lib.InputError(f"--inputs {inputs!r}: no non-empty training document "
+                                f"({manifest['empty_documents']} empty, "
+                                f"{manifest['malformed_records']} malformed)")
+  shards.write_json_atomic(os.path.join(out, shards.MANIFEST), manifest)
+  manifest["seconds"] = seconds   # this invocation's tokenizing time (not saved)
+  return manifest
+
+
+def _record_plan(out: str, plan: dict) -> None:
+  """Writes the preparation's plan into `out`, or checks that a started one (resumed
+  here) had the same."""
   plan_path = os.path.join(out, PLAN)
   if os.path.exists(plan_path):
     with open(plan_path) as fh:
@@ -308,15 +343,12 @@ def prepare(inputs: str | list[str], tokenizer: str, out: str, *, workers: int =
           f"{', '.join(differs)}); use another --out, or the same command to resume it")
   else:
     shards.write_json_atomic(plan_path, plan)
-  opts = {"val_fraction": val_fraction, "text_field": text_field,
-          "on_malformed": on_malformed}
-  framing = make_framing(tokenizer, out,
-                         lambda: _bpe_texts(files, root, opts, bpe_sample_bytes),
-                         bos_token, eos_token)
-  identity = framing.identity(out)
-  groups = plan_shards(files, docs_per_shard)
+
+
+def _finished_shards(out: str, n_shards: int):
+  """({index: entry} of the shards a killed preparation finished, [indices to do])."""
   entries, todo = {}, []
-  for index, group in enumerate(groups):
+  for index in range(n_shards):
     path = shards.shard_entry_path(out, index)
     if os.path.exists(path):
       with open(path) as fh:
@@ -325,47 +357,35 @@ def prepare(inputs: str | list[str], tokenizer: str, out: str, *, workers: int =
       todo.append(index)
   if entries:
     logging.info("prepare_data: %d of %d shards already done in %s", len(entries),
-                 len(groups), out)
-  t0 = time.perf_counter()
-  desc = {k: identity[k] for k in ("kind", "vocab_size", "eos_id", "bos_id")}
-  jobs = [(out, i, groups[i], root, framing if workers <= 1 else desc, opts) for i in todo]
+                 n_shards, out)
+  return entries, todo
+
+
+def _run_shards(jobs, workers: int) -> list[dict]:
+  """prepare_shard over jobs, in `workers` spawned processes when there are several."""
   if workers <= 1 or len(jobs) <= 1:
-    done = map(prepare_shard, jobs)
-  else:
-    import multiprocessing
-    pool = multiprocessing.get_context("spawn").Pool(workers)
-    done = pool.imap_unordered(prepare_shard, jobs)
+    return list(map(prepare_shard, jobs))
+  import multiprocessing
+  pool = multiprocessing.get_context("spawn").Pool(workers)
   try:
-    for entry in done:
-      entries[entry["index"]] = entry
+    return list(pool.imap_unordered(prepare_shard, jobs))
   finally:
-    if workers > 1 and len(jobs) > 1:
-      pool.close()
-      pool.join()
-  ordered = [entries[i] for i in range(len(groups))]
-  fallback = _fallback_shard(ordered, val_fraction)
-  if fallback is not None:   # tokenized again, its first document held out
-    logging.info("prepare_data: the hash split held out no document; holding out the "
-                 "first document of shard %d", fallback)
-    entries[fallback] = prepare_shard((out, fallback, groups[fallback], root, framing,
-                                       {**opts, "hold_out_first": True}))
-    ordered[fallback] = entries[fallback]
-  seconds = time.perf_counter() - t0
+    pool.close()
+    pool.join()
+
+
+def _manifest(ordered, identity, framing, val_fraction: float, text_field: str,
+              n_inputs: int) -> dict:
+  """The prepared dataset's manifest, from its shard entries in order."""
   totals = {s: {k: sum(e["splits"][s][k] for e in ordered)
                 for k in ("docs", "tokens", "text_bytes")} for s in shards.SPLITS}
   manifest = {"format": shards.FORMAT, "tokenizer": identity,
               "dtype": np.dtype(shards.token_dtype(framing.vocab_size)).name,
               "framing": ("[bos] " if framing.bos_id is not None else "") + "tokens eos",
               "val_fraction": val_fraction, "text_field": text_field,
-              "n_inputs": len(files), "shards": ordered, "totals": totals,
+              "n_inputs": n_inputs, "shards": ordered, "totals": totals,
               "text_bytes": sum(e["text_bytes"] for e in ordered),
               "empty_documents": sum(e["empty"] for e in ordered),
               "malformed_records": sum(e["malformed"] for e in ordered)}
   manifest["split"] = describe_split(manifest)
-  if totals["train"]["docs"] == 0:
-    raise inputs_lib.InputError(f"--inputs {inputs!r}: no non-empty training document "
-                                f"({manifest['empty_documents']} empty, "
-                                f"{manifest['malformed_records']} malformed)")
-  shards.write_json_atomic(os.path.join(out, shards.MANIFEST), manifest)
-  manifest["seconds"] = seconds   # this invocation's tokenizing time (not saved)
   return manifest

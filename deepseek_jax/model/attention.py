@@ -96,7 +96,7 @@ def _blockwise(q_BTNK, keys, expand, v_mean_BNO, out_dtype, q_idx_BT, k_idx_BS, 
   S, O = keys[0].shape[1], v_mean_BNO.shape[-1]
   bt, bs = min(block, T), min(block, S)
   I, J = -(-T // bt), -(-S // bs)
-  f32, i32 = jnp.float32, jnp.int32
+  i32 = jnp.int32
   if (q_seg_BT is None) != (k_seg_BS is None):
     raise ValueError("give segment ids for both queries and keys, or for neither")
   if q_seg_BT is None:  # no documents: one segment for all
@@ -104,30 +104,44 @@ def _blockwise(q_BTNK, keys, expand, v_mean_BNO, out_dtype, q_idx_BT, k_idx_BS, 
   # Padded keys get an index no query reaches (never visible); padded queries one that
   # reaches no key (their rows are dropped). Real indices must lie strictly between.
   lo, hi = jnp.iinfo(i32).min, jnp.iinfo(i32).max
-
-  def blocks(x, n, size, fill=0):
-    """[B, n*size, ...] -> [n, B, size, ...], padding the sequence dim with `fill`."""
-    pad = [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, pad, constant_values=fill)
-    return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
-
-  # Blocks stay split like the activations they come from (batch over the batch axes,
-  # heads over "tensor"): a loop that slices a block must never find the block dim
-  # sharded, or every iteration would all-gather all of K and V.
-  def pinned(x_JBS):
-    axes = (None, "batch", None, "heads", None) if x_JBS.ndim == 5 else (
-        (None, "batch", None) + (None,) * (x_JBS.ndim - 3))
-    return constrain(x_JBS, axes)
-
-  q_IBTNK = pinned(blocks(q_BTNK, I, bt))
-  q_idx_IBT = blocks(q_idx_BT.astype(i32), I, bt, lo)
-  q_seg_IBT = blocks(q_seg_BT.astype(i32), I, bt)
-  keys_J = tuple(pinned(blocks(x, J, bs)) for x in keys)
-  k_idx_JBS = blocks(k_idx_BS.astype(i32), J, bs, hi)
-  k_seg_JBS = blocks(k_seg_BS.astype(i32), J, bs)
+  q_IBTNK = _pinned(_blocks(q_BTNK, I, bt))
+  q_idx_IBT = _blocks(q_idx_BT.astype(i32), I, bt, lo)
+  q_seg_IBT = _blocks(q_seg_BT.astype(i32), I, bt)
+  keys_J = tuple(_pinned(_blocks(x, J, bs)) for x in keys)
+  k_idx_JBS = _blocks(k_idx_BS.astype(i32), J, bs, hi)
+  k_seg_JBS = _blocks(k_seg_BS.astype(i32), J, bs)
   # A (query, key) block pair is live when some row has a causally visible pair in it;
   # one reduction over B, outside the loops (under data parallelism: one all-reduce).
   live_IJ = jnp.any(q_idx_IBT.max(-1)[:, None] >= k_idx_JBS.min(-1)[None], axis=-1)
+  query_block = _query_block_fn(expand, v_mean_BNO, out_dtype, (B, N, bt, O))
+  o_IBNTO = lax.map(
+      lambda xs: query_block(*xs, keys_J, k_idx_JBS, k_seg_JBS),
+      (q_IBTNK, q_idx_IBT, q_seg_IBT, live_IJ))
+  o_BTNO = jnp.transpose(o_IBNTO, (1, 0, 3, 2, 4)).reshape(B, I * bt, N, O)
+  return o_BTNO[:, :T]
+
+
+def _blocks(x, n, size, fill=0):
+  """[B, n*size, ...] -> [n, B, size, ...], padding the sequence dim with `fill`."""
+  pad = [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+  x = jnp.pad(x, pad, constant_values=fill)
+  return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+
+
+def _pinned(x_JBS):
+  """Blocks stay split like the activations they come from (batch over the batch axes,
+  heads over "tensor"): a loop that slices a block must never find the block dim
+  sharded, or every iteration would all-gather all of K and V."""
+  axes = (None, "batch", None, "heads", None) if x_JBS.ndim == 5 else (
+      (None, "batch", None) + (None,) * (x_JBS.ndim - 3))
+  return constrain(x_JBS, axes)
+
+
+def _query_block_fn(expand, v_mean_BNO, out_dtype, shape_BNTO):
+  """query_block(q, q_idx, q_seg, live_J, keys_J, k_idx_JBS, k_seg_JBS): one query
+  block's attention, a scan over the key blocks (those not live skipped)."""
+  B, N, bt, O = shape_BNTO
+  f32 = jnp.float32
 
   @jax.checkpoint
   def query_block(q_BTNK, q_idx_BT, q_seg_BT, live_J, keys_J, k_idx_JBS, k_seg_JBS):
@@ -139,22 +153,9 @@ def _blockwise(q_BTNK, keys, expand, v_mean_BNO, out_dtype, q_idx_BT, k_idx_BS, 
       key_blocks, k_idx_BS, k_seg_BS, live = xs
 
       def update(carry):
-        m_BNT, l_BNT, acc_BNTO = carry
         k_BSNK, v_BSNO = expand(*key_blocks)
-        s_BNTS = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK, preferred_element_type=f32)
-        mask_BTS = ((q_idx_BT[:, :, None] >= k_idx_BS[:, None, :])
-                    & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]))
-        s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, NEG_INF)
-        # The running max only shifts exponents (it cancels in acc / l): no gradient, so
-        # the backward keeps no argmax mask. Starting at NEG_INF, masked scores give
-        # exp(0) = 1 until a real key arrives, whose exp(NEG_INF - m) = 0 then clears them.
-        m_new = jnp.maximum(m_BNT, lax.stop_gradient(s_BNTS.max(axis=-1)))
-        p_BNTS = jnp.exp(s_BNTS - m_new[..., None])
-        alpha_BNT = jnp.exp(m_BNT - m_new)
-        pv_BNTO = jnp.einsum("BNTS,BSNO->BNTO", p_BNTS.astype(v_BSNO.dtype), v_BSNO,
-                             preferred_element_type=f32)
-        return (m_new, alpha_BNT * l_BNT + p_BNTS.sum(axis=-1),
-                alpha_BNT[..., None] * acc_BNTO + pv_BNTO)
+        return _online_softmax_step(carry, q_BTNK, q_idx_BT, q_seg_BT, k_BSNK, v_BSNO,
+                                    k_idx_BS, k_seg_BS)
 
       return lax.cond(live, update, lambda c: c, carry), None
 
@@ -169,11 +170,29 @@ def _blockwise(q_BTNK, keys, expand, v_mean_BNO, out_dtype, q_idx_BT, k_idx_BS, 
     o_BNTO = jnp.where(empty_BNT[..., None], v_mean_BNO[:, :, None], o_BNTO)
     return o_BNTO.astype(out_dtype)
 
-  o_IBNTO = lax.map(
-      lambda xs: query_block(*xs, keys_J, k_idx_JBS, k_seg_JBS),
-      (q_IBTNK, q_idx_IBT, q_seg_IBT, live_IJ))
-  o_BTNO = jnp.transpose(o_IBNTO, (1, 0, 3, 2, 4)).reshape(B, I * bt, N, O)
-  return o_BTNO[:, :T]
+  return query_block
+
+
+def _online_softmax_step(carry, q_BTNK, q_idx_BT, q_seg_BT, k_BSNK, v_BSNO, k_idx_BS,
+                         k_seg_BS):
+  """One key block into the running (max, sum, weighted values) of a query block's rows,
+  the causal and document mask applied."""
+  m_BNT, l_BNT, acc_BNTO = carry
+  f32 = jnp.float32
+  s_BNTS = jnp.einsum("BTNK,BSNK->BNTS", q_BTNK, k_BSNK, preferred_element_type=f32)
+  mask_BTS = ((q_idx_BT[:, :, None] >= k_idx_BS[:, None, :])
+              & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]))
+  s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, NEG_INF)
+  # The running max only shifts exponents (it cancels in acc / l): no gradient, so
+  # the backward keeps no argmax mask. Starting at NEG_INF, masked scores give
+  # exp(0) = 1 until a real key arrives, whose exp(NEG_INF - m) = 0 then clears them.
+  m_new = jnp.maximum(m_BNT, lax.stop_gradient(s_BNTS.max(axis=-1)))
+  p_BNTS = jnp.exp(s_BNTS - m_new[..., None])
+  alpha_BNT = jnp.exp(m_BNT - m_new)
+  pv_BNTO = jnp.einsum("BNTS,BSNO->BNTO", p_BNTS.astype(v_BSNO.dtype), v_BSNO,
+                       preferred_element_type=f32)
+  return (m_new, alpha_BNT * l_BNT + p_BNTS.sum(axis=-1),
+          alpha_BNT[..., None] * acc_BNTO + pv_BNTO)
 
 
 def up_project(c_kv_BSR, k_rope_BSP, w_uk_RNH, w_uv_RNO, batched_weights: bool = False):

@@ -1,7 +1,8 @@
 """The model configuration: one frozen, validated dataclass and its named presets.
 
 Field names follow the DeepSeek-V3 report and the Hugging Face config where they exist
-(see SPEC.md section 7 for the mapping); every size is validated once, when built.
+(see SPEC.md section 7 for the mapping); every field is validated once, when built, by
+config_checks.py.
 """
 
 from __future__ import annotations
@@ -12,19 +13,13 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-_SCORE_FUNCS = ("sigmoid", "softmax")
-_EP_OVERFLOW = ("rounds", "drop")
-_EP_EXCHANGES = ("padded", "ragged")
-# The routed experts' values remat_save_experts can keep (dispatch.experts_ragged and
-# expert_parallel.ragged_round name them).
-SAVEABLE_EXPERT_NAMES = ("moe_gate", "moe_up", "moe_recv")
-_DISPATCHES = ("dropless", "capacity", "ragged", "reference")
-_ATTENTION_IMPLS = ("plain", "blockwise", "blockwise_latent", "cudnn", "tokamax")
-_GROUPED_MATMULS = ("xla", "tokamax", "megablox")
-# jax.checkpoint policies by name (layers.remat_policy): what a rematerialised block keeps.
-REMAT_POLICIES = ("nothing", "dots", "dots_no_batch", "everything")
-_BIAS_MODES = ("add", "mul")
-_DTYPES = ("float32", "bfloat16", "float16")
+from deepseek_jax.model import config_checks
+
+# Removed fields, at the one value the model still computes: a saved run's config may
+# hold them (from_dict drops them; resuming and --reuse ignore them). aux_group_limited
+# (issue 37): True took the balance losses' f_i from the group-limited top-K, this
+# code's misreading of V3 eq. 18 until issue 13, no baseline of the report's.
+RETIRED_FIELDS = {"aux_group_limited": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +51,18 @@ class ModelConfig:
   # the top-K of s_i * b_i with b initialised to 1 (LFB's multiplicative variant).
   # Gates always use the unbiased s_i.
   bias_mode: str = "add"
-  # The routing map f_i of the balance losses (MoEStats.aux_count_BE): plain top-K of the
-  # unbiased scores over ALL routed experts (False; V3 eq. 18 as written, Megatron), or
-  # top-K inside the topk_group best groups, the model's own routing minus the bias
-  # (True; this codebase's reading before the fix). Same when n_group == 1.
-  aux_group_limited: bool = False
   # MoEStats also carry Quantile Balancing's per-expert bias target (balancing.py rule
   # "quantile"): one sort of the [tokens, E] selection scores per routed layer.
   quantile_stats: bool = False
-  # Routed-expert dispatch (moe.py): "dropless" (tokens sorted by expert into
-  # fixed-size blocks, a loop over the live blocks: never drops, fast on XLA:CPU; for
-  # a handful of tokens, as in decoding, every expert runs densely instead),
-  # "capacity" (capacity-padded einsum, drops past capacity and counts them), "ragged"
-  # (rows sorted by expert, one grouped matmul jax.lax.ragged_dot per projection: reads
-  # each expert's weights once; the TPU/GPU path, slow on XLA:CPU) or "reference"
-  # (every expert on every token; slow, obviously correct).
+  # Routed-expert dispatch (moe.py). V3 drops no token, and neither do the default
+  # "dropless" (tokens sorted by expert into fixed-size blocks, a loop over the live
+  # blocks: fast on XLA:CPU; for a handful of tokens, as in decoding, every expert runs
+  # densely instead) nor "ragged" (rows sorted by expert, one grouped matmul
+  # jax.lax.ragged_dot per projection: reads each expert's weights once; the TPU/GPU
+  # path and the 671B config's, slow on XLA:CPU). "capacity" is a BASELINE kept for
+  # comparison, not V3's: GShard/Switch-style token dropping (a capacity-padded einsum,
+  # assignments past capacity dropped and counted). "reference" runs every expert on
+  # every token (slow, obviously correct: the tests' yardstick).
   moe_dispatch: str = "dropless"
   # "capacity" only: slots per expert = ceil(capacity_factor * tokens * K / E).
   capacity_factor: float = 1.25
@@ -91,9 +83,10 @@ class ModelConfig:
   # when ep_overflow == "drop".
   ep_capacity_factor: float | None = None
   # What happens to (token, shard) pairs past a destination's C rows under expert
-  # parallelism: "rounds" sends them in further rounds of the same all-to-all until every
-  # pair is sent (dropless, as V3; memory bounded by one round's buffers, rounds = the
-  # worst destination's queue / C, agreed by every shard); "drop" drops and counts them.
+  # parallelism: "rounds" (the default, V3's) sends them in further rounds of the same
+  # all-to-all until every pair is sent (dropless; memory bounded by one round's
+  # buffers, rounds = the worst destination's queue / C, agreed by every shard); "drop"
+  # drops and counts them, a token-dropping BASELINE kept for comparison.
   # moe_dispatch "capacity" always drops (it is the capacity baseline).
   ep_overflow: str = "rounds"
   # How tokens travel under expert parallelism (expert_parallel.py). "padded": one row per
@@ -142,7 +135,7 @@ class ModelConfig:
   dtype: str = "float32"                # compute dtype
   param_dtype: str = "float32"
   remat: bool = False                   # rematerialise each block in the backward pass
-  # What a rematerialised block saves for its backward (REMAT_POLICIES): "nothing"
+  # What a rematerialised block saves for its backward (config_checks.REMAT_POLICIES): "nothing"
   # (only the block's input; recompute everything), "dots" (every matmul output),
   # "dots_no_batch" (matmuls without batch dims: the weight products, not attention's),
   # "everything" (no recompute; remat then only changes scheduling).
@@ -163,7 +156,7 @@ class ModelConfig:
   attention_block: int = 512
 
   def __post_init__(self):
-    _validate(self)
+    config_checks.validate(self)
 
   # Derived sizes -------------------------------------------------------------
   @property
@@ -208,112 +201,16 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    for name, value in RETIRED_FIELDS.items():
+      if name in d and d.pop(name) != value:
+        raise ValueError(f"ModelConfig.{name} was removed; only {name}={value!r}, what "
+                         "the model still computes, can be read from a saved config")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
       raise ValueError(f"ModelConfig: unknown field(s) {unknown}")
-    return cls(**dict(d))
-
-
-def _validate(c: ModelConfig) -> None:
-  def bad(field, rule):
-    raise ValueError(f"ModelConfig.{field}: {rule} (got {getattr(c, field)!r})")
-
-  for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank",
-            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_dim",
-            "moe_ffn_dim", "n_routed_experts", "top_k", "n_group", "topk_group",
-            "rope_original_max_len"):
-    if not isinstance(getattr(c, f), int) or getattr(c, f) <= 0:
-      bad(f, "must be a positive integer")
-  for f in ("first_k_dense", "n_shared_experts", "mtp_depth"):
-    if not isinstance(getattr(c, f), int) or getattr(c, f) < 0:
-      bad(f, "must be a non-negative integer")
-  for f in ("rope_theta", "rms_eps", "init_std", "routed_scaling_factor", "beta_fast",
-            "beta_slow"):
-    if not getattr(c, f) > 0:
-      bad(f, "must be positive")
-  if c.q_lora_rank is not None and (not isinstance(c.q_lora_rank, int) or c.q_lora_rank <= 0):
-    bad("q_lora_rank", "must be a positive integer or None (plain query projection)")
-  if c.qk_rope_head_dim % 2:
-    bad("qk_rope_head_dim", "must be even: RoPE rotates pairs of dimensions")
-  if c.first_k_dense > c.n_layers:
-    bad("first_k_dense", f"cannot exceed n_layers={c.n_layers}")
-  if c.top_k > c.n_routed_experts:
-    bad("top_k", f"cannot exceed n_routed_experts={c.n_routed_experts}")
-  if c.n_routed_experts % c.n_group:
-    bad("n_group", f"must divide n_routed_experts={c.n_routed_experts}")
-  if c.topk_group > c.n_group:
-    bad("topk_group", f"cannot exceed n_group={c.n_group}")
-  per_group = c.n_routed_experts // c.n_group
-  if c.topk_group * per_group < c.top_k:
-    bad("topk_group", f"keeps {c.topk_group} group(s) x {per_group} expert(s) = "
-        f"{c.topk_group * per_group}, fewer than top_k={c.top_k}")
-  if c.n_group > 1 and per_group < 2:
-    bad("n_group", "group scores sum each group's top-2 affinities, so every group "
-        "needs at least 2 experts")
-  if c.score_func not in _SCORE_FUNCS:
-    bad("score_func", f"must be one of {_SCORE_FUNCS}")
-  if c.bias_mode not in _BIAS_MODES:
-    bad("bias_mode", f"must be one of {_BIAS_MODES}")
-  if c.moe_dispatch not in _DISPATCHES:
-    bad("moe_dispatch", f"must be one of {_DISPATCHES}")
-  if not c.capacity_factor > 0:
-    bad("capacity_factor", "must be positive")
-  if c.ep_capacity_factor is not None and not c.ep_capacity_factor > 0:
-    bad("ep_capacity_factor", "must be positive or None (the dispatch's own rule)")
-  if c.ep_overflow not in _EP_OVERFLOW:
-    bad("ep_overflow", f"must be one of {_EP_OVERFLOW}")
-  if c.ep_exchange not in _EP_EXCHANGES:
-    bad("ep_exchange", f"must be one of {_EP_EXCHANGES}")
-  if c.ep_exchange == "ragged" and (c.ep_capacity_factor is None
-                                    or c.moe_dispatch != "ragged"
-                                    or c.ep_overflow != "rounds"):
-    bad("ep_exchange", "'ragged' sizes its receive buffer by ep_capacity_factor (set "
-        "one, e.g. 1.25), runs the grouped matmul of moe_dispatch='ragged' and sends what "
-        "does not fit in further rounds (ep_overflow='rounds')")
-  names = [n for n in str(c.remat_save_experts).split(",") if n]
-  if not isinstance(c.remat_save_experts, str) or set(names) - set(SAVEABLE_EXPERT_NAMES):
-    bad("remat_save_experts", f"must be comma-separated names from "
-        f"{SAVEABLE_EXPERT_NAMES} (or empty)")
-  if c.moe_block_size is not None and (not isinstance(c.moe_block_size, int)
-                                       or c.moe_block_size <= 0):
-    bad("moe_block_size", "must be a positive integer or None (automatic)")
-  for f in ("aux_group_limited", "quantile_stats"):
-    if not isinstance(getattr(c, f), bool):
-      bad(f, "must be True or False")
-  if c.quantile_stats and c.bias_mode != "add":
-    bad("quantile_stats", "Quantile Balancing sets an additive bias: needs bias_mode='add'")
-  if c.quantile_stats and c.topk_group < c.n_group:
-    bad("quantile_stats", f"Quantile Balancing's thresholds are those of plain top-K "
-        f"routing, but topk_group={c.topk_group} < n_group={c.n_group} limits each token "
-        "to its best groups, so they would balance a routing the model does not do: set "
-        "topk_group = n_group (or n_group = 1) to use it")
-  if not isinstance(c.route_limit_by_shard, bool):
-    bad("route_limit_by_shard", "must be True or False")
-  if c.route_limit_by_shard and c.n_group == 1:
-    bad("route_limit_by_shard", "needs n_group > 1: the routing groups are what is mapped "
-        "onto expert-axis shards")
-  if c.rope_factor < 1.0:
-    bad("rope_factor", "must be >= 1 (1 switches YaRN off)")
-  if c.remat_policy not in REMAT_POLICIES:
-    bad("remat_policy", f"must be one of {REMAT_POLICIES}")
-  if c.attention_impl not in _ATTENTION_IMPLS:
-    bad("attention_impl", f"must be one of {_ATTENTION_IMPLS}")
-  if c.attention_impl == "cudnn" and c.dtype not in ("bfloat16", "float16"):
-    bad("attention_impl", f"'cudnn' runs in bfloat16 or float16 only, not dtype="
-        f"{c.dtype!r}: set dtype='bfloat16' (parameters can stay float32)")
-  if c.grouped_matmul not in _GROUPED_MATMULS:
-    bad("grouped_matmul", f"must be one of {_GROUPED_MATMULS}")
-  if c.grouped_matmul != "xla" and c.moe_dispatch != "ragged":
-    bad("grouped_matmul", f"{c.grouped_matmul!r} is the grouped matmul of "
-        f"moe_dispatch='ragged', not of {c.moe_dispatch!r}: set moe_dispatch='ragged'")
-  if not isinstance(c.attention_block, int) or c.attention_block <= 0:
-    bad("attention_block", "must be a positive integer")
-  if not isinstance(c.scan_layers, bool):
-    bad("scan_layers", "must be True or False")
-  for f in ("dtype", "param_dtype"):
-    if getattr(c, f) not in _DTYPES:
-      bad(f, f"must be one of {_DTYPES}")
+    return cls(**d)
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

@@ -1,5 +1,6 @@
 """Routed-expert computation: the dispatch paths that take tokens to their experts and
-back, shared by the MoE layer (moe.py) and expert parallelism (expert_parallel.py).
+back, shared by the MoE layer (moe.py) and expert parallelism (padded_exchange.py,
+ragged_exchange.py).
 
 Every path takes x [X, D], the chosen experts idx [X, K] (E: no expert, e.g. padding),
 their gates [X, K] and the stacked expert weights, and returns (y [X, D], dropped):

@@ -11,7 +11,7 @@ The layer returns (output, MoEStats): the balancing code never reaches into the 
 The routed experts run through one of dispatch.py's paths (cfg.moe_dispatch:
 reference, capacity, dropless or ragged), all equal up to float error when nothing is
 dropped. On a mesh that only splits the batch, the dropless ones run per batch shard
-(expert_parallel.per_batch_shard), each shard sorting its own tokens.
+(moe_meshes.per_batch_shard), each shard sorting its own tokens.
 Under a mesh whose "expert" axis is > 1 (jax.set_mesh) they instead run expert-parallel
 (expert_parallel.py: all-to-all inside shard_map); the router, the shared experts and the
 statistics stay here, data-parallel.
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from deepseek_jax.model import dispatch, expert_parallel
+from deepseek_jax.model import dispatch, expert_parallel, moe_meshes
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import SwiGLU, param
-from deepseek_jax.model.partitioning import TOKENS
+from deepseek_jax.model.partitioning import EXPERT, TOKENS
 
 
 @struct.dataclass
@@ -41,8 +41,8 @@ class MoEStats:
   load_BE       the same per sequence (evaluation sums it per data shard, with no
                 collective).
   aux_count_BE  per sequence, tokens sent to each expert by PLAIN top-k of the unbiased
-                scores (no bias) over all experts (cfg.aux_group_limited: inside the
-                kept groups): the routing map f_i of the balance losses.
+                scores (no bias) over all experts, the group limit ignored too (V3
+                eq. 18): the routing map f_i of the balance losses.
   aux_prob_BE   per sequence, sum over tokens of the normalised unbiased scores
                 s_i / sum_j s_j: the P_i of the balance losses (carries gradient).
   aux_score_BE  per sequence, sum over tokens of the raw affinities s_i (the classic
@@ -152,11 +152,11 @@ def route(scores_XE, bias_E, cfg: ModelConfig):
 
 def _by_token(fn, tokens: tuple, shared: tuple = ()):
   """fn(*tokens, *shared) of each token alone; per batch shard on a data-parallel mesh
-  (expert_parallel.per_token), where GSPMD would gather all tokens for the top-k."""
-  mesh = expert_parallel.data_parallel_mesh()
+  (moe_meshes.per_token), where GSPMD would gather all tokens for the top-k."""
+  mesh = moe_meshes.data_parallel_mesh()
   if mesh is None:
     return fn(*tokens, *shared)
-  return expert_parallel.per_token(fn, mesh, tokens, shared)
+  return moe_meshes.per_token(fn, mesh, tokens, shared)
 
 
 # The layer --------------------------------------------------------------------
@@ -188,10 +188,10 @@ class MoE(nn.Module):
     idx_XK = jnp.where(valid_X[:, None], idx_XK, E)  # sentinel: padding goes nowhere
 
     ws = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
-    mesh = expert_parallel.expert_mesh()
+    mesh = moe_meshes.expert_mesh()
     load_E, n_shards = None, 1
     if mesh is not None:
-      n_shards = mesh.shape[expert_parallel.EXPERT]
+      n_shards = mesh.shape[EXPERT]
       y_BTD, load_E, dropped = expert_parallel.routed_experts(
           x_XD.reshape(B, T, D), idx_XK.reshape(B, T, -1), gates_XK.reshape(B, T, -1),
           *ws, cfg, mesh)
@@ -207,8 +207,8 @@ class MoE(nn.Module):
       if shard_mesh is None:
         y_XD, dropped = experts_fn(x_XD, idx_XK, gates_XK, *ws)
       else:
-        y_XD, dropped = expert_parallel.per_batch_shard(experts_fn, x_XD, idx_XK, gates_XK,
-                                                        *ws, shard_mesh)
+        y_XD, dropped = moe_meshes.per_batch_shard(experts_fn, x_XD, idx_XK, gates_XK, *ws,
+                                                   shard_mesh)
     elif dispatch.dense_is_cheaper(B * T, E, D, F, jnp.dtype(dt).itemsize):  # decoding
       y_XD, dropped = dispatch.experts_dense(x_XD, idx_XK, gates_XK, *ws)
     else:
@@ -225,11 +225,11 @@ class MoE(nn.Module):
 def _local_dropless(cfg: ModelConfig, n_tokens: int):
   """(experts_fn, mesh) of a dropless dispatch without expert parallelism, or None where
   the dense product is cheaper (decoding a few tokens). mesh: run per batch shard
-  (expert_parallel.per_batch_shard) there; None: over all tokens at once."""
-  mesh = expert_parallel.data_parallel_mesh()
+  (moe_meshes.per_batch_shard) there; None: over all tokens at once."""
+  mesh = moe_meshes.data_parallel_mesh()
   if cfg.moe_dispatch == "ragged":
     if cfg.grouped_matmul == "megablox":   # a Pallas kernel runs inside a shard_map
-      mesh = expert_parallel.kernel_mesh()
+      mesh = moe_meshes.kernel_mesh()
     return functools.partial(dispatch.experts_ragged, impl=cfg.grouped_matmul), mesh
   E, D, F = cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_dim
   if dispatch.dense_is_cheaper(n_tokens, E, D, F, jnp.dtype(cfg.jnp_dtype).itemsize):
@@ -253,8 +253,7 @@ def routing_stats(scores_XE, idx_XK, valid_X, shape_BT, cfg: ModelConfig, droppe
   if load_E is None:
     load_E = jnp.zeros((E + 1,), jnp.float32).at[idx_XK.reshape(-1)].add(1.0)[:E]
   shards_X = shards_visited(idx_XK, E, n_shards).astype(jnp.float32)
-  map_cfg = cfg if cfg.aux_group_limited else cfg.replace(n_group=1, topk_group=1,
-                                                          route_limit_by_shard=False)
+  map_cfg = cfg.replace(n_group=1, topk_group=1, route_limit_by_shard=False)
   plain_XK = _by_token(lambda s: select_experts(s, None, map_cfg), (scores_XE,))
   plain_XE = jax.nn.one_hot(plain_XK, E, dtype=jnp.float32).sum(1) * valid[:, None]
   prob_XE = scores_XE / scores_XE.sum(-1, keepdims=True) * valid[:, None]

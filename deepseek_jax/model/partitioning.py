@@ -31,6 +31,8 @@ from jax.sharding import Mesh, PartitionSpec as PS
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH = ("data", "fsdp", "expert")
 CONTEXT = "context"
+EXPERT = "expert"
+TENSOR = "tensor"
 # The axes that split tokens: a [B, T] array flattened to [X] is split over the batch
 # axes (major) and the context axis (minor), the order of MESH_AXES, so the reshape moves
 # no data.

@@ -59,14 +59,14 @@ def routing_rounds(counts_LE, cfg, model_cfg, mesh) -> dict:
   the balanced X K rows, so it runs ceil(h_l X K / buffer) rounds (every shard runs the
   layer's maximum), its grouped matmuls hold min(h_l X K, buffer) rows a round."""
   import numpy as np
-  from deepseek_jax.model import expert_parallel
+  from deepseek_jax.model import ragged_exchange
   E, Z = model_cfg.n_routed_experts, mesh.shape.get("expert", 1)
   if counts_LE.shape[1] != E:
     raise ValueError(f"--routing_counts: {counts_LE.shape[1]} experts per layer, but the "
                      f"model has {E}: use counts of a run of this model")
   balanced = routed_rows_per_buffer(cfg, model_cfg, mesh)
   X = balanced / model_cfg.top_k
-  cap = (expert_parallel.receive_rows(int(round(X)), model_cfg, Z)
+  cap = (ragged_exchange.receive_rows(int(round(X)), model_cfg, Z)
          if model_cfg.ep_exchange == "ragged" and Z > 1 else balanced)
   share_LZ = counts_LE.reshape(len(counts_LE), Z, E // Z).sum(-1)
   share_LZ = share_LZ / np.maximum(share_LZ.sum(-1, keepdims=True), 1e-30)

@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from deepseek_jax.model.config import RETIRED_FIELDS
 from deepseek_jax.train import multihost
 
 CONFIG_FILE = "config.json"
@@ -48,8 +49,10 @@ SCHEDULE_CHANGES = ("total_steps",)
 
 
 def resumable(path: str) -> bool:
-  """A config field (dotted path) a run may change on resume: it changes no number."""
-  return path in RESUMABLE_CHANGES or path.split(".")[0] in RESUMABLE_CHANGES
+  """A config field (dotted path) a run may change on resume: it changes no number (a
+  removed model field, config.RETIRED_FIELDS, at the only value it could still hold)."""
+  return (path in RESUMABLE_CHANGES or path.split(".")[0] in RESUMABLE_CHANGES
+          or path.removeprefix("model.") in RETIRED_FIELDS)
 
 
 class WorkdirConflict(ValueError):

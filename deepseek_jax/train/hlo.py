@@ -21,7 +21,7 @@ import dataclasses
 import math
 import re
 
-from deepseek_jax.model.expert_parallel import OVERFLOW_SCOPE
+from deepseek_jax.model.ragged_exchange import OVERFLOW_SCOPE
 
 # The while loops of the overflow rounds carry this in their op_name.
 OVERFLOW_LOOP = OVERFLOW_SCOPE

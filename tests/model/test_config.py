@@ -59,6 +59,11 @@ def test_bad_config_names_field_and_rule(changes, field, rule):
 def test_unknown_field_and_preset():
   with pytest.raises(ValueError, match="unknown field"):
     config.ModelConfig.from_dict({"d_modle": 3})
+  # A removed field reads at the value the model still computes, and only at that one.
+  saved = dict(config.tiny().to_dict(), aux_group_limited=False)
+  assert config.ModelConfig.from_dict(saved) == config.tiny()
+  with pytest.raises(ValueError, match="aux_group_limited was removed"):
+    config.ModelConfig.from_dict(dict(saved, aux_group_limited=True))
   with pytest.raises(ValueError, match="unknown model preset"):
     config.preset("gpt5")
 

@@ -18,7 +18,7 @@ import pytest
 import reference_numpy as ref
 from deepseek_jax import balancing
 from deepseek_jax.bench import expert_traffic
-from deepseek_jax.model import config, expert_parallel, moe
+from deepseek_jax.model import config, expert_parallel, moe, padded_exchange, ragged_exchange
 from deepseek_jax.model import dispatch as dispatch_mod
 from deepseek_jax.train import sharding
 
@@ -101,9 +101,9 @@ def test_ragged_matches_single_device_reference(data, expert, factor):
   cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=factor)
   X = B * T // 8
   if factor is not None:
-    C = expert_parallel.shard_capacity(X, cfg, expert)
+    C = padded_exchange.shard_capacity(X, cfg, expert)
     J = min(cfg.top_k, cfg.n_routed_experts // expert)
-    assert C == X and expert_parallel.local_rows(X, cfg, expert * C * J) == 24 < expert * C * J
+    assert C == X and padded_exchange.local_rows(X, cfg, expert * C * J) == 24 < expert * C * J
   _assert_matches_single_device(CFG.replace(moe_dispatch="reference"), cfg,
                                 _mesh(data, expert))
 
@@ -170,8 +170,8 @@ def test_node_limited_routing_visits_at_most_topk_group_shards(data, expert, M):
   scores = moe.affinities(jnp.asarray(u).reshape(B * T, -1) @ _params(cfg, seed=4)["w_router"],
                           cfg)
   idx, gates = moe.route(scores, jnp.asarray(bias), cfg)
-  rank_XZ = expert_parallel.queue_pairs(idx, gates, cfg.n_routed_experts, expert)[0]
-  row_XZ = expert_parallel.round_rows(rank_XZ, B * T)
+  rank_XZ = padded_exchange.queue_pairs(idx, gates, cfg.n_routed_experts, expert)[0]
+  row_XZ = padded_exchange.round_rows(rank_XZ, B * T)
   sent = (row_XZ < expert * B * T).sum(-1)[VALID.reshape(-1)]
   np.testing.assert_array_equal(sent, counts)
   # Without the group limit the same tokens spread over more than M shards.
@@ -249,8 +249,8 @@ def test_ragged_capacity_drops_match_numpy_count():
   C = math.ceil(f * X * cfg.topk_group / Z)
   n_rows = math.ceil(f * X * cfg.top_k)
   assert (C, n_rows) == (2, 9)
-  assert expert_parallel.shard_capacity(X, cfg, Z) == C
-  assert expert_parallel.local_rows(X, cfg, Z * C * 2) == n_rows
+  assert padded_exchange.shard_capacity(X, cfg, Z) == C
+  assert padded_exchange.local_rows(X, cfg, Z * C * 2) == n_rows
   y_want, send_dropped, local_dropped = _numpy_expert_parallel(cfg, p, u, bias, Z, C, n_rows)
   assert send_dropped > 0 and local_dropped > 0
   assert float(stats.dropped) == send_dropped + local_dropped
@@ -332,8 +332,8 @@ def test_rounds_send_every_pair_and_match_one_device(data, expert, f, dispatch_n
     E, K, Z = cfg.n_routed_experts, cfg.top_k, expert
     X_all, X = 128, 128 // 8
     idx, gates = _skewed_routing(X_all, K, E, seed=expert, hot=E // Z)
-    C = math.ceil(f * X * expert_parallel.max_fanout(cfg, Z) / Z)
-    assert expert_parallel.shard_capacity(X, cfg, Z) == C < X
+    C = math.ceil(f * X * padded_exchange.max_fanout(cfg, Z) / Z)
+    assert padded_exchange.shard_capacity(X, cfg, Z) == C < X
     # numpy: pairs per (source shard, destination), in tokens with an expert there.
     per = E // Z
     queues = np.zeros((8, Z), int)
@@ -354,8 +354,8 @@ def test_moe_layer_in_rounds_matches_single_device():
   """The whole layer (router, shared experts, statistics) with send buffers of one row
   per destination: the rounds make it dropless, so it equals one device."""
   cfg = CFG.replace(moe_dispatch="ragged", ep_capacity_factor=0.5)
-  assert expert_parallel.shard_capacity(B * T // 8, cfg, 4) == 1
-  assert expert_parallel.uses_rounds(cfg, B * T // 8, 4)
+  assert padded_exchange.shard_capacity(B * T // 8, cfg, 4) == 1
+  assert padded_exchange.uses_rounds(cfg, B * T // 8, 4)
   _assert_matches_single_device(CFG.replace(moe_dispatch="reference"), cfg, _mesh(2, 4))
 
 
@@ -451,7 +451,7 @@ def test_ragged_exchange_is_exact_and_rounds_follow_destination_totals(data, exp
   E, K, Z = cfg.n_routed_experts, cfg.top_k, expert
   idx, gates = _skewed_routing(128, K, E, seed=expert, hot=E // Z)
   X = 128 // 8
-  cap = expert_parallel.receive_rows(X, cfg, Z)
+  cap = ragged_exchange.receive_rows(X, cfg, Z)
   want = math.ceil(_destination_totals(idx, E, data, expert).max() / cap)
   assert want >= 3
   tr = _exchange_vs_reference(cfg, data, expert, idx, gates)
@@ -475,8 +475,8 @@ def test_one_long_queue_is_one_round_when_no_destination_overflows():
     idx[x_i] = [dest * per, dest * per + 1]
   gates = np.random.default_rng(0).uniform(0.1, 1.0, (X_all, K)).astype(np.float32)
   assert _destination_totals(idx, E, data, Z).max() == X * K
-  assert expert_parallel.receive_rows(X, cfg, Z) == X * K        # exactly one round
-  C = expert_parallel.shard_capacity(X, cfg.replace(ep_exchange="padded"), Z)
+  assert ragged_exchange.receive_rows(X, cfg, Z) == X * K        # exactly one round
+  C = padded_exchange.shard_capacity(X, cfg.replace(ep_exchange="padded"), Z)
   assert math.ceil(X / C) >= 2                  # the padded exchange's rounds
   tr = _exchange_vs_reference(cfg, data, Z, idx, gates)
   assert int(tr["rounds"]) == 1

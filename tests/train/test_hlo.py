@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
-from deepseek_jax.model.expert_parallel import OVERFLOW_SCOPE
+from deepseek_jax.model.ragged_exchange import OVERFLOW_SCOPE
 from deepseek_jax.train import hlo, hlo_work, tpu
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu: pip install -e '.[tpu]'")

@@ -301,6 +301,16 @@ def test_workdir_of_another_config_is_refused(reference_run, tmp_path, change):
     _train(cfg, work, devices=jax.devices()[:1])
 
 
+def test_a_run_recorded_with_a_removed_model_field_resumes(tmp_path):
+  """A config.json written while a model field existed (model.config.RETIRED_FIELDS, at
+  its one remaining value) is the same run's config without it; other changes refuse."""
+  old = {"seed": 0, "model": {"d_model": 8, "aux_group_limited": False}}
+  assert not checkpoint.check_workdir_config(str(tmp_path), old)
+  assert checkpoint.check_workdir_config(str(tmp_path), {"seed": 0, "model": {"d_model": 8}})
+  with pytest.raises(checkpoint.WorkdirConflict, match="model.d_model"):
+    checkpoint.check_workdir_config(str(tmp_path), {"seed": 0, "model": {"d_model": 16}})
+
+
 def test_a_finished_run_trains_longer_with_a_larger_total_steps(reference_run, tmp_path,
                                                                 caplog):
   """Raising total_steps to continue a finished run (the most common resume) was refused
