@@ -75,9 +75,7 @@ class OurTrainer:
     self.hparams = jax.tree.map(jnp.float32, ts.balance_hparams(run_cfg))
     self.state = program.init_fn(jax.random.PRNGKey(0))
     t = time.perf_counter()
-    with jax.set_mesh(mesh):
-      self.fn = program.train_fn.__wrapped__.lower(self.state, self.batch,
-                                                   self.hparams).compile()
+    self.fn = program.compile_train_step(self.state, self.batch, self.hparams)
     self.compile_s = time.perf_counter() - t
     self.metrics = None
 

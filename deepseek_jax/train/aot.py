@@ -27,19 +27,17 @@ from deepseek_jax.train.metrics import train_flops_per_token
 from deepseek_jax.train.tpu import CHIPS, parse_topology, topology_devices
 
 
-def abstract_inputs(cfg, mesh, state_sh, batch_sh, init_fn):
-  """ShapeDtypeStructs (with shardings) of the train step's three arguments."""
-  state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       state, state_sh)
+def abstract_inputs(program):
+  """ShapeDtypeStructs (with shardings) of the program's train step's three arguments."""
+  cfg = program.cfg
   row = (cfg.batch_size, cfg.seq_len + 1)
-  batch = {k: jax.ShapeDtypeStruct(row, jnp.int32, sharding=batch_sh)
+  batch = {k: jax.ShapeDtypeStruct(row, jnp.int32, sharding=program.batch_sh)
            for k in ("tokens", "segments", "positions")}
   from deepseek_jax.train.step import balance_hparams
-  rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rep = NamedSharding(program.mesh, jax.sharding.PartitionSpec())
   hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
              for k in balance_hparams(cfg)}
-  return state, batch, hparams
+  return program.abstract_state(), batch, hparams
 
 
 def compile_train_step(cfg, mesh):
@@ -47,11 +45,9 @@ def compile_train_step(cfg, mesh):
   (cfg's microbatches resolved for it); raises the compiler's RESOURCE_EXHAUSTED as is."""
   program_lib.validate_run_config(cfg, mesh)
   program = program_lib.build(cfg, model_config_from(cfg.model), mesh)
-  args = abstract_inputs(cfg, mesh, program.state_sh, program.batch_sh, program.init_fn)
+  args = abstract_inputs(program)
   t0 = time.perf_counter()
-  jitted = program.train_fn.__wrapped__   # build wraps the jitted step in with_mesh
-  with jax.set_mesh(mesh):
-    compiled = jitted.lower(*args).compile()
+  compiled = program.compile_train_step(*args)
   return compiled, args[0], time.perf_counter() - t0
 
 

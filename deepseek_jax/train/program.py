@@ -158,6 +158,12 @@ class Program:
                    batch_size, self.cfg.seq_len, stage.microbatches)
     return self._stage_fns[batch_size]
 
+  def compile_train_step(self, *args):
+    """The train step compiled ahead of time for args (arrays or ShapeDtypeStructs),
+    under the mesh as the loop traces it."""
+    with jax.set_mesh(self.mesh):
+      return self.train_fn.__wrapped__.lower(*args).compile()   # build wraps it in with_mesh
+
   def abstract_state(self, seed: int = 0):
     """The train state's ShapeDtypeStructs, each with its sharding."""
     shapes = jax.eval_shape(self.init_fn, jax.random.PRNGKey(seed))
