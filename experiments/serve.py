@@ -35,6 +35,8 @@ _PAGES = flags.DEFINE_integer("pages", None, "Pages in the pool (default: slots 
 _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "fp8"],
                                  "Page dtype (default: the compute dtype); fp8: FlashMLA's "
                                  "layout, c_kv in e4m3 with a scale per 128 values.")
+_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 16, "Decode steps (speculative: "
+                                       "rounds) one device call runs at most.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Decode with the MTP modules as "
                                   "drafters (greedy output unchanged).")
 _DRAFT_DEPTH = flags.DEFINE_integer("draft_depth", None, "--speculative: drafts a round "
@@ -104,10 +106,10 @@ def main(argv):
   sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   eos = getattr(tokenizer, "eos_id", None) if _STOP_AT_EOS.value else None
   try:
-    engine = Engine(model, variables, slots=_SLOTS.value, max_len=longest,
-                    page_size=_PAGE.value, n_pages=_PAGES.value, sampling=sampling,
-                    seed=_SEED.value, eos_id=eos, cache_dtype=_CACHE_DTYPE.value,
-                    speculative=_SPECULATIVE.value, draft_depth=_DRAFT_DEPTH.value)
+    engine = Engine(model, variables, slots=_SLOTS.value, max_len=longest, sampling=sampling,
+                    page_size=_PAGE.value, n_pages=_PAGES.value, seed=_SEED.value, eos_id=eos,
+                    cache_dtype=_CACHE_DTYPE.value, speculative=_SPECULATIVE.value,
+                    draft_depth=_DRAFT_DEPTH.value, steps_per_call=_STEPS_PER_CALL.value)
     served = engine.serve(prompts, _MAX_NEW.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None

@@ -3,7 +3,10 @@
 The engine holds `slots` rows of a PagedCache and a queue of requests. Each turn of its
 loop it admits waiting requests into free slots (a prefill of that one row: the model
 runs the prompt against the shared page pool through the row's own page table, so the
-other slots pay nothing), then advances every running slot in one batched step. A
+other slots pay nothing), then advances every running slot by one call of a compiled
+program that runs several batched steps in a device loop: as many as no running request
+can outlast (steps_per_call at most), so that the host neither dispatches nor waits per
+step (on a small model a dispatch costs more than the step: BUILD_NOTES, Decoding). A
 request that reaches its token budget or eos gives its pages back and its slot to the
 next request in the queue. Pages are reserved at admission for the prompt and the token
 budget, so a running request never waits for memory; a request waits in the queue while
@@ -12,13 +15,14 @@ too few pages are free.
 A step is either a plain decode step (one token a slot) or, with `speculative=True`,
 one MTP speculation round (speculative_lib.spec_round: the modules draft, the main model
 verifies the drafts, the longest agreeing prefix and the main model's next token are
-accepted: 1 .. D+1 tokens a slot), one compiled program either way. The MTP modules'
-caches live in a second pool of D layers addressed by the same page tables (a module's
-position j sits where the main model's does).
+accepted: 1 .. D+1 tokens a slot). The MTP modules' caches live in a second pool of D
+layers addressed by the same page tables (a module's position j sits where the main
+model's does).
 
 Greedy output equals the same request decoded alone (tests/inference/test_engine.py):
-every row of a step is computed independently of the others, and an idle row (no
-request) writes nothing, since its table owns no page.
+every row of a step is computed independently of the others, an idle row (no request)
+writes nothing, since its table owns no page, and a request that ends at an eos inside a
+call writes only on its own pages until the call ends (its tokens past the eos dropped).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Served:
   wall_s: float               # the loop, from the first admission to the last token
   compile_s: float
   steps: int                  # batched decode steps (speculative: rounds)
+  calls: int                  # device programs that ran them (steps_per_call at most)
   prefills: int
   peak_pages: int             # most pages held at once
   n_pages: int
@@ -74,7 +79,7 @@ class Served:
               f"acceptance {self.acceptance:.3f} of {self.mtp_depth} draft(s)")
     return (f"{len(self.tokens)} requests, {sum(map(len, self.tokens))} tokens in "
             f"{self.wall_s:.2f} s: {self.tokens_per_s:.1f} tok/s; {self.steps} batched "
-            f"steps, {self.prefills} prefills; cache peak {self.peak_pages}/{self.n_pages} "
+            f"steps in {self.calls} calls, {self.prefills} prefills; cache peak {self.peak_pages}/{self.n_pages} "
             f"pages of {self.page_size} ({self.cache_bytes / 2**20:.2f} MiB pool, "
             f"{self.bytes_per_token_layer} bytes a token a layer); "
             f"compile {self.compile_s:.1f} s{spec}")
@@ -94,16 +99,40 @@ def _prefill(variables, state, pages_1J, slot, tokens_1T, n_1, rng, *, model, sa
   return (cache, last_B.at[slot].set(token[0])), token
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
-def _step(variables, state, pages_BJ, rng, *, model, sampling):
-  """One token for every slot that owns pages (the others write and advance nothing):
+def _step(variables, state, active_B, rng, *, model, sampling):
+  """One token for every active slot (the others write and advance nothing):
   (state, next token [B])."""
   cache, last_B = state
-  active_B = (pages_BJ[:, 0] < cache.n_pages).astype(jnp.int32)
-  out, cache = model.apply(variables, last_B[:, None], cache.rows(pages_BJ, cache.lengths),
-                           active_B, method=Transformer.extend)
+  out, cache = model.apply(variables, last_B[:, None], cache, active_B,
+                           method=Transformer.extend)
   token_B = sample(rng, out.logits[:, 0], sampling)
   return (cache, jnp.where(active_B > 0, token_B, last_B)), token_B
+
+
+def _device_loop(step, state, n_steps, outs):
+  """state, outs after n_steps (traced, <= outs' leading size) calls of
+  step(state, i) -> (state, out_i); out_i goes to row i of each of `outs`."""
+  def body(i, carry):
+    state, outs = carry
+    state, out = step(state, i)
+    return state, jax.tree.map(lambda o, x: o.at[i].set(x), outs, out)
+  return jax.lax.fori_loop(0, n_steps, body, (state, outs))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "max_steps"),
+                   donate_argnums=(1,))
+def _steps(variables, state, pages_BJ, n_steps, rng, *, model, sampling, max_steps):
+  """n_steps (<= max_steps) decode steps in one program, every slot that owns pages
+  (a slot with none is idle: it writes and advances nothing): (state, tokens
+  [max_steps, B], -1 past n_steps)."""
+  cache, last_B = state
+  active_B = (pages_BJ[:, 0] < cache.n_pages).astype(jnp.int32)
+  step = lambda st, i: _step(variables, st, active_B,   # greedy draws nothing
+                             rng if sampling.greedy else jax.random.fold_in(rng, i),
+                             model=model, sampling=sampling)
+  tokens_NB = jnp.full((max_steps, last_B.shape[0]), -1, jnp.int32)
+  return _device_loop(step, (cache.rows(pages_BJ, cache.lengths), last_B), n_steps,
+                      tokens_NB)
 
 
 class _PlainSlots:
@@ -124,11 +153,14 @@ class _PlainSlots:
     self.state, first = self.engine.compiled("prefill", _prefill, *args)(*args)
     return int(first[0])
 
-  def step(self, table, active, rng) -> list[list[int]]:
-    del active   # a slot is active when its table owns pages
-    args = (self.engine.variables, self.state, table, rng)
-    self.state, token = self.engine.compiled("step", _step, *args)(*args)
-    return [[t] for t in np.asarray(token).tolist()]
+  max_tokens_per_step = 1   # a step emits this many tokens a slot at most
+
+  def run(self, table, n_steps: int, rng) -> list[list[list[int]]]:
+    """n_steps steps of the slots that own pages: per step, per slot, its tokens."""
+    args = (self.engine.variables, self.state, table, np.int32(n_steps), rng)
+    self.state, tokens_NB = self.engine.compiled(
+        "steps", _steps, *args, max_steps=self.engine.steps_per_call)(*args)
+    return [[[t] for t in row] for row in np.asarray(tokens_NB)[:n_steps].tolist()]
 
   @property
   def pools(self):
@@ -156,15 +188,24 @@ def _spec_prefill(variables, state, pages_1J, slot, tokens_1T, n_1, rng, *, mode
   return state, row.token
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
-def _spec_step(variables, state, pages_BJ, *, model, sampling):
-  """One draft + verify + accept round of every slot (idle slots own no page: they
-  write nothing): (state, emitted [B, D+1] (-1 past each row's count), counts [B])."""
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "max_steps"),
+                   donate_argnums=(1,))
+def _spec_steps(variables, state, pages_BJ, n_rounds, *, model, sampling, max_steps):
+  """n_rounds (<= max_steps) draft + verify + accept rounds of every slot in one program
+  (idle slots own no page: they write nothing): (state, emitted [max_steps, B, D+1]
+  (-1 past each row's count), counts [max_steps, B])."""
   state = state.replace(cache=state.cache.rows(pages_BJ, state.cache.lengths),
                         mtp_cache=state.mtp_cache.rows(pages_BJ, state.mtp_cache.lengths))
-  state, emitted_BK1, n_B, _ = speculative_lib.spec_round(variables, state, model=model,
-                                                      sampling=sampling)
-  return state, emitted_BK1, n_B
+
+  def step(st, i):
+    del i   # a round draws from the state's rng
+    st, emitted_BK1, n_B, _ = speculative_lib.spec_round(variables, st, model=model,
+                                                         sampling=sampling)
+    return st, (emitted_BK1, n_B)
+  B, K1 = state.token.shape[0], model.cfg.mtp_depth + 1
+  outs = (jnp.full((max_steps, B, K1), -1, jnp.int32), jnp.zeros((max_steps, B), jnp.int32))
+  state, (emitted_NBK1, n_NB) = _device_loop(step, state, n_rounds, outs)
+  return state, emitted_NBK1, n_NB
 
 
 class _SpeculativeSlots:
@@ -196,11 +237,19 @@ class _SpeculativeSlots:
     self.state, first = self.engine.compiled("spec_prefill", _spec_prefill, *args)(*args)
     return int(first[0])
 
-  def step(self, table, active, rng) -> list[list[int]]:
-    del active, rng   # idle rows write nothing; the round draws from the state's rng
-    args = (self.engine.variables, self.state, table)
-    self.state, emitted, counts = self.engine.compiled("spec_step", _spec_step, *args)(*args)
-    return [row[:c] for row, c in zip(np.asarray(emitted).tolist(), np.asarray(counts))]
+  @property
+  def max_tokens_per_step(self) -> int:
+    return self.extra_positions
+
+  def run(self, table, n_steps: int, rng) -> list[list[list[int]]]:
+    """n_steps rounds of the slots that own pages: per round, per slot, its tokens."""
+    del rng   # the rounds draw from the state's rng
+    args = (self.engine.variables, self.state, table, np.int32(n_steps))
+    self.state, emitted, counts = self.engine.compiled(
+        "spec_steps", _spec_steps, *args, max_steps=self.engine.steps_per_call)(*args)
+    counts = np.asarray(counts)[:n_steps]
+    return [[row[:c] for row, c in zip(rows, cs)]
+            for rows, cs in zip(np.asarray(emitted)[:n_steps].tolist(), counts)]
 
   @property
   def pools(self):
@@ -214,14 +263,17 @@ class Engine:
   def __init__(self, model: Transformer, variables, *, slots: int, max_len: int,
                page_size: int = 16, n_pages: int | None = None,
                sampling: Sampling = Sampling(), seed: int = 0, eos_id: int | None = None,
-               cache_dtype=None, speculative: bool = False, draft_depth: int | None = None):
-    if slots < 1 or page_size < 1:
-      raise ValueError(f"slots and page_size must be >= 1; got {slots}, {page_size}")
+               cache_dtype=None, speculative: bool = False, draft_depth: int | None = None,
+               steps_per_call: int = 16):
+    if min(slots, page_size, steps_per_call) < 1:
+      raise ValueError(f"slots, page_size and steps_per_call must be >= 1; got {slots}, "
+                       f"{page_size}, {steps_per_call}")
     if speculative:   # draft_depth past the trained modules chains the last one
       model, variables = speculative_lib.with_draft_depth(
           model, variables, draft_depth or model.cfg.mtp_depth)
     self.model, self.variables, self.sampling = model, variables, sampling
     self.slots, self.page_size, self.eos_id = slots, page_size, eos_id
+    self.steps_per_call = steps_per_call
     extra = model.cfg.mtp_depth + 1 if speculative else 0
     self.max_pages = -(-(max_len + extra) // page_size)
     # Default pool: every slot at max_len (what a dense cache would hold).
@@ -233,13 +285,13 @@ class Engine:
     self.slots_state = (_SpeculativeSlots(self, cache_dtype, seed) if speculative
                         else _PlainSlots(self, cache_dtype))
 
-  def compiled(self, name, fn, *args):
+  def compiled(self, name, fn, *args, **static):
     """fn compiled ahead of time for these argument shapes (its compile time counted)."""
     key = (name,) + tuple(getattr(a, "shape", None) for a in args[2:])
     if key not in self._compiled:
       t0 = time.perf_counter()
-      self._compiled[key] = fn.lower(*args, model=self.model,
-                                     sampling=self.sampling).compile()
+      self._compiled[key] = fn.lower(*args, model=self.model, sampling=self.sampling,
+                                     **static).compile()
       self.compile_s += time.perf_counter() - t0
     return self._compiled[key]
 
@@ -264,7 +316,7 @@ class Engine:
     owner = [None] * self.slots                 # request index per slot
     out = [[] for _ in prompts]
     queue = collections.deque(range(len(prompts)))
-    steps = prefills = peak = slot_steps = emitted = 0
+    steps = calls = prefills = peak = slot_steps = emitted = 0
     t0 = time.perf_counter()
     compile0 = self.compile_s
 
@@ -294,20 +346,29 @@ class Engine:
         take(slot, [slots.prefill(slot, table[slot:slot + 1], tokens, n, sub)])
         prefills += 1
       peak = max(peak, self.n_pages - len(free_pages))
-      active = np.array([o is not None for o in owner])
-      if not active.any():
+      running = [o for o in owner if o is not None]
+      if not running:
         continue
+      # One call runs as many steps as no running request can outlast (a step emits at
+      # most max_tokens_per_step tokens a slot), at least one, at most steps_per_call:
+      # the host admits and frees between calls. A request that ends at an eos mid-call
+      # runs on to the call's end on its own pages, its tokens dropped.
+      left = min(max_new_tokens - len(out[r]) for r in running)
+      n = min(max(left // slots.max_tokens_per_step, 1), self.steps_per_call)
       self.rng, sub = split_rng(self.rng, 2, self.sampling)
-      new = slots.step(table, active, sub)
-      steps += 1
-      for slot in np.flatnonzero(active):
-        slot_steps += 1
-        emitted += len(new[slot])
-        take(slot, new[slot])
+      owners = list(owner)
+      per_step = slots.run(table, n, sub)
+      steps, calls = steps + n, calls + 1
+      for new in per_step:
+        for slot, r in enumerate(owners):
+          if r is not None and owner[slot] == r:   # running, and not ended this call
+            slot_steps += 1
+            emitted += len(new[slot])
+            take(slot, new[slot])
     wall = time.perf_counter() - t0 - (self.compile_s - compile0)
     pools = slots.pools
     return Served(tokens=out, wall_s=wall, compile_s=self.compile_s, steps=steps,
-                  prefills=prefills, peak_pages=peak, n_pages=self.n_pages,
+                  calls=calls, prefills=prefills, peak_pages=peak, n_pages=self.n_pages,
                   page_size=self.page_size, cache_bytes=sum(p.nbytes for p in pools),
                   bytes_per_token_layer=pools[0].bytes_per_token_layer,
                   slot_steps=slot_steps, emitted=emitted,

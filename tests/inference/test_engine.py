@@ -66,21 +66,36 @@ def _alone(v, prompts, max_new):
   return [decoding.generate(model, v, [p], max_new).tokens[0] for p in prompts]
 
 
-@pytest.mark.parametrize("slots,n_pages", [(3, None), (4, 12)])
-def test_engine_equals_each_request_decoded_alone(slots, n_pages):
+@pytest.mark.parametrize("slots,n_pages,steps_per_call", [(3, None, 16), (4, 12, 16),
+                                                          (3, None, 1)])
+def test_engine_equals_each_request_decoded_alone(slots, n_pages, steps_per_call):
   """9 requests of ragged lengths (1 .. 19 tokens) through 3 or 4 slots: each completion
   equals that request decoded alone, token for token; with a pool of 12 pages of 8 (less
-  than 4 slots x 5 pages) requests wait for pages and still match; every page returns."""
+  than 4 slots x 5 pages) requests wait for pages and still match; every page returns;
+  one step a call (the host between every two steps) gives the same tokens."""
   v = _variables(CFG)
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(1, CFG.vocab_size, n)) for n in (5, 1, 19, 8, 3, 12, 16, 2, 9)]
   max_new = 6
   engine = Engine(Transformer(CFG), v, slots=slots, max_len=40, page_size=8,
-                  n_pages=n_pages)
+                  n_pages=n_pages, steps_per_call=steps_per_call)
   served = engine.serve(prompts, max_new)
   assert served.tokens == _alone(v, prompts, max_new)
   assert served.prefills == len(prompts) and served.peak_pages <= engine.n_pages
   assert served.steps < len(prompts) * (max_new - 1)    # rows shared the steps
+  assert (served.calls == served.steps) == (steps_per_call == 1)
+
+
+def test_engine_calls_run_many_steps_and_waste_none():
+  """One slot, no eos: a call runs as many steps as the request has left (at most
+  steps_per_call), so the steps are exactly the tokens after each prefill's first, and
+  the calls ceil(those / steps_per_call) a request."""
+  v = _variables(CFG)
+  prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5]]
+  served = Engine(Transformer(CFG), v, slots=1, max_len=32, page_size=8,
+                  steps_per_call=4).serve(prompts, 11)
+  assert served.tokens == _alone(v, prompts, 11)
+  assert served.steps == 3 * 10 and served.calls == 3 * 3     # 10 steps: 4 + 4 + 2
 
 
 def test_engine_stops_each_request_at_eos_and_admits_the_next():
