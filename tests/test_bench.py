@@ -92,9 +92,14 @@ def test_bench_smoke_run(tmp_path):
     assert np.isfinite(res[key]), key
   assert res["dropped_frac"] == 0.0
   assert res["speculative_exact"] is True   # greedy drafts never change the output
-  for depth in (1, 2):    # the serving engine's rounds, the module chained at depth 2
+  for depth in (1, 2, 3):   # the serving engine's rounds, the module chained past 1
     assert res[f"engine_speculative_exact_depth_{depth}"] is True
     assert np.isfinite(res[f"engine_speculative_speedup_depth_{depth}"])
+    assert 1.0 <= res[f"engine_speculative_tokens_per_round_depth_{depth}"] <= depth + 1
+    assert res[f"engine_speculative_round_over_step_depth_{depth}"] > 0
+    # Acceptance is the tokens a round past the main model's own, over the drafts.
+    assert res[f"engine_speculative_acceptance_depth_{depth}"] == pytest.approx(
+        (res[f"engine_speculative_tokens_per_round_depth_{depth}"] - 1) / depth, rel=1e-9)
   # The profile attributes op time to model parts, forward and backward.
   for part in ("attention", "moe_routed", "dense_ffn"):
     for direction in ("fwd", "bwd"):

@@ -162,13 +162,33 @@ def speculative_vs_plain(model: Transformer, variables, prompts, max_new_tokens:
   return out
 
 
+def engine_step_ms(engine, repeats: int = 5) -> float:
+  """Device ms of one step of the engine's compiled program (speculative: one round),
+  one slot running: calls of steps_per_call steps, the fastest of `repeats`, so that a
+  call's dispatch and transfers are spread over its steps. Writes only on the pages of
+  slot 0's table (a later serve prefills before it reads)."""
+  n = engine.steps_per_call
+  table = np.full((engine.slots, engine.max_pages), engine.n_pages, np.int32)
+  table[0] = np.arange(engine.max_pages)
+  rng = jax.random.PRNGKey(0)
+  engine.slots_state.run(table, n, rng)   # compiles
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    engine.slots_state.run(table, n, rng)
+    best = min(best, (time.perf_counter() - t0) / n)
+  return 1e3 * best
+
+
 def engine_speculative_vs_plain(model: Transformer, variables, prompts, max_new_tokens: int,
-                                depths=(1, 2), slots: int = 1, repeats: int = 3) -> dict:
+                                depths=(1, 2, 3), slots: int = 1, repeats: int = 3) -> dict:
   """The serving engine (inference/engine.py) on the same prompts, plain and with MTP
   speculation at each draft depth (past the model's MTP depth the last module is
   chained); modes take turns `repeats` times, each keeps its fastest run. Returns
-  {"plain": {...}, "engine_depth_k": {...}} with tokens_per_s, and for the drafts
-  speedup_vs_plain, acceptance, tokens_per_round and same_tokens_as_plain."""
+  {"plain": {...}, "engine_depth_k": {...}} with tokens_per_s and step_ms (engine_step_ms),
+  and for the drafts speedup_vs_plain, acceptance, tokens_per_round, round_over_step
+  (a round's device time in plain steps: speculation pays where tokens_per_round exceeds
+  it) and same_tokens_as_plain."""
   from deepseek_jax.inference.engine import Engine
   max_len = max(map(len, prompts)) + max_new_tokens
   engines = {"plain": Engine(model, variables, slots=slots, max_len=max_len)}
@@ -178,17 +198,20 @@ def engine_speculative_vs_plain(model: Transformer, variables, prompts, max_new_
   for engine in engines.values():
     engine.serve(prompts[:slots], max_new_tokens)   # compiles and warms up; not timed
   runs = {name: [] for name in engines}
+  step_ms = {name: float("inf") for name in engines}
   for _ in range(repeats):
     for name, engine in engines.items():
       runs[name].append(engine.serve(prompts, max_new_tokens))
+      step_ms[name] = min(step_ms[name], engine_step_ms(engine, repeats=2))
   best = {name: max(rs, key=lambda r: r.tokens_per_s) for name, rs in runs.items()}
-  out = {"plain": {"tokens_per_s": best["plain"].tokens_per_s}}
+  out = {"plain": {"tokens_per_s": best["plain"].tokens_per_s, "step_ms": step_ms["plain"]}}
   for name, served in best.items():
     if name != "plain":
-      out[name] = {"tokens_per_s": served.tokens_per_s,
+      out[name] = {"tokens_per_s": served.tokens_per_s, "step_ms": step_ms[name],
                    "speedup_vs_plain": served.tokens_per_s / best["plain"].tokens_per_s,
                    "acceptance": served.acceptance,
                    "tokens_per_round": served.emitted / max(served.slot_steps, 1),
+                   "round_over_step": step_ms[name] / step_ms["plain"],
                    "same_tokens_as_plain": served.tokens == best["plain"].tokens}
   return out
 
@@ -265,11 +288,13 @@ def round_cost(layers=(4, 16), repeats: int = 5) -> list[dict]:
 
 # The bench command's decode part ------------------------------------------------------
 
+ENGINE_DEPTHS = (1, 2, 3)   # the engine's draft depths (past 1 the module is chained)
+
 def run(tiny: bool = False, repeats: int = 5, spec_workdir: str | None = None,
         drafter_steps: int = 300, drafter_layers: int = 8) -> dict:
   """Flat keys for experiments/bench.py: absorbed vs naive at 4k context (on the tiny
   attention config when tiny), and speculative vs plain greedy decoding, through
-  decoding.generate and through the serving engine (one slot; 1 draft and 2 chained),
+  decoding.generate and through the serving engine (one slot; 1 draft, 2 and 3 chained),
   with the MTP module of spec_workdir's run, or of a drafter of drafter_layers layers
   trained here for drafter_steps steps. The drafter is 8 layers deep by default so that
   its one-layer MTP module costs a fraction of the main model, as V3's does (1 of 61
@@ -290,7 +315,8 @@ def run(tiny: bool = False, repeats: int = 5, spec_workdir: str | None = None,
     prompts = validation_prompts(run_cfg, model.cfg.vocab_size, n, length)
     rep = max(1, min(repeats, 3))
     spec = speculative_vs_plain(model, variables, prompts, max_new, depths=[1], repeats=rep)
-    engine = engine_speculative_vs_plain(model, variables, prompts, max_new, repeats=rep)
+    engine = engine_speculative_vs_plain(model, variables, prompts, max_new,
+                                         depths=ENGINE_DEPTHS, repeats=rep)
   out["drafter_layers"] = model.cfg.n_layers
   out["plain_decode_tokens_per_s"] = spec["plain"]["tokens_per_s"]
   out["speculative_tokens_per_s"] = spec["mtp_depth_1"]["tokens_per_s"]
@@ -298,9 +324,10 @@ def run(tiny: bool = False, repeats: int = 5, spec_workdir: str | None = None,
   out["speculative_acceptance"] = spec["mtp_depth_1"]["acceptance_per_depth"][0]
   out["speculative_exact"] = spec["mtp_depth_1"]["same_tokens_as_plain"]
   out["engine_plain_tokens_per_s"] = engine["plain"]["tokens_per_s"]
-  for depth in (1, 2):
+  out["engine_plain_step_ms"] = engine["plain"]["step_ms"]
+  for depth in ENGINE_DEPTHS:
     r = engine[f"engine_depth_{depth}"]
-    out[f"engine_speculative_speedup_depth_{depth}"] = r["speedup_vs_plain"]
-    out[f"engine_speculative_acceptance_depth_{depth}"] = r["acceptance"]
+    for key in ("speedup_vs_plain", "acceptance", "tokens_per_round", "round_over_step"):
+      out[f"engine_speculative_{key.replace('_vs_plain', '')}_depth_{depth}"] = r[key]
     out[f"engine_speculative_exact_depth_{depth}"] = r["same_tokens_as_plain"]
   return out

@@ -234,11 +234,11 @@ def run(parts, batch: int, seq: int, repeats: int, profile_dir: str | None, dead
   if "decode" in parts:
     from deepseek_jax.bench import decode_speed
 
-    def decode():
-      (row,) = decode_speed.absorbed_vs_naive(contexts=(64,) if tiny else (4096,),
-                                              repeats=repeats, tiny=tiny)
-      return row
-    part("decode", decode)
+    # Absorbed vs naive at 4k context, and speculation vs plain greedy decoding through
+    # decode loop and serving engine on a drafter trained here (the CPU bench's part):
+    # whether verifying D+1 tokens costs about one step where a step reads its weights
+    # from HBM (engine_speculative_round_over_step_depth_k) is the GPU's question.
+    part("decode", lambda: decode_speed.run(tiny=tiny, repeats=repeats))
   # The summary's step: the first bias variant (in TRAIN_VARIANTS order) that ran.
   ran = [f"train/{v[0]}" for v in TRAIN_VARIANTS
          if v[3] == "bias" and f"train/{v[0]}/tokens_per_s" in results]
