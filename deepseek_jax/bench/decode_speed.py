@@ -164,18 +164,18 @@ def speculative_vs_plain(model: Transformer, variables, prompts, max_new_tokens:
 
 def engine_step_ms(engine, repeats: int = 5) -> float:
   """Device ms of one step of the engine's compiled program (speculative: one round),
-  one slot running: calls of steps_per_call steps, the fastest of `repeats`, so that a
-  call's dispatch and transfers are spread over its steps. Writes only on the pages of
-  slot 0's table (a later serve prefills before it reads)."""
-  n = engine.steps_per_call
+  one slot running with no budget to reach: calls of steps_per_call steps, the fastest
+  of `repeats`, so that a call's dispatch and transfers are spread over its steps.
+  Writes only on the pages of slot 0's table (a later serve prefills before it reads)."""
   table = np.full((engine.slots, engine.max_pages), engine.n_pages, np.int32)
   table[0] = np.arange(engine.max_pages)
-  rng = jax.random.PRNGKey(0)
-  engine.slots_state.run(table, n, rng)   # compiles
+  left = np.full((engine.slots,), 2 ** 30, np.int32)
+  run = lambda: len(engine.slots_state.run(table, left, -1, jax.random.PRNGKey(0)))
+  run()   # compiles
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
-    engine.slots_state.run(table, n, rng)
+    n = run()
     best = min(best, (time.perf_counter() - t0) / n)
   return 1e3 * best
 

@@ -4,9 +4,9 @@ The engine holds `slots` rows of a PagedCache and a queue of requests. Each turn
 loop it admits waiting requests into free slots (a prefill of that one row: the model
 runs the prompt against the shared page pool through the row's own page table, so the
 other slots pay nothing), then advances every running slot by one call of a compiled
-program that runs several batched steps in a device loop: as many as no running request
-can outlast (steps_per_call at most), so that the host neither dispatches nor waits per
-step (on a small model a dispatch costs more than the step: BUILD_NOTES, Decoding). A
+program that runs batched steps in a device loop until a running request ends (its
+budget or an eos; steps_per_call at most), so that the host neither dispatches nor waits
+per step (on a small model a dispatch costs more than the step: BUILD_NOTES, Decoding). A
 request that reaches its token budget or eos gives its pages back and its slot to the
 next request in the queue. Pages are reserved at admission for the prompt and the token
 budget, so a running request never waits for memory; a request waits in the queue while
@@ -20,9 +20,8 @@ layers addressed by the same page tables (a module's position j sits where the m
 model's does).
 
 Greedy output equals the same request decoded alone (tests/inference/test_engine.py):
-every row of a step is computed independently of the others, an idle row (no request)
-writes nothing, since its table owns no page, and a request that ends at an eos inside a
-call writes only on its own pages until the call ends (its tokens past the eos dropped).
+every row of a step is computed independently of the others, and an idle row (no
+request) writes nothing, since its table owns no page.
 """
 
 from __future__ import annotations
@@ -109,30 +108,42 @@ def _step(variables, state, active_B, rng, *, model, sampling):
   return (cache, jnp.where(active_B > 0, token_B, last_B)), token_B
 
 
-def _device_loop(step, state, n_steps, outs):
-  """state, outs after n_steps (traced, <= outs' leading size) calls of
-  step(state, i) -> (state, out_i); out_i goes to row i of each of `outs`."""
-  def body(i, carry):
-    state, outs = carry
-    state, out = step(state, i)
-    return state, jax.tree.map(lambda o, x: o.at[i].set(x), outs, out)
-  return jax.lax.fori_loop(0, n_steps, body, (state, outs))
+def _device_loop(step, state, outs, left_B, eos):
+  """Runs step(state, i) -> (state, out_i, emitted [B], ended at an eos [B]) until a
+  running slot has emitted its budget (left_B) or an eos, or `outs` (a pytree of
+  [max_steps, ...] buffers, out_i into row i) is full: (state, outs, steps run). Idle
+  slots have a budget no step reaches and end nothing."""
+  max_steps = jax.tree.leaves(outs)[0].shape[0]
+
+  def body(carry):
+    i, state, outs, left_B, _ = carry
+    state, out, n_B, at_eos_B = step(state, i)
+    outs = jax.tree.map(lambda o, x: o.at[i].set(x), outs, out)
+    left_B = left_B - n_B
+    return i + 1, state, outs, left_B, jnp.any((left_B <= 0) | at_eos_B)
+  i, state, outs, _, _ = jax.lax.while_loop(
+      lambda carry: (carry[0] < max_steps) & ~carry[4], body,
+      (jnp.int32(0), state, outs, left_B, jnp.bool_(False)))
+  return state, outs, i
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "max_steps"),
                    donate_argnums=(1,))
-def _steps(variables, state, pages_BJ, n_steps, rng, *, model, sampling, max_steps):
-  """n_steps (<= max_steps) decode steps in one program, every slot that owns pages
-  (a slot with none is idle: it writes and advances nothing): (state, tokens
-  [max_steps, B], -1 past n_steps)."""
+def _steps(variables, state, pages_BJ, left_B, eos, rng, *, model, sampling, max_steps):
+  """Decode steps of every slot that owns pages (a slot with none is idle: it writes and
+  advances nothing) until one ends (_device_loop): (state, tokens [max_steps, B], -1
+  past the steps run, steps run)."""
   cache, last_B = state
   active_B = (pages_BJ[:, 0] < cache.n_pages).astype(jnp.int32)
-  step = lambda st, i: _step(variables, st, active_B,   # greedy draws nothing
-                             rng if sampling.greedy else jax.random.fold_in(rng, i),
-                             model=model, sampling=sampling)
+
+  def step(st, i):
+    st, token_B = _step(variables, st, active_B,   # greedy draws nothing
+                        rng if sampling.greedy else jax.random.fold_in(rng, i),
+                        model=model, sampling=sampling)
+    return st, token_B, active_B, (token_B == eos) & (active_B > 0)
   tokens_NB = jnp.full((max_steps, last_B.shape[0]), -1, jnp.int32)
-  return _device_loop(step, (cache.rows(pages_BJ, cache.lengths), last_B), n_steps,
-                      tokens_NB)
+  return _device_loop(step, (cache.rows(pages_BJ, cache.lengths), last_B), tokens_NB,
+                      left_B, eos)
 
 
 class _PlainSlots:
@@ -153,14 +164,13 @@ class _PlainSlots:
     self.state, first = self.engine.compiled("prefill", _prefill, *args)(*args)
     return int(first[0])
 
-  max_tokens_per_step = 1   # a step emits this many tokens a slot at most
-
-  def run(self, table, n_steps: int, rng) -> list[list[list[int]]]:
-    """n_steps steps of the slots that own pages: per step, per slot, its tokens."""
-    args = (self.engine.variables, self.state, table, np.int32(n_steps), rng)
-    self.state, tokens_NB = self.engine.compiled(
+  def run(self, table, left, eos, rng) -> list[list[list[int]]]:
+    """Steps of the slots that own pages until one ends (left: each slot's budget, eos:
+    -1 for none): per step run, per slot, its tokens."""
+    args = (self.engine.variables, self.state, table, left, np.int32(eos), rng)
+    self.state, tokens_NB, n = self.engine.compiled(
         "steps", _steps, *args, max_steps=self.engine.steps_per_call)(*args)
-    return [[[t] for t in row] for row in np.asarray(tokens_NB)[:n_steps].tolist()]
+    return [[[t] for t in row] for row in np.asarray(tokens_NB)[:int(n)].tolist()]
 
   @property
   def pools(self):
@@ -190,22 +200,24 @@ def _spec_prefill(variables, state, pages_1J, slot, tokens_1T, n_1, rng, *, mode
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "max_steps"),
                    donate_argnums=(1,))
-def _spec_steps(variables, state, pages_BJ, n_rounds, *, model, sampling, max_steps):
-  """n_rounds (<= max_steps) draft + verify + accept rounds of every slot in one program
-  (idle slots own no page: they write nothing): (state, emitted [max_steps, B, D+1]
-  (-1 past each row's count), counts [max_steps, B])."""
+def _spec_steps(variables, state, pages_BJ, left_B, eos, *, model, sampling, max_steps):
+  """Draft + verify + accept rounds of every slot (idle slots own no page: they write
+  nothing) until one ends (_device_loop): (state, emitted [max_steps, B, D+1] (-1 past
+  each row's count), counts [max_steps, B], rounds run)."""
   state = state.replace(cache=state.cache.rows(pages_BJ, state.cache.lengths),
                         mtp_cache=state.mtp_cache.rows(pages_BJ, state.mtp_cache.lengths))
+  active_B = pages_BJ[:, 0] < state.cache.n_pages
 
   def step(st, i):
     del i   # a round draws from the state's rng
     st, emitted_BK1, n_B, _ = speculative_lib.spec_round(variables, st, model=model,
                                                          sampling=sampling)
-    return st, (emitted_BK1, n_B)
+    at_eos_B = jnp.any((emitted_BK1 == eos) & (emitted_BK1 >= 0), axis=1) & active_B
+    return st, (emitted_BK1, n_B), jnp.where(active_B, n_B, 0), at_eos_B
   B, K1 = state.token.shape[0], model.cfg.mtp_depth + 1
   outs = (jnp.full((max_steps, B, K1), -1, jnp.int32), jnp.zeros((max_steps, B), jnp.int32))
-  state, (emitted_NBK1, n_NB) = _device_loop(step, state, n_rounds, outs)
-  return state, emitted_NBK1, n_NB
+  state, (emitted_NBK1, n_NB), rounds = _device_loop(step, state, outs, left_B, eos)
+  return state, emitted_NBK1, n_NB, rounds
 
 
 class _SpeculativeSlots:
@@ -237,19 +249,16 @@ class _SpeculativeSlots:
     self.state, first = self.engine.compiled("spec_prefill", _spec_prefill, *args)(*args)
     return int(first[0])
 
-  @property
-  def max_tokens_per_step(self) -> int:
-    return self.extra_positions
-
-  def run(self, table, n_steps: int, rng) -> list[list[list[int]]]:
-    """n_steps rounds of the slots that own pages: per round, per slot, its tokens."""
+  def run(self, table, left, eos, rng) -> list[list[list[int]]]:
+    """Rounds of the slots that own pages until one ends (as _PlainSlots.run): per round
+    run, per slot, its tokens."""
     del rng   # the rounds draw from the state's rng
-    args = (self.engine.variables, self.state, table, np.int32(n_steps))
-    self.state, emitted, counts = self.engine.compiled(
+    args = (self.engine.variables, self.state, table, left, np.int32(eos))
+    self.state, emitted, counts, n = self.engine.compiled(
         "spec_steps", _spec_steps, *args, max_steps=self.engine.steps_per_call)(*args)
-    counts = np.asarray(counts)[:n_steps]
+    n = int(n)
     return [[row[:c] for row, c in zip(rows, cs)]
-            for rows, cs in zip(np.asarray(emitted)[:n_steps].tolist(), counts)]
+            for rows, cs in zip(np.asarray(emitted)[:n].tolist(), np.asarray(counts)[:n])]
 
   @property
   def pools(self):
@@ -264,7 +273,7 @@ class Engine:
                page_size: int = 16, n_pages: int | None = None,
                sampling: Sampling = Sampling(), seed: int = 0, eos_id: int | None = None,
                cache_dtype=None, speculative: bool = False, draft_depth: int | None = None,
-               steps_per_call: int = 16):
+               steps_per_call: int = 64):
     if min(slots, page_size, steps_per_call) < 1:
       raise ValueError(f"slots, page_size and steps_per_call must be >= 1; got {slots}, "
                        f"{page_size}, {steps_per_call}")
@@ -349,16 +358,16 @@ class Engine:
       running = [o for o in owner if o is not None]
       if not running:
         continue
-      # One call runs as many steps as no running request can outlast (a step emits at
-      # most max_tokens_per_step tokens a slot), at least one, at most steps_per_call:
-      # the host admits and frees between calls. A request that ends at an eos mid-call
-      # runs on to the call's end on its own pages, its tokens dropped.
-      left = min(max_new_tokens - len(out[r]) for r in running)
-      n = min(max(left // slots.max_tokens_per_step, 1), self.steps_per_call)
+      # One call runs steps until a running request ends (its budget or an eos) or
+      # steps_per_call have run; the host admits and frees between calls.
+      left = np.full((self.slots,), 2 ** 30, np.int32)   # idle slots: never reached
+      for slot, r in enumerate(owner):
+        if r is not None:
+          left[slot] = max_new_tokens - len(out[r])
       self.rng, sub = split_rng(self.rng, 2, self.sampling)
       owners = list(owner)
-      per_step = slots.run(table, n, sub)
-      steps, calls = steps + n, calls + 1
+      per_step = slots.run(table, left, -1 if self.eos_id is None else self.eos_id, sub)
+      steps, calls = steps + len(per_step), calls + 1
       for new in per_step:
         for slot, r in enumerate(owners):
           if r is not None and owner[slot] == r:   # running, and not ended this call

@@ -86,16 +86,21 @@ def test_engine_equals_each_request_decoded_alone(slots, n_pages, steps_per_call
   assert (served.calls == served.steps) == (steps_per_call == 1)
 
 
-def test_engine_calls_run_many_steps_and_waste_none():
-  """One slot, no eos: a call runs as many steps as the request has left (at most
-  steps_per_call), so the steps are exactly the tokens after each prefill's first, and
-  the calls ceil(those / steps_per_call) a request."""
+def test_engine_calls_run_until_a_request_ends_and_waste_no_step():
+  """One slot, no eos: a call's device loop runs until the request's budget is spent (at
+  most steps_per_call steps), so the steps are exactly the tokens after each prefill's
+  first, and the calls ceil(those / steps_per_call) a request; speculative rounds stop
+  at the round that fills the budget (calls = requests), however many tokens it emits."""
   v = _variables(CFG)
   prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5]]
   served = Engine(Transformer(CFG), v, slots=1, max_len=32, page_size=8,
                   steps_per_call=4).serve(prompts, 11)
   assert served.tokens == _alone(v, prompts, 11)
   assert served.steps == 3 * 10 and served.calls == 3 * 3     # 10 steps: 4 + 4 + 2
+  spec = Engine(Transformer(CFG), v, slots=1, max_len=32, page_size=8,
+                speculative=True).serve(prompts, 11)
+  assert spec.tokens == served.tokens and spec.calls == 3
+  assert served.steps == served.slot_steps and spec.steps == spec.slot_steps   # none idle
 
 
 def test_engine_stops_each_request_at_eos_and_admits_the_next():
