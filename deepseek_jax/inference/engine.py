@@ -78,8 +78,9 @@ class Served:
               f"acceptance {self.acceptance:.3f} of {self.mtp_depth} draft(s)")
     return (f"{len(self.tokens)} requests, {sum(map(len, self.tokens))} tokens in "
             f"{self.wall_s:.2f} s: {self.tokens_per_s:.1f} tok/s; {self.steps} batched "
-            f"steps in {self.calls} calls, {self.prefills} prefills; cache peak {self.peak_pages}/{self.n_pages} "
-            f"pages of {self.page_size} ({self.cache_bytes / 2**20:.2f} MiB pool, "
+            f"steps in {self.calls} calls, {self.prefills} prefills; cache peak "
+            f"{self.peak_pages}/{self.n_pages} pages of {self.page_size} "
+            f"({self.cache_bytes / 2**20:.2f} MiB pool, "
             f"{self.bytes_per_token_layer} bytes a token a layer); "
             f"compile {self.compile_s:.1f} s{spec}")
 
