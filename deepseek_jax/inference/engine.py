@@ -1,9 +1,9 @@
 """Continuous batching over the paged latent cache: many requests, a fixed set of slots.
 
 The engine holds `slots` rows of a PagedCache and a queue of requests. Each turn of its
-loop it admits waiting requests into free slots (a prefill of that one row: the model
-runs the prompt against the shared page pool through the row's own page table, so the
-other slots pay nothing), then advances every running slot by one call of a compiled
+loop it admits waiting requests into free slots (one prefill call for the requests
+admitted together: the model runs each prompt against the shared page pool through its
+row's own page table, so the running slots pay nothing), then advances every running slot by one call of a compiled
 program that runs batched steps in a device loop until a running request ends (its
 budget or an eos; steps_per_call at most), so that the host neither dispatches nor waits
 per step (on a small model a dispatch costs more than the step: BUILD_NOTES, Decoding). A
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.inference import speculative as speculative_lib
-from deepseek_jax.inference.decoding import PAD_MULTIPLE
+from deepseek_jax.inference.decoding import PAD_MULTIPLE, at_index
 from deepseek_jax.inference.sampling import Sampling, sample, split_rng
 from deepseek_jax.model import paged_cache
 from deepseek_jax.model.transformer import Transformer
@@ -88,15 +88,17 @@ class Served:
 # Plain decoding: one token a slot a step ----------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
-def _prefill(variables, state, pages_1J, slot, tokens_1T, n_1, rng, *, model, sampling):
-  """One request's prompt into slot `slot` through its own page table: (state, first
-  token [1]); state = (pools with every slot's length, each slot's pending token)."""
+def _prefill(variables, state, pages_AJ, slots_A, tokens_AT, n_A, rng, *, model, sampling):
+  """A requests' prompts (n_A tokens of each row real) into slots slots_A, each through
+  its own page table: (state, first tokens [A]); state = (pools with every slot's
+  length, each slot's pending token). A row whose slot is past the last (padding) owns
+  no page and changes nothing."""
   cache, last_B = state
-  row = cache.rows(pages_1J, jnp.zeros((1,), jnp.int32))
-  out, row = model.apply(variables, tokens_1T, row, n_1, method=Transformer.extend)
-  token = sample(rng, out.logits[jnp.arange(1), n_1 - 1], sampling)
-  cache = row.rows(cache.pages, cache.lengths.at[slot].set(n_1[0]))
-  return (cache, last_B.at[slot].set(token[0])), token
+  rows = cache.rows(pages_AJ, jnp.zeros_like(n_A))
+  out, rows = model.apply(variables, tokens_AT, rows, n_A, method=Transformer.extend)
+  token_A = sample(rng, at_index(out.logits, n_A - 1), sampling)
+  cache = rows.rows(cache.pages, cache.lengths.at[slots_A].set(n_A, mode="drop"))
+  return (cache, last_B.at[slots_A].set(token_A, mode="drop")), token_A
 
 
 def _step(variables, state, active_B, rng, *, model, sampling):
@@ -159,11 +161,10 @@ class _PlainSlots:
                                      engine.slots, engine.max_pages, cache_dtype),
                   jnp.zeros((engine.slots,), jnp.int32))
 
-  def prefill(self, slot, pages_1J, tokens_1T, n, rng) -> int:
-    args = (self.engine.variables, self.state, pages_1J, np.int32(slot), tokens_1T,
-            np.array([n], np.int32), rng)
+  def prefill(self, slots, pages_AJ, tokens_AT, n, rng) -> list[int]:
+    args = (self.engine.variables, self.state, pages_AJ, slots, tokens_AT, n, rng)
     self.state, first = self.engine.compiled("prefill", _prefill, *args)(*args)
-    return int(first[0])
+    return np.asarray(first).tolist()
 
   def run(self, table, left, eos, rng) -> list[list[list[int]]]:
     """Steps of the slots that own pages until one ends (left: each slot's budget, eos:
@@ -181,15 +182,15 @@ class _PlainSlots:
 # Speculative decoding: an MTP round a step ----------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(1,))
-def _spec_prefill(variables, state, pages_1J, slot, tokens_1T, n_1, rng, *, model,
+def _spec_prefill(variables, state, pages_AJ, slots_A, tokens_AT, n_A, rng, *, model,
                   sampling):
-  """One request's prompt into slot `slot` of the state: (state, first token [1])."""
-  zero = jnp.zeros((1,), jnp.int32)
-  row = speculative_lib.prefill_into(variables, tokens_1T, n_1, rng,
-                                 state.cache.rows(pages_1J, zero),
-                                 state.mtp_cache.rows(pages_1J, zero),
-                                 model=model, sampling=sampling)
-  put = lambda whole, one: whole.at[slot].set(one[0])
+  """As _prefill, into the speculative state: (state, first tokens [A])."""
+  zero = jnp.zeros_like(n_A)
+  row = speculative_lib.prefill_into(variables, tokens_AT, n_A, rng,
+                                     state.cache.rows(pages_AJ, zero),
+                                     state.mtp_cache.rows(pages_AJ, zero),
+                                     model=model, sampling=sampling)
+  put = lambda whole, part: whole.at[slots_A].set(part, mode="drop")
   state = state.replace(
       cache=row.cache.rows(state.cache.pages, put(state.cache.lengths, row.cache.lengths)),
       mtp_cache=row.mtp_cache.rows(state.mtp_cache.pages,
@@ -244,11 +245,10 @@ class _SpeculativeSlots:
         tok_buf=jnp.zeros((engine.slots, W), jnp.int32),
         rng=jax.random.PRNGKey(seed + 1))
 
-  def prefill(self, slot, pages_1J, tokens_1T, n, rng) -> int:
-    args = (self.engine.variables, self.state, pages_1J, np.int32(slot), tokens_1T,
-            np.array([n], np.int32), rng)
+  def prefill(self, slots, pages_AJ, tokens_AT, n, rng) -> list[int]:
+    args = (self.engine.variables, self.state, pages_AJ, slots, tokens_AT, n, rng)
     self.state, first = self.engine.compiled("spec_prefill", _spec_prefill, *args)(*args)
-    return int(first[0])
+    return np.asarray(first).tolist()
 
   def run(self, table, left, eos, rng) -> list[list[list[int]]]:
     """Rounds of the slots that own pages until one ends (as _PlainSlots.run): per round
@@ -316,6 +316,22 @@ class Engine:
                        f"{min(self.max_pages, self.n_pages)} a row (raise max_len)")
     return need
 
+  def _prefill(self, admitted, owner, prompts, table) -> list[int]:
+    """The prompts of the requests just admitted to slots `admitted`, in one call: rows
+    padded to a power of two (a padding row owns no page and names no slot, so it
+    changes nothing), prompts to a multiple of PAD_MULTIPLE; each one's first token."""
+    A = 1 << (len(admitted) - 1).bit_length()
+    T = max(len(prompts[owner[slot]]) for slot in admitted)
+    tokens = np.zeros((A, -(-T // PAD_MULTIPLE) * PAD_MULTIPLE), np.int32)
+    n = np.ones((A,), np.int32)
+    slots = np.full((A,), self.slots, np.int32)
+    pages = np.full((A, self.max_pages), self.n_pages, np.int32)
+    for i, slot in enumerate(admitted):
+      p = prompts[owner[slot]]
+      tokens[i, :len(p)], n[i], slots[i], pages[i] = p, len(p), slot, table[slot]
+    self.rng, sub = jax.random.split(self.rng)
+    return self.slots_state.prefill(slots, pages, tokens, n, sub)[:len(admitted)]
+
   def serve(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Served:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
@@ -343,18 +359,17 @@ class Engine:
           return
 
     while queue or any(o is not None for o in owner):
-      for slot in range(self.slots):           # admit into free slots
+      admitted = []                            # admit into free slots
+      for slot in range(self.slots):
         if owner[slot] is not None or not queue or len(free_pages) < need[queue[0]]:
           continue
-        r = queue.popleft()
+        r = owner[slot] = queue.popleft()
         table[slot, :need[r]] = [free_pages.popleft() for _ in range(need[r])]
-        n = len(prompts[r])
-        tokens = np.zeros((1, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE), np.int32)
-        tokens[0, :n] = prompts[r]
-        self.rng, sub = jax.random.split(self.rng)
-        owner[slot] = r
-        take(slot, [slots.prefill(slot, table[slot:slot + 1], tokens, n, sub)])
-        prefills += 1
+        admitted.append(slot)
+      if admitted:
+        for slot, first in zip(admitted, self._prefill(admitted, owner, prompts, table)):
+          take(slot, [first])
+        prefills += len(admitted)
       peak = max(peak, self.n_pages - len(free_pages))
       running = [o for o in owner if o is not None]
       if not running:
