@@ -263,8 +263,7 @@ def _program_lines(r: dict, label: str) -> list[str]:
            f"{r['compile_s']:.1f}",
            f"  cache bytes a token the slice stores (all layers, from "
            f"{r['cache_bytes_from']}): {r['cache_bytes_per_token']:,.0f}"]
-  for k, v in r.get("per_chip_bytes", {}).items():
-    lines.append(f"  per-chip {k:<12}{aot_memory.gib(v)}")
+  lines += aot_memory.per_chip_lines(r.get("per_chip_bytes", {}))
   lines.append(f"  fits_hbm: {'true' if r['fits_hbm'] else 'false'}")
   if not r["fits_hbm"]:
     lines.append(f"  compiler: {r.get('error', '')[:400]}")
@@ -280,7 +279,7 @@ def _program_lines(r: dict, label: str) -> list[str]:
 
 
 def format_decode_report(r: dict) -> str:
-  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  mesh = aot_memory.mesh_text(r["mesh"])
   lines = [f"decode on {r['topology']} ({r['n_chips']} chips) | mesh {mesh} | "
            f"{r['n_layers']} layers | HBM per chip "
            f"{aot_memory.gib(r['hbm_bytes_per_chip'])}",

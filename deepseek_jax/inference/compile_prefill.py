@@ -95,13 +95,12 @@ def prefill_report(cfg: ModelConfig, topology: str, batch: int, context: int,
 
 
 def format_prefill_report(r: dict) -> str:
-  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  mesh = aot_memory.mesh_text(r["mesh"])
   lines = [f"prefill on {r['topology']} ({r['n_chips']} chips) | mesh {mesh} | "
            f"{r['batch']} prompts x {r['context']} tokens | {r['n_layers']} layers | "
            f"weights {r['weights']} | attention {r['attention_impl']}",
            f"compile_s: {r['compile_s']:.1f}"]
-  for k, v in r.get("per_chip_bytes", {}).items():
-    lines.append(f"  per-chip {k:<12}{aot_memory.gib(v)}")
+  lines += aot_memory.per_chip_lines(r.get("per_chip_bytes", {}))
   lines.append(f"  HBM per chip          {aot_memory.gib(r['hbm_bytes_per_chip'])}")
   lines.append(f"fits_hbm: {'true' if r['fits_hbm'] else 'false'}")
   if not r["fits_hbm"]:

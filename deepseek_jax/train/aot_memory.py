@@ -75,3 +75,15 @@ def bytes_from_oom(msg: str) -> dict:
 
 def gib(b: float) -> str:
   return f"{b / GIB:8.2f} GiB" if abs(b) >= 2 ** 28 else f"{b / 2 ** 20:8.2f} MiB"
+
+
+def mesh_text(mesh: dict) -> str:
+  """A compile report's mesh: 'data=1 expert=64 tensor=2'."""
+  return " ".join(f"{k}={v}" for k, v in mesh.items())
+
+
+def per_chip_lines(per_chip: dict, keys=None) -> list[str]:
+  """A compile report's memory lines ('  per-chip NAME  SIZE'), in the order of `keys`
+  (those present) or of per_chip."""
+  return [f"  per-chip {k:<12}{gib(per_chip[k])}" for k in (keys or per_chip)
+          if k in per_chip]

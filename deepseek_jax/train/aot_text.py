@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from deepseek_jax.train.aot_memory import gib
+from deepseek_jax.train.aot_memory import gib, mesh_text, per_chip_lines
 from deepseek_jax.train.tpu import GIB
 
 
 def format_report(r: dict) -> str:
   """The table a researcher reads before renting the slice."""
-  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
-  lines = [f"topology {r['topology']} ({r['n_chips']} chips) | mesh {mesh} | "
+  lines = [f"topology {r['topology']} ({r['n_chips']} chips) | mesh "
+           f"{mesh_text(r['mesh'])} | "
            f"batch {r['batch'][0]} x {r['batch'][1]} in {r['microbatches']} microbatch(es) "
            f"| {r['n_layers']} layers",
            f"compile_s: {r['compile_s']:.1f}"]
-  b = r.get("per_chip_bytes", {})
-  for k in ("params", "optimizer", "arguments", "temporaries", "outputs", "aliased",
-            "total"):
-    if k in b:
-      lines.append(f"  per-chip {k:<12}{gib(b[k])}")
+  lines += per_chip_lines(r.get("per_chip_bytes", {}), (
+      "params", "optimizer", "arguments", "temporaries", "outputs", "aliased", "total"))
   lines.append(f"  HBM per chip          {gib(r['hbm_bytes_per_chip'])}")
   rep = r.get("replicated")
   if rep:
