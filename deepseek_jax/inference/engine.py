@@ -267,8 +267,9 @@ class _SpeculativeSlots:
 
 
 class Engine:
-  """serve(prompts, max_new_tokens) -> Served. One compiled step for the slots, one
-  compiled prefill per prompt-length bucket (multiples of PAD_MULTIPLE)."""
+  """serve(prompts, max_new_tokens) -> Served. One compiled program for the slots'
+  steps, one compiled prefill per row count (powers of two up to the slots) and
+  prompt-length bucket (multiples of PAD_MULTIPLE)."""
 
   def __init__(self, model: Transformer, variables, *, slots: int, max_len: int,
                page_size: int = 16, n_pages: int | None = None,
@@ -371,8 +372,7 @@ class Engine:
           take(slot, [first])
         prefills += len(admitted)
       peak = max(peak, self.n_pages - len(free_pages))
-      running = [o for o in owner if o is not None]
-      if not running:
+      if all(o is None for o in owner):
         continue
       # One call runs steps until a running request ends (its budget or an eos) or
       # steps_per_call have run; the host admits and frees between calls.
