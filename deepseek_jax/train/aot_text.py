@@ -13,8 +13,9 @@ def format_report(r: dict) -> str:
            f"batch {r['batch'][0]} x {r['batch'][1]} in {r['microbatches']} microbatch(es) "
            f"| {r['n_layers']} layers",
            f"compile_s: {r['compile_s']:.1f}"]
-  lines += per_chip_lines(r.get("per_chip_bytes", {}), (
-      "params", "optimizer", "arguments", "temporaries", "outputs", "aliased", "total"))
+  b = r.get("per_chip_bytes", {})
+  lines += per_chip_lines(b, ("params", "optimizer", "arguments", "temporaries", "outputs",
+                              "aliased", "total"))
   lines.append(f"  HBM per chip          {gib(r['hbm_bytes_per_chip'])}")
   rep = r.get("replicated")
   if rep:
